@@ -1,0 +1,37 @@
+"""Errors raised by tl_reward.
+
+Every error is a :class:`TLRewardError` and also inherits the builtin a caller would expect
+(``ValueError``, ``TypeError``, ``KeyError``), so ``except ValueError`` keeps working.
+"""
+
+
+class TLRewardError(Exception):
+    """Base class of every error tl_reward raises on purpose."""
+
+
+class ModelSourceError(TLRewardError, ValueError):
+    """The model argument is neither an HF model object nor a local ``save_pretrained`` directory."""
+
+
+class NotARewardModelError(TLRewardError, TypeError):
+    """The model has no sequence-classification (score) head."""
+
+
+class UnsupportedArchitectureError(TLRewardError, ValueError):
+    """The architecture has no adapter in the registry."""
+
+
+class UnsupportedConfigError(TLRewardError, ValueError):
+    """An HF config value changes the forward pass in a way the adapter does not reproduce."""
+
+
+class ObjectiveError(TLRewardError, ValueError):
+    """A multi-objective head was used where a scalar reward is needed, or a bad objective."""
+
+
+class InvalidInputError(TLRewardError, ValueError):
+    """Bad tokens, masks or texts: empty, too long, out of the vocabulary, mismatched counts."""
+
+
+class HookNameError(TLRewardError, KeyError):
+    """A hook name that the model does not have."""

@@ -1,0 +1,190 @@
+"""Convert HF ``*ForSequenceClassification`` reward models into :class:`HookedRewardModel`.
+
+One small adapter per architecture family (``llama_like``, ``gpt``) in a registry keyed by the HF
+``model_type``; trunk weights go through TransformerLens's own converters, the score head becomes
+the model's ``unembed``.
+"""
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformer_lens import HookedTransformerConfig
+
+from ..errors import (
+    ModelSourceError,
+    NotARewardModelError,
+    UnsupportedArchitectureError,
+    UnsupportedConfigError,
+)
+from ..model import HookedRewardModel
+from . import gpt, llama_like
+from ._base import Adapter
+
+logger = logging.getLogger(__name__)
+
+REGISTRY: dict[str, Adapter] = {a.model_type: a for a in (*llama_like.ADAPTERS, *gpt.ADAPTERS)}
+
+# TransformerLens keeps an [n_ctx, n_ctx] causal mask per attention layer: cap n_ctx by default so
+# a 128k-context config does not allocate gigabytes. load_reward_model(n_ctx=...) raises it.
+DEFAULT_MAX_N_CTX = 4096
+
+
+def supported_architectures() -> list[str]:
+    """HF ``model_type`` values tl_reward can convert."""
+    return sorted(REGISTRY)
+
+
+def _from_directory(path: Path, tokenizer: Any) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    if not (path / "config.json").exists():
+        raise ModelSourceError(
+            f"{str(path)!r} has no config.json; pass a directory written by save_pretrained()"
+        )
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    _adapter_for(config)
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise NotARewardModelError(
+            f"{str(path)!r} holds a {architectures or config.model_type} model, not a "
+            "*ForSequenceClassification reward model: it has no score head"
+        )
+    hf_model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+    if tokenizer is None and any(
+        (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    ):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return hf_model, tokenizer
+
+
+def _adapter_for(hf_config: Any) -> Adapter:
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in REGISTRY:
+        raise UnsupportedArchitectureError(
+            f"architecture {model_type!r} is not supported; supported model_type values: "
+            f"{supported_architectures()}"
+        )
+    return REGISTRY[model_type]
+
+
+def _score_head(hf_model: Any) -> nn.Linear:
+    score = getattr(hf_model, "score", None)
+    if not isinstance(score, nn.Linear):
+        raise NotARewardModelError(
+            f"{type(hf_model).__name__} has no score head (a Linear `score` module); load the "
+            "*ForSequenceClassification class of this architecture, e.g. "
+            "AutoModelForSequenceClassification"
+        )
+    return score
+
+
+def load_reward_model(
+    model: Any,
+    tokenizer: Any = None,
+    *,
+    objective: int | Sequence[float] | Tensor | None = None,
+    fold_ln: bool = False,
+    center_writing_weights: bool = False,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    n_ctx: int | None = None,
+) -> HookedRewardModel:
+    """Convert an HF reward model into a :class:`HookedRewardModel` with identical rewards.
+
+    Args:
+        model: an instantiated HF ``*ForSequenceClassification`` model, or a local directory
+            written by ``save_pretrained`` (never a hub id: nothing is downloaded).
+        tokenizer: the HF tokenizer (loaded from the directory when omitted and present there).
+        objective: for a multi-objective head, the scalar reward: an output index or a weight
+            vector over the outputs (``None`` keeps every output).
+        fold_ln: fold the norms' weights into the following weights (the final norm into the
+            reward head), as TransformerLens does; rewards are unchanged.
+        center_writing_weights: centre the weights writing to the residual stream (LayerNorm
+            models only, where the norm removes the mean); rewards are unchanged.
+        device, dtype: where and in what precision to build the model (default: the HF model's).
+        n_ctx: longest sequence accepted (default: the HF context, capped at 4096).
+    """
+    if isinstance(model, str | os.PathLike):
+        path = Path(model)
+        if not path.is_dir():
+            raise ModelSourceError(
+                f"{str(model)!r} is not a local directory. tl_reward never downloads from a hub: "
+                "load the model with transformers and pass the object, or save_pretrained() it "
+                "and pass the directory."
+            )
+        model, tokenizer = _from_directory(path, tokenizer)
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise ModelSourceError(
+            f"model must be an HF *ForSequenceClassification model or a local directory, got "
+            f"{type(model).__name__}"
+        )
+    hf_config = model.config
+    adapter = _adapter_for(hf_config)
+    score = _score_head(model)
+    adapter.audit(hf_config)
+    cfg_kwargs = adapter.config(hf_config)
+
+    if center_writing_weights and cfg_kwargs["normalization_type"] != "LN":
+        raise UnsupportedConfigError(
+            f"center_writing_weights=True needs LayerNorm, which removes the mean; this "
+            f"{adapter.model_type} model uses RMSNorm, where centring would change the rewards. "
+            "Use fold_ln=True alone."
+        )
+    hf_ctx = cfg_kwargs["n_ctx"]
+    if n_ctx is not None:
+        if n_ctx < 1 or n_ctx > hf_ctx:
+            raise UnsupportedConfigError(
+                f"n_ctx={n_ctx} must be between 1 and the HF model's context {hf_ctx}"
+            )
+        cfg_kwargs["n_ctx"] = n_ctx
+    elif cfg_kwargs["positional_embedding_type"] != "standard":
+        cfg_kwargs["n_ctx"] = min(hf_ctx, DEFAULT_MAX_N_CTX)
+
+    first_param = next(model.parameters())
+    cfg = HookedTransformerConfig(
+        **cfg_kwargs,
+        d_vocab_out=score.out_features,
+        original_architecture=adapter.original_architecture,
+        model_name=Path(getattr(hf_config, "_name_or_path", "") or adapter.model_type).name,
+        dtype=dtype or first_param.dtype,
+        device=str(device) if device is not None else str(first_param.device),
+        init_weights=False,
+        default_prepend_bos=False,
+    )
+    id2label = getattr(hf_config, "id2label", None) or {}
+    labels = [str(id2label.get(i, f"reward_{i}")) for i in range(score.out_features)]
+    reward_model = HookedRewardModel(
+        cfg, tokenizer, pad_token_id=getattr(hf_config, "pad_token_id", None), label_names=labels
+    )
+
+    trunk = SimpleNamespace(**{adapter.base_attr: getattr(model, adapter.base_attr)})
+    trunk.lm_head = trunk.embed_out = score  # read by some converters; replaced below
+    with torch.no_grad():
+        state = dict(adapter.convert(trunk, cfg))
+        state["unembed.W_U"] = score.weight.T.clone()
+        state["unembed.b_U"] = (
+            score.bias.clone()
+            if score.bias is not None
+            else torch.zeros(score.out_features, dtype=score.weight.dtype)
+        )
+        state = {k: v.detach().to(device=cfg.device, dtype=cfg.dtype) for k, v in state.items()}
+        reward_model.load_and_process_state_dict(
+            state,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=False,  # would zero a one-column head: never on a reward head
+            fold_value_biases=fold_ln,
+            refactor_factored_attn_matrices=False,
+        )
+    reward_model.set_objective(objective)
+    reward_model.eval()
+    logger.info("converted %s (%s) into a HookedRewardModel", type(model).__name__, adapter.model_type)
+    return reward_model

@@ -1,0 +1,73 @@
+"""Adapters for GPT-2 (absolute positions, LayerNorm) and GPT-NeoX (parallel blocks, partial RoPE)."""
+
+from typing import Any
+
+from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_neox_weights
+
+from ._base import Adapter, check_activation, refuse, rope_parameters
+
+
+def gpt2_config(hf_config: Any) -> dict[str, Any]:
+    if getattr(hf_config, "add_cross_attention", False):
+        raise refuse("add_cross_attention", True, "reward models here are decoder-only")
+    return {
+        "d_model": hf_config.n_embd,
+        "d_head": hf_config.n_embd // hf_config.n_head,
+        "n_heads": hf_config.n_head,
+        "d_mlp": hf_config.n_inner or 4 * hf_config.n_embd,
+        "n_layers": hf_config.n_layer,
+        "n_ctx": hf_config.n_positions,
+        "eps": hf_config.layer_norm_epsilon,
+        "d_vocab": hf_config.vocab_size,
+        "act_fn": check_activation("activation_function", hf_config.activation_function),
+        "use_attn_scale": hf_config.scale_attn_weights,
+        "scale_attn_by_inverse_layer_idx": hf_config.scale_attn_by_inverse_layer_idx,
+        "normalization_type": "LN",
+        "positional_embedding_type": "standard",
+    }
+
+
+def neox_config(hf_config: Any) -> dict[str, Any]:
+    if not getattr(hf_config, "attention_bias", True):
+        raise refuse("attention_bias", False, "TransformerLens's GPT-NeoX converter needs the biases")
+    params = rope_parameters(hf_config)
+    if params["rope_type"] != "default":
+        raise refuse("rope_parameters.rope_type", params["rope_type"], "only default RoPE")
+    d_head = hf_config.hidden_size // hf_config.num_attention_heads
+    pct = params.get("partial_rotary_factor", getattr(hf_config, "rotary_pct", 1.0))
+    return {
+        "d_model": hf_config.hidden_size,
+        "d_head": d_head,
+        "n_heads": hf_config.num_attention_heads,
+        "d_mlp": hf_config.intermediate_size,
+        "n_layers": hf_config.num_hidden_layers,
+        "n_ctx": hf_config.max_position_embeddings,
+        "eps": hf_config.layer_norm_eps,
+        "d_vocab": hf_config.vocab_size,
+        "act_fn": check_activation("hidden_act", hf_config.hidden_act),
+        "parallel_attn_mlp": hf_config.use_parallel_residual,
+        "positional_embedding_type": "rotary",
+        "rotary_dim": round(pct * d_head),
+        "rotary_base": params["rope_theta"],
+        "rotary_adjacent_pairs": False,
+        "normalization_type": "LN",
+    }
+
+
+ADAPTERS = (
+    Adapter(
+        "gpt2", "GPT2LMHeadModel", "transformer", gpt2_config, convert_gpt2_weights,
+        frozenset({"n_embd", "n_head", "n_inner", "n_layer", "n_positions", "n_ctx",
+                   "layer_norm_epsilon", "vocab_size", "activation_function", "scale_attn_weights",
+                   "scale_attn_by_inverse_layer_idx", "add_cross_attention"}),
+        # reorder_and_upcast_attn only changes the precision of the score computation.
+        ignored=frozenset({"reorder_and_upcast_attn"}),
+    ),
+    Adapter(
+        "gpt_neox", "GPTNeoXForCausalLM", "gpt_neox", neox_config, convert_neox_weights,
+        frozenset({"hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
+                   "max_position_embeddings", "layer_norm_eps", "vocab_size", "hidden_act",
+                   "use_parallel_residual", "rope_parameters", "rope_scaling", "rotary_pct",
+                   "rotary_emb_base", "rope_theta", "attention_bias", "partial_rotary_factor"}),
+    ),
+)

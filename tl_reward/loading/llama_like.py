@@ -1,0 +1,170 @@
+"""Adapters for the Llama family: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma-2.
+
+They share pre-RMSNorm blocks, rotary positions, gated MLPs and (optionally) grouped-query
+attention; each adapter adds only what differs. Trunk weights go through TransformerLens's own
+converters.
+"""
+
+from typing import Any
+
+from transformer_lens.pretrained.weight_conversions import (
+    convert_gemma_weights,
+    convert_llama_weights,
+    convert_qwen2_weights,
+    convert_qwen3_weights,
+)
+
+from ._base import Adapter, check_activation, refuse, rope_parameters
+
+LLAMA_KEYS = frozenset(
+    {
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+        "max_position_embeddings", "rms_norm_eps", "rope_parameters", "rope_scaling",
+        "rope_theta", "attention_bias", "mlp_bias",
+    }
+)
+
+
+def _rope(hf_config: Any, cfg: dict[str, Any], *, allow_llama3: bool) -> None:
+    params = rope_parameters(hf_config)
+    rope_type = params["rope_type"]
+    cfg["rotary_base"] = params["rope_theta"]
+    if rope_type == "default":
+        return
+    if rope_type == "llama3" and allow_llama3:
+        cfg["use_NTK_by_parts_rope"] = True
+        cfg["NTK_original_ctx_len"] = params.get(
+            "original_max_position_embeddings", hf_config.max_position_embeddings
+        )
+        cfg["NTK_by_parts_low_freq_factor"] = params.get("low_freq_factor", 1.0)
+        cfg["NTK_by_parts_high_freq_factor"] = params.get("high_freq_factor", 4.0)
+        cfg["NTK_by_parts_factor"] = params.get("factor", 1.0)
+        return
+    raise refuse("rope_parameters.rope_type", rope_type, "only default (and llama3 for Llama) RoPE")
+
+
+def _attention_layout(hf_config: Any, cfg: dict[str, Any]) -> None:
+    """Sliding-window layers, from ``layer_types`` (transformers 5) or ``sliding_window``."""
+    window = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is None:
+        uses = window is not None and getattr(hf_config, "use_sliding_window", True)
+        layer_types = ["sliding_attention" if uses else "full_attention"] * cfg["n_layers"]
+    unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise refuse("layer_types", sorted(unknown), "only sliding_attention and full_attention")
+    if "sliding_attention" in layer_types:
+        if window is None:
+            raise refuse("sliding_window", None, "sliding layers need a window size")
+        cfg["use_local_attn"] = True
+        cfg["window_size"] = window
+        cfg["attn_types"] = [
+            "local" if t == "sliding_attention" else "global" for t in layer_types
+        ]
+
+
+def llama_trunk(hf_config: Any, *, act_key: str = "hidden_act") -> dict[str, Any]:
+    """HookedTransformerConfig keywords shared by the family."""
+    n_heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
+    n_kv = getattr(hf_config, "num_key_value_heads", None) or n_heads
+    cfg: dict[str, Any] = {
+        "d_model": hf_config.hidden_size,
+        "d_head": head_dim,
+        "n_heads": n_heads,
+        "n_key_value_heads": n_kv if n_kv != n_heads else None,
+        "d_mlp": hf_config.intermediate_size,
+        "n_layers": hf_config.num_hidden_layers,
+        "n_ctx": hf_config.max_position_embeddings,
+        "eps": hf_config.rms_norm_eps,
+        "d_vocab": hf_config.vocab_size,
+        "act_fn": check_activation(act_key, getattr(hf_config, act_key)),
+        "normalization_type": "RMS",
+        "positional_embedding_type": "rotary",
+        "rotary_dim": head_dim,
+        "rotary_adjacent_pairs": False,
+        "final_rms": True,
+        "gated_mlp": True,
+    }
+    _attention_layout(hf_config, cfg)
+    return cfg
+
+
+def _no_biases(hf_config: Any, *keys: str) -> None:
+    for key in keys:
+        if getattr(hf_config, key, False):
+            raise refuse(key, True, "TransformerLens's converter for this family has no such biases")
+
+
+def llama_config(hf_config: Any) -> dict[str, Any]:
+    _no_biases(hf_config, "attention_bias", "mlp_bias")
+    cfg = llama_trunk(hf_config)
+    _rope(hf_config, cfg, allow_llama3=True)
+    return cfg
+
+
+def mistral_config(hf_config: Any) -> dict[str, Any]:
+    cfg = llama_trunk(hf_config)
+    _rope(hf_config, cfg, allow_llama3=False)
+    return cfg
+
+
+def qwen2_config(hf_config: Any) -> dict[str, Any]:
+    cfg = llama_trunk(hf_config)
+    # TransformerLens's Qwen2 converter always writes grouped K/V weights.
+    cfg["n_key_value_heads"] = hf_config.num_key_value_heads
+    _rope(hf_config, cfg, allow_llama3=False)
+    return cfg
+
+
+def qwen3_config(hf_config: Any) -> dict[str, Any]:
+    _no_biases(hf_config, "attention_bias")
+    cfg = llama_trunk(hf_config)
+    cfg["use_qk_norm"] = True
+    _rope(hf_config, cfg, allow_llama3=False)
+    return cfg
+
+
+def gemma_config(hf_config: Any) -> dict[str, Any]:
+    _no_biases(hf_config, "attention_bias")
+    if getattr(hf_config, "use_bidirectional_attention", None):
+        raise refuse("use_bidirectional_attention", True, "reward models here are causal")
+    act_key = "hidden_activation" if getattr(hf_config, "hidden_activation", None) else "hidden_act"
+    cfg = llama_trunk(hf_config, act_key=act_key)
+    # TransformerLens's Gemma converter always writes grouped K/V weights.
+    cfg["n_key_value_heads"] = hf_config.num_key_value_heads
+    _rope(hf_config, cfg, allow_llama3=False)
+    return cfg
+
+
+def gemma2_config(hf_config: Any) -> dict[str, Any]:
+    cfg = gemma_config(hf_config)
+    cfg["use_normalization_before_and_after"] = True
+    cfg["attn_scale"] = float(hf_config.query_pre_attn_scalar) ** 0.5
+    if hf_config.attn_logit_softcapping:
+        cfg["attn_scores_soft_cap"] = float(hf_config.attn_logit_softcapping)
+    # final_logit_softcapping is not applied by Gemma2ForSequenceClassification: no cap on the score.
+    return cfg
+
+
+_QWEN_KEYS = LLAMA_KEYS | {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
+_GEMMA_KEYS = LLAMA_KEYS | {"hidden_activation", "use_bidirectional_attention"}
+
+ADAPTERS = (
+    Adapter("llama", "LlamaForCausalLM", "model", llama_config, convert_llama_weights, LLAMA_KEYS),
+    # Mistral's trunk is Llama's (no biases, GQA) plus a sliding window, which the config carries.
+    Adapter(
+        "mistral", "MistralForCausalLM", "model", mistral_config, convert_llama_weights,
+        LLAMA_KEYS | {"sliding_window", "layer_types"},
+    ),
+    Adapter("qwen2", "Qwen2ForCausalLM", "model", qwen2_config, convert_qwen2_weights, _QWEN_KEYS),
+    Adapter("qwen3", "Qwen3ForCausalLM", "model", qwen3_config, convert_qwen3_weights, _QWEN_KEYS),
+    Adapter("gemma", "GemmaForCausalLM", "model", gemma_config, convert_gemma_weights, _GEMMA_KEYS),
+    Adapter(
+        "gemma2", "Gemma2ForCausalLM", "model", gemma2_config, convert_gemma_weights,
+        _GEMMA_KEYS | {"query_pre_attn_scalar", "sliding_window", "layer_types",
+                       "attn_logit_softcapping"},
+        ignored=frozenset({"final_logit_softcapping"}),
+    ),
+)

@@ -1,0 +1,456 @@
+"""HookedRewardModel: a TransformerLens HookedTransformer whose output is the reward.
+
+The reward head ``r = W_R^T h + b_R`` is stored as TransformerLens's own ``unembed`` with
+``d_vocab_out = n_rewards``, so TransformerLens's weight processing (``fold_layer_norm``) folds the
+final norm into it exactly as it does for logits; ``center_unembed`` is never applied to it.
+The head's hook points live in ``reward_head``:
+
+- ``reward_head.hook_pooled``  # [batch, d_model], the normalised residual at the pooled token
+- ``reward_head.hook_reward``  # [batch, n_rewards], the head's raw output
+"""
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.hook_points import HookPoint
+
+from .errors import InvalidInputError, ObjectiveError
+
+logger = logging.getLogger(__name__)
+
+Text = str | list[dict[str, str]]
+"""A text to score: a plain string, or a chat as a list of ``{"role", "content"}`` messages."""
+
+ReturnType = Literal["reward", "per_position"] | None
+
+
+class RewardHead(nn.Module):
+    """Hook points of the reward head. Its weights are the model's ``unembed`` (W_R, b_R)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook_pooled = HookPoint()  # [batch, d_model]
+        self.hook_reward = HookPoint()  # [batch, n_rewards]
+
+
+def pooled_positions(
+    tokens: Int[Tensor, "batch pos"] | None,
+    attention_mask: Int[Tensor, "batch pos"] | None,
+    pad_token_id: int | None,
+    shape: tuple[int, int],
+) -> Int[Tensor, "batch"]:
+    """Index of the scoring token of each row.
+
+    The rule of transformers' ``*ForSequenceClassification``: the rightmost token that is not
+    ``pad_token_id`` (so right and left padding both work, and a trailing eos that equals the pad
+    id is skipped, as HF does). Where an attention mask is given, masked positions are skipped too;
+    with neither a pad id nor a mask, the last position is used.
+    """
+    batch, n_pos = shape
+    device = (
+        tokens.device if tokens is not None else attention_mask.device if attention_mask is not None else None
+    )
+    valid = torch.ones(shape, dtype=torch.bool, device=device)
+    if attention_mask is not None:
+        valid &= attention_mask.bool()
+    if tokens is not None and pad_token_id is not None:
+        valid &= tokens != pad_token_id
+    has_token = valid.any(dim=-1)
+    if not bool(has_token.all()):
+        bad = torch.nonzero(~has_token).flatten().tolist()
+        raise InvalidInputError(
+            f"rows {bad} have no token to score: every position is padding (pad_token_id="
+            f"{pad_token_id}) or masked out. Drop those rows or fix their attention_mask."
+        )
+    index = torch.arange(n_pos, device=device)
+    return (index * valid).argmax(dim=-1)
+
+
+class HookedRewardModel(HookedTransformer):
+    """A HookedTransformer whose forward returns the pooled reward.
+
+    Build one with :func:`tl_reward.load_reward_model`. Every TransformerLens trunk hook keeps its
+    name; ``run_with_cache``, ``run_with_hooks`` and ``ActivationCache`` methods work unchanged.
+    """
+
+    def __init__(
+        self,
+        cfg: HookedTransformerConfig,
+        tokenizer=None,
+        *,
+        pad_token_id: int | None = None,
+        label_names: Sequence[str] | None = None,
+        objective: int | Sequence[float] | Tensor | None = None,
+    ) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="HookedTransformer is deprecated", category=DeprecationWarning
+            )
+            super().__init__(cfg, tokenizer=None, move_to_device=True)
+        # Kept as given: TransformerLens's set_tokenizer would mutate it (and may reach the hub).
+        self.tokenizer = tokenizer
+        self.pad_token_id = pad_token_id
+        n = cfg.d_vocab_out
+        self.label_names: tuple[str, ...] = (
+            tuple(label_names) if label_names is not None else tuple(f"reward_{i}" for i in range(n))
+        )
+        self.reward_head = RewardHead()
+        self.register_buffer("objective_weights", None, persistent=False)
+        self.setup()
+        self.set_objective(objective)
+
+    # ------------------------------------------------------------------ the head
+    @property
+    def n_rewards(self) -> int:
+        """Number of outputs of the reward head (1 for a scalar reward model)."""
+        return self.cfg.d_vocab_out
+
+    @property
+    def W_R(self) -> Float[Tensor, "d_model n_rewards"]:
+        """Reward head weights in the model's current basis (folded after ``fold_ln``)."""
+        return self.unembed.W_U
+
+    @property
+    def b_R(self) -> Float[Tensor, "n_rewards"]:
+        """Reward head bias (includes the folded final-LayerNorm bias after ``fold_ln``)."""
+        return self.unembed.b_U
+
+    @property
+    def is_scalar(self) -> bool:
+        """True when the forward returns one reward per sequence (one output or an objective)."""
+        return self.n_rewards == 1 or self.objective_weights is not None
+
+    @property
+    def reward_direction(self) -> Float[Tensor, "d_model"]:
+        """The direction in the (final-normalised) residual stream that the scalar reward reads."""
+        return self.W_R @ self._scalar_weights()
+
+    @property
+    def reward_bias(self) -> Float[Tensor, ""]:
+        """The scalar reward's bias: ``reward = reward_direction . h + reward_bias``."""
+        return self.b_R @ self._scalar_weights()
+
+    def _scalar_weights(self) -> Float[Tensor, "n_rewards"]:
+        if self.objective_weights is not None:
+            return self.objective_weights
+        if self.n_rewards == 1:
+            return torch.ones(1, dtype=self.W_R.dtype, device=self.W_R.device)
+        raise ObjectiveError(
+            f"this head has {self.n_rewards} objectives {list(self.label_names)} and no scalar "
+            "reward; choose one with model.set_objective(index or weight vector) or "
+            "load_reward_model(..., objective=...)."
+        )
+
+    def set_objective(self, objective: int | Sequence[float] | Tensor | None) -> None:
+        """Choose the scalar reward of a multi-objective head: an output index or a weight vector.
+
+        ``None`` returns every objective (``[batch, n_rewards]``) for a multi-objective head.
+        """
+        if objective is None:
+            self.objective_weights = None
+            return
+        n = self.n_rewards
+        if isinstance(objective, bool):
+            raise ObjectiveError(f"objective must be an index or a weight vector, got {objective!r}")
+        if isinstance(objective, int):
+            if not -n <= objective < n:
+                raise ObjectiveError(
+                    f"objective index {objective} is out of range for a head with {n} outputs "
+                    f"{list(self.label_names)}; use 0..{n - 1}."
+                )
+            weights = torch.zeros(n)
+            weights[objective] = 1.0
+        else:
+            weights = torch.as_tensor(objective, dtype=torch.float32).flatten()
+            if weights.shape != (n,):
+                raise ObjectiveError(
+                    f"objective weight vector has {weights.numel()} entries but the head has {n} "
+                    f"outputs {list(self.label_names)}; pass {n} weights or an index."
+                )
+            if not bool(torch.isfinite(weights).all()):
+                raise ObjectiveError(f"objective weights must be finite, got {weights.tolist()}")
+        self.objective_weights = weights.to(device=self.W_R.device, dtype=self.W_R.dtype)
+
+    def _reduce(self, rewards: Float[Tensor, "... n_rewards"]) -> Tensor:
+        if self.objective_weights is not None:
+            return rewards @ self.objective_weights
+        if self.n_rewards == 1:
+            return rewards[..., 0]
+        return rewards
+
+    # ------------------------------------------------------------------ input checks
+    def _check_tokens(
+        self, tokens: Tensor, attention_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+            if attention_mask is not None and attention_mask.ndim == 1:
+                attention_mask = attention_mask[None]
+        if tokens.ndim != 2:
+            raise InvalidInputError(
+                f"tokens must be [batch, pos] integer ids, got shape {tuple(tokens.shape)}"
+            )
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise InvalidInputError(
+                f"tokens must be integer ids, got dtype {tokens.dtype}; to start from a residual "
+                "stream pass start_at_layer="
+            )
+        batch, n_pos = tokens.shape
+        if batch == 0 or n_pos == 0:
+            raise InvalidInputError(f"empty input: tokens have shape {tuple(tokens.shape)}")
+        if n_pos > self.cfg.n_ctx:
+            raise InvalidInputError(
+                f"sequence length {n_pos} exceeds the model's n_ctx={self.cfg.n_ctx}; truncate the "
+                "input, or load with load_reward_model(..., n_ctx=...) if the HF model allows more."
+            )
+        lo, hi = torch.aminmax(tokens)
+        if int(lo) < 0 or int(hi) >= self.cfg.d_vocab:
+            raise InvalidInputError(
+                f"token ids must lie in [0, {self.cfg.d_vocab}) (the model's vocabulary), got ids "
+                f"from {int(lo)} to {int(hi)}; was the text tokenized with another tokenizer?"
+            )
+        if attention_mask is not None:
+            if attention_mask.shape != tokens.shape:
+                raise InvalidInputError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} does not match tokens "
+                    f"shape {tuple(tokens.shape)}"
+                )
+            attention_mask = attention_mask.to(device=tokens.device, dtype=torch.long)
+        return tokens, attention_mask
+
+    def pooled_index(
+        self,
+        tokens: Int[Tensor, "batch pos"] | None = None,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        shape: tuple[int, int] | None = None,
+    ) -> Int[Tensor, "batch"]:
+        """Position of the scoring token of each row (see :func:`pooled_positions`)."""
+        if shape is None:
+            ref = tokens if tokens is not None else attention_mask
+            if ref is None:
+                raise InvalidInputError("pooled_index needs tokens, an attention_mask or a shape")
+            shape = tuple(ref.shape)
+        return pooled_positions(tokens, attention_mask, self.pad_token_id, shape)
+
+    # ------------------------------------------------------------------ forward
+    def forward(  # type: ignore[override]
+        self,
+        input: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        return_type: ReturnType = "reward",
+        pool_index: Tensor | None = None,
+        tokens: Tensor | None = None,
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+        shortformer_pos_embed: Tensor | None = None,
+        past_kv_cache=None,
+    ) -> Tensor | None:
+        """Reward of each sequence.
+
+        Args:
+            input: token ids ``[batch, pos]``, or the residual stream ``[batch, pos, d_model]``
+                before layer ``start_at_layer``.
+            attention_mask: 1 for real tokens, 0 for padding (left or right).
+            return_type: ``"reward"`` (pooled: ``[batch]`` for a scalar reward,
+                ``[batch, n_rewards]`` for a multi-objective head without an objective),
+                ``"per_position"`` (the head applied at every position: ``[batch, pos]`` or
+                ``[batch, pos, n_rewards]``), or ``None`` (run the trunk, return nothing).
+            pool_index: the scoring position of each row; computed from ``tokens`` (or ``input``
+                when it holds tokens) and ``attention_mask`` when not given.
+            tokens: the token ids, when ``input`` is a residual stream (for pooling).
+            start_at_layer, stop_at_layer, shortformer_pos_embed, past_kv_cache: as in
+                ``HookedTransformer.forward``; with ``stop_at_layer`` the residual stream is
+                returned.
+        """
+        if return_type not in ("reward", "per_position", None):
+            raise InvalidInputError(
+                f"return_type must be 'reward', 'per_position' or None, got {return_type!r}"
+            )
+        if start_at_layer is None:
+            if isinstance(input, str | list):
+                raise InvalidInputError(
+                    "HookedRewardModel takes token ids; score texts with model.score(texts)"
+                )
+            input, attention_mask = self._check_tokens(input, attention_mask)
+            tokens = input
+        elif attention_mask is not None:
+            attention_mask = attention_mask.to(device=input.device, dtype=torch.long)
+        resid = super().forward(
+            input,
+            return_type=None,
+            padding_side="right",  # never let TransformerLens infer a mask from the tokenizer
+            start_at_layer=start_at_layer,
+            stop_at_layer=self.cfg.n_layers if stop_at_layer is None else stop_at_layer,
+            shortformer_pos_embed=shortformer_pos_embed,
+            attention_mask=attention_mask,
+            past_kv_cache=past_kv_cache,
+        )
+        if stop_at_layer is not None:
+            return resid
+        normed = self.ln_final(resid)  # [batch, pos, d_model]
+        if return_type == "per_position":
+            return self._reduce(normed @ self.W_R + self.b_R)
+        if pool_index is None:
+            pool_index = self.pooled_index(tokens, attention_mask, shape=tuple(normed.shape[:2]))
+        batch_index = torch.arange(normed.shape[0], device=normed.device)
+        pooled = self.reward_head.hook_pooled(normed[batch_index, pool_index.to(normed.device)])
+        rewards = self.reward_head.hook_reward(pooled @ self.W_R + self.b_R)
+        if return_type is None:
+            return None
+        return self._reduce(rewards)
+
+    # ------------------------------------------------------------------ texts
+    def tokenize(self, texts: Sequence[Text]) -> list[list[int]]:
+        """Token ids of each text, special tokens included, no padding, no truncation.
+
+        Chats (lists of ``{"role", "content"}`` messages) go through the tokenizer's chat template.
+        """
+        if self.tokenizer is None:
+            raise InvalidInputError(
+                "this model has no tokenizer; pass one to load_reward_model(model, tokenizer) "
+                "or call the model on token ids"
+            )
+        ids = []
+        for i, text in enumerate(texts):
+            if isinstance(text, str):
+                ids.append(self.tokenizer(text)["input_ids"])
+            elif isinstance(text, list | tuple) and all(isinstance(m, dict) for m in text) and text:
+                if getattr(self.tokenizer, "chat_template", None) is None:
+                    raise InvalidInputError(
+                        f"text {i} is a chat but the tokenizer has no chat_template; set "
+                        "tokenizer.chat_template or pass rendered strings"
+                    )
+                rendered = self.tokenizer.apply_chat_template(list(text), tokenize=False)
+                ids.append(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+            else:
+                raise InvalidInputError(
+                    f"text {i} must be a string or a non-empty list of chat messages, got "
+                    f"{type(text).__name__}"
+                )
+            if len(ids[-1]) == 0:
+                raise InvalidInputError(f"text {i} tokenizes to no tokens")
+            if len(ids[-1]) > self.cfg.n_ctx:
+                raise InvalidInputError(
+                    f"text {i} has {len(ids[-1])} tokens, more than n_ctx={self.cfg.n_ctx}; "
+                    "shorten it (tl_reward never truncates silently)"
+                )
+        return ids
+
+    def pad(
+        self, ids: Sequence[Sequence[int]]
+    ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+        """Right-pad token id lists into ``(tokens, attention_mask)`` on the model's device."""
+        pad_id = self.pad_token_id
+        if pad_id is None and self.tokenizer is not None:
+            pad_id = self.tokenizer.pad_token_id
+        pad_id = 0 if pad_id is None else pad_id
+        n_pos = max(len(x) for x in ids)
+        tokens = torch.full((len(ids), n_pos), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), n_pos), dtype=torch.long)
+        for row, x in enumerate(ids):
+            tokens[row, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+            mask[row, : len(x)] = 1
+        return tokens.to(self.cfg.device), mask.to(self.cfg.device)
+
+    @torch.no_grad()
+    def score(
+        self, texts: Text | Sequence[Text], *, batch_size: int = 16, progress: bool = True
+    ) -> Tensor:
+        """Reward of each text: ``[n]`` for a scalar reward, ``[n, n_rewards]`` otherwise.
+
+        Texts are sorted by length into batches of ``batch_size`` (right padding, attention
+        mask, HF pooling), with a progress bar unless ``progress=False``.
+        """
+        from tqdm.auto import tqdm
+
+        if isinstance(texts, str) or (
+            isinstance(texts, list) and texts and isinstance(texts[0], dict)
+        ):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            raise InvalidInputError("score() got no texts")
+        if batch_size < 1:
+            raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+        ids = self.tokenize(texts)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        chunks = []
+        for start in tqdm(
+            range(0, len(order), batch_size), desc="scoring", disable=not progress, leave=False
+        ):
+            batch = order[start : start + batch_size]
+            tokens, mask = self.pad([ids[i] for i in batch])
+            chunks.append(self(tokens, attention_mask=mask))
+        sorted_rewards = torch.cat(chunks)
+        out = torch.empty_like(sorted_rewards)
+        out[torch.as_tensor(order, device=out.device)] = sorted_rewards
+        return out
+
+    def score_pairs(
+        self,
+        chosen: Sequence[Text],
+        rejected: Sequence[Text],
+        *,
+        batch_size: int = 16,
+        progress: bool = True,
+    ) -> "PairScores":
+        """Rewards of chosen and rejected responses and their margin (chosen - rejected)."""
+        if isinstance(chosen, str) or isinstance(rejected, str):
+            raise InvalidInputError("score_pairs takes two lists of texts, not single strings")
+        if len(chosen) != len(rejected):
+            raise InvalidInputError(
+                f"chosen has {len(chosen)} texts but rejected has {len(rejected)}; pairs must match"
+            )
+        both = self.score(list(chosen) + list(rejected), batch_size=batch_size, progress=progress)
+        n = len(chosen)
+        return PairScores(chosen=both[:n], rejected=both[n:], label_names=self.label_names)
+
+
+@dataclass(frozen=True)
+class PairScores:
+    """Rewards of preference pairs: ``chosen``, ``rejected`` and ``margin`` (chosen - rejected)."""
+
+    chosen: Tensor
+    rejected: Tensor
+    label_names: tuple[str, ...] = ("reward",)
+
+    @property
+    def margin(self) -> Tensor:
+        return self.chosen - self.rejected
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of pairs whose chosen response gets the higher reward (scalar rewards only)."""
+        if self.margin.ndim != 1:
+            raise ObjectiveError(
+                "accuracy needs a scalar reward; this head returns several objectives: choose one "
+                "with model.set_objective(...)"
+            )
+        return float((self.margin > 0).float().mean())
+
+    def to_dataframe(self):
+        """One row per pair: chosen, rejected, margin (one column set per objective)."""
+        import pandas as pd
+
+        if self.margin.ndim == 1:
+            return pd.DataFrame(
+                {
+                    "chosen": self.chosen.cpu().numpy(),
+                    "rejected": self.rejected.cpu().numpy(),
+                    "margin": self.margin.cpu().numpy(),
+                }
+            )
+        cols = {}
+        for k, name in enumerate(self.label_names):
+            cols[f"chosen_{name}"] = self.chosen[:, k].cpu().numpy()
+            cols[f"rejected_{name}"] = self.rejected[:, k].cpu().numpy()
+            cols[f"margin_{name}"] = self.margin[:, k].cpu().numpy()
+        return pd.DataFrame(cols)
