@@ -2,7 +2,10 @@
 
 from typing import Any
 
-from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_neox_weights
+from transformer_lens.pretrained.weight_conversions import (
+    convert_gpt2_weights,
+    convert_neox_weights,
+)
 
 from ._base import Adapter, check_activation, refuse, rope_parameters
 

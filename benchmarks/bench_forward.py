@@ -1,0 +1,101 @@
+"""Forward cost of HookedRewardModel against the HF reward model with the same weights.
+
+Llama-style reward model of ~25M parameters, batch 16 x 128 tokens, float32, CPU (or the GPU
+given with --device). Timings are interleaved and the median of --repeats runs is reported.
+
+    python benchmarks/bench_forward.py            # writes its section of benchmarks/RESULTS.md
+"""
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+import transformers as T
+from _results import machine, write_section
+from transformer_lens import HookedTransformer
+
+from tl_reward import load_reward_model
+
+
+def build(device: str) -> T.PreTrainedModel:
+    config = T.LlamaConfig(
+        vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
+        pad_token_id=0, num_labels=1,
+    )
+    torch.manual_seed(0)
+    return T.LlamaForSequenceClassification(config).to(device).eval()
+
+
+def timed(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--pos", type=int, default=128)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+
+    hf = build(args.device)
+    n_params = sum(p.numel() for p in hf.parameters())
+    model = load_reward_model(hf)
+    # A plain HookedTransformer with the same trunk and head: the cost TransformerLens itself has.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        plain = HookedTransformer(model.cfg)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    plain.eval()
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 8192, (args.batch, args.pos), generator=gen).to(args.device)
+    mask = torch.ones_like(tokens)
+    with torch.no_grad():
+        truth = hf(tokens, attention_mask=mask).logits[:, 0]
+        ours = model(tokens, attention_mask=mask)
+        err = float((truth - ours).abs().max())
+        runs = {
+            "HF (sdpa attention)": lambda: hf(tokens, attention_mask=mask),
+            "HookedRewardModel": lambda: model(tokens, attention_mask=mask),
+            "plain HookedTransformer": lambda: plain(tokens, attention_mask=mask),
+        }
+        for fn in runs.values():  # warm-up
+            fn()
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(args.repeats):
+            for name, fn in runs.items():
+                times[name].append(timed(fn, args.device))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["HF (sdpa attention)"]
+    rows = "\n".join(
+        f"| {k} | {med[k] * 1e3:.1f} | {med[k] / base:.2f}x |" for k in runs
+    )
+    body = f"""## Forward cost: HookedRewardModel vs the HF reward model (issue 2)
+
+Command: `python benchmarks/bench_forward.py --device {args.device} --repeats {args.repeats}`
+Llama-style reward model, {n_params / 1e6:.1f}M parameters, batch {args.batch} x {args.pos} tokens,
+float32, {args.device}; {machine()}. Median of {args.repeats} interleaved runs.
+Max |reward difference| to HF on this batch: {err:.1e}.
+
+| forward | median ms | ratio to HF |
+|---|---|---|
+{rows}
+"""
+    print(body)
+    if not args.no_write:
+        write_section(f"forward-{args.device}", body)
+
+
+if __name__ == "__main__":
+    main()

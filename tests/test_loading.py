@@ -1,0 +1,306 @@
+"""Conversion of HF reward models: parity with the HF model's own forward, and bad inputs."""
+
+import pytest
+import torch
+import transformers as T
+from helpers import (
+    ARCHS,
+    GQA_ARCHS,
+    PAD,
+    hf_rewards_alone,
+    make_config,
+    make_hf_model,
+    pad_batch,
+    ragged_sequences,
+)
+
+import tl_reward
+from tl_reward import errors, load_reward_model
+
+TOL = 1e-4
+CASES = [(a, g) for a in ARCHS for g in ([False, True] if a in GQA_ARCHS else [False])]
+LN_ARCHS = {"gpt2", "gpt_neox"}
+
+
+def _processing(arch: str) -> list[dict]:
+    opts = [{}, {"fold_ln": True}]
+    if arch in LN_ARCHS:
+        opts += [{"center_writing_weights": True}, {"fold_ln": True, "center_writing_weights": True}]
+    return opts
+
+
+@pytest.mark.parametrize("arch,gqa", CASES)
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_parity_with_hf_each_sequence_alone(arch, gqa, num_labels):
+    hf = make_hf_model(arch, gqa, num_labels)
+    seqs = ragged_sequences(seed=1)
+    truth = hf_rewards_alone(hf, seqs)
+    assert truth.std() > 0.1, "rewards must vary, or a 1e-4 tolerance proves nothing"
+    for kwargs in _processing(arch):
+        model = load_reward_model(hf, **kwargs)
+        for side in ("right", "left"):
+            tokens, mask = pad_batch(seqs, side)
+            with torch.no_grad():
+                out = model(tokens, attention_mask=mask)
+            out = out if num_labels > 1 else out[:, None]
+            torch.testing.assert_close(out, truth, atol=TOL, rtol=0, msg=f"{kwargs} {side}")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_batched_left_padding_is_not_the_truth_for_gpt2(arch):
+    """HF's batched GPT-2 forward ignores left padding in its positions; ours does not."""
+    hf = make_hf_model(arch)
+    seqs = ragged_sequences(seed=2)
+    tokens, mask = pad_batch(seqs, "left")
+    truth = hf_rewards_alone(hf, seqs)[:, 0]
+    with torch.no_grad():
+        hf_batched = hf(tokens, attention_mask=mask).logits[:, 0]
+        ours = load_reward_model(hf)(tokens, attention_mask=mask)
+    torch.testing.assert_close(ours, truth, atol=TOL, rtol=0)
+    if arch == "gpt2":
+        assert (hf_batched - truth).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "arch,change",
+    [
+        ("gemma2", {"attn_logit_softcapping": None}),
+        ("gemma2", {"sliding_window": 64}),
+        ("mistral", {"sliding_window": None}),
+        ("qwen2", {"use_sliding_window": False}),
+        ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}),
+        ("gemma2", {"query_pre_attn_scalar": 16}),
+    ],
+)
+def test_tiny_configs_exercise_each_special_feature(arch, change):
+    """Parity above only proves a feature is kept if switching it off changes the rewards."""
+    hf = make_hf_model(arch)
+    config = make_config(arch)
+    for k, v in change.items():
+        setattr(config, k, v)
+    if arch == "qwen2":
+        config.layer_types = ["full_attention"] * config.num_hidden_layers
+    config._attn_implementation = "eager"
+    other = T.AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+    other.load_state_dict(hf.state_dict())
+    seqs = ragged_sequences(seed=3, lo=10, hi=14)
+    diff = (hf_rewards_alone(hf, seqs) - hf_rewards_alone(other.eval(), seqs)).abs().max()
+    assert diff > 1e-3
+
+
+def test_pooling_skips_trailing_pad_eos_and_matches_hf_rule():
+    hf = make_hf_model("llama")
+    model = load_reward_model(hf)
+    tokens = torch.tensor([[5, 6, 7, PAD], [PAD, PAD, 8, 9], [5, PAD, 6, PAD]])
+    assert model.pooled_index(tokens).tolist() == [2, 3, 2]
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]])
+    assert model.pooled_index(tokens, mask).tolist() == [1, 3, 2]
+
+
+def test_per_position_rewards_at_the_pooled_token_equal_the_reward():
+    hf = make_hf_model("qwen2", gqa=True)
+    model = load_reward_model(hf)
+    tokens, mask = pad_batch(ragged_sequences(seed=4), "left")
+    with torch.no_grad():
+        dense = model(tokens, attention_mask=mask, return_type="per_position")
+        pooled = model(tokens, attention_mask=mask)
+    assert dense.shape == tokens.shape
+    idx = model.pooled_index(tokens, mask)
+    torch.testing.assert_close(dense[torch.arange(len(idx)), idx], pooled, atol=1e-6, rtol=0)
+
+
+def test_reward_hooks_and_head_read_consistently():
+    hf = make_hf_model("gpt2")
+    model = load_reward_model(hf, fold_ln=True, center_writing_weights=True)
+    tokens, mask = pad_batch(ragged_sequences(seed=5), "right")
+    reward, cache = model.run_with_cache(tokens, attention_mask=mask)
+    assert cache["reward_head.hook_pooled"].shape == (len(tokens), model.cfg.d_model)
+    assert cache["reward_head.hook_reward"].shape == (len(tokens), 1)
+    recomputed = cache["reward_head.hook_pooled"] @ model.reward_direction + model.reward_bias
+    torch.testing.assert_close(recomputed, reward, atol=1e-5, rtol=0)
+    assert "blocks.1.attn.hook_z" in model.hook_dict
+    assert "blocks.0.hook_resid_pre" in model.hook_dict
+    # TransformerLens's ActivationCache works unchanged on the reward model
+    stack = cache.accumulated_resid(layer=-1, incl_mid=False)
+    assert stack.shape[0] == model.cfg.n_layers + 1
+
+
+def test_fold_ln_folds_the_head_and_keeps_rewards():
+    hf = make_hf_model("llama")
+    raw = load_reward_model(hf)
+    folded = load_reward_model(hf, fold_ln=True)
+    w = raw.ln_final.w
+    torch.testing.assert_close(folded.W_R, w[:, None] * raw.W_R)
+
+
+def test_hook_edit_on_pooled_changes_reward():
+    hf = make_hf_model("llama")
+    model = load_reward_model(hf)
+    tokens = torch.tensor([[5, 6, 7, 8]])
+
+    def zero(act, hook):
+        return torch.zeros_like(act)
+
+    out = model.run_with_hooks(tokens, fwd_hooks=[("reward_head.hook_pooled", zero)])
+    torch.testing.assert_close(out, model.b_R[:1].expand(1), atol=1e-6, rtol=0)
+
+
+def test_multi_objective_heads_and_objectives():
+    hf = make_hf_model("llama", num_labels=3)
+    seqs = ragged_sequences(seed=6)
+    truth = hf_rewards_alone(hf, seqs)
+    tokens, mask = pad_batch(seqs, "right")
+    with torch.no_grad():
+        all_out = load_reward_model(hf)(tokens, attention_mask=mask)
+        one = load_reward_model(hf, objective=2)(tokens, attention_mask=mask)
+        w = torch.tensor([0.5, -1.0, 2.0])
+        mixed = load_reward_model(hf, objective=w)(tokens, attention_mask=mask)
+    assert all_out.shape == (len(seqs), 3)
+    torch.testing.assert_close(one, truth[:, 2], atol=TOL, rtol=0)
+    torch.testing.assert_close(mixed, truth @ w, atol=TOL, rtol=0)
+    model = load_reward_model(hf)
+    with pytest.raises(errors.ObjectiveError, match="set_objective"):
+        _ = model.reward_direction
+    model.set_objective(1)
+    assert model.reward_direction.shape == (model.cfg.d_model,)
+
+
+@pytest.mark.parametrize("bad", [3, -4, [1.0, 2.0], [1.0, float("nan"), 0.0], True])
+def test_bad_objective(bad):
+    hf = make_hf_model("llama", num_labels=3)
+    with pytest.raises(errors.ObjectiveError):
+        load_reward_model(hf, objective=bad)
+
+
+# ---------------------------------------------------------------- sources and architectures
+def test_local_directory_roundtrip_with_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": PAD, "<unk>": 0, "<bos>": 2} | {f"w{i}": i for i in range(3, 97)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = T.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<pad>"
+    )
+    hf = make_hf_model("mistral", gqa=True)
+    hf.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = load_reward_model(str(tmp_path))
+    assert model.tokenizer is not None
+    texts = ["w5 w6 w7", "w8 w9 w10 w11 w12 w13 w14", "w3 w4 <pad>"]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    truth = hf_rewards_alone(hf, ids)[:, 0]
+    torch.testing.assert_close(model.score(texts, batch_size=2, progress=False), truth, atol=TOL, rtol=0)
+    pairs = model.score_pairs(texts[:2], texts[1:], progress=False)
+    torch.testing.assert_close(pairs.margin, truth[:2] - truth[1:], atol=2 * TOL, rtol=0)
+    assert list(pairs.to_dataframe().columns) == ["chosen", "rejected", "margin"]
+    model.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    chat = [{"role": "user", "content": "w5 w6"}, {"role": "assistant", "content": "w7"}]
+    torch.testing.assert_close(model.score([chat], progress=False), truth[:1], atol=TOL, rtol=0)
+
+
+def test_hub_id_or_missing_path(tmp_path):
+    with pytest.raises(errors.ModelSourceError, match="never downloads"):
+        load_reward_model("meta-llama/Llama-3.1-8B")
+    with pytest.raises(errors.ModelSourceError, match="config.json"):
+        load_reward_model(tmp_path)
+    with pytest.raises(errors.ModelSourceError, match="dict"):
+        load_reward_model({"not": "a model"})
+
+
+def test_causal_lm_has_no_score_head(tmp_path):
+    lm = T.LlamaForCausalLM(make_config("llama"))
+    with pytest.raises(errors.NotARewardModelError, match="no score head"):
+        load_reward_model(lm)
+    lm.save_pretrained(tmp_path)
+    with pytest.raises(errors.NotARewardModelError, match="ForSequenceClassification"):
+        load_reward_model(tmp_path)
+
+
+def test_unsupported_architecture_lists_supported():
+    cfg = T.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64)
+    with pytest.raises(errors.UnsupportedArchitectureError, match="llama"):
+        load_reward_model(T.BertForSequenceClassification(cfg))
+    assert "gemma2" in tl_reward.supported_architectures()
+
+
+@pytest.mark.parametrize(
+    "arch,key,value",
+    [
+        ("llama", "attention_bias", True),
+        ("llama", "mlp_bias", True),
+        ("llama", "rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
+        ("qwen3", "attention_bias", True),
+        ("gpt2", "activation_function", "quick_gelu"),
+        ("llama", "some_new_forward_changing_key", 3),
+    ],
+)
+def test_config_values_the_adapter_cannot_reproduce(arch, key, value):
+    hf = make_hf_model(arch)
+    setattr(hf.config, key, value)
+    with pytest.raises(errors.UnsupportedConfigError, match=key.split(".")[0]):
+        load_reward_model(hf)
+
+
+def test_center_writing_weights_refused_for_rmsnorm():
+    with pytest.raises(errors.UnsupportedConfigError, match="RMSNorm"):
+        load_reward_model(make_hf_model("llama"), center_writing_weights=True)
+
+
+# ---------------------------------------------------------------- bad model inputs
+@pytest.fixture(scope="module")
+def llama():
+    return load_reward_model(make_hf_model("llama"))
+
+
+def test_sequence_longer_than_n_ctx(llama):
+    with pytest.raises(errors.InvalidInputError, match="n_ctx=64"):
+        llama(torch.full((1, 65), 5))
+
+
+def test_token_ids_out_of_range(llama):
+    with pytest.raises(errors.InvalidInputError, match=r"\[0, 97\)"):
+        llama(torch.tensor([[5, 97]]))
+    with pytest.raises(errors.InvalidInputError, match="-1"):
+        llama(torch.tensor([[-1, 5]]))
+
+
+def test_empty_input(llama):
+    with pytest.raises(errors.InvalidInputError, match="empty"):
+        llama(torch.zeros((0, 4), dtype=torch.long))
+    with pytest.raises(errors.InvalidInputError, match="no texts"):
+        llama.score([])
+
+
+def test_all_padding_row_has_no_scoring_token(llama):
+    with pytest.raises(errors.InvalidInputError, match=r"rows \[1\]"):
+        llama(torch.tensor([[5, 6], [PAD, PAD]]))
+
+
+def test_mask_shape_and_pair_counts(llama):
+    with pytest.raises(errors.InvalidInputError, match="attention_mask shape"):
+        llama(torch.tensor([[5, 6]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(errors.InvalidInputError, match="pairs must match"):
+        llama.score_pairs(["a", "b"], ["c"])
+
+
+def test_no_tokenizer_for_texts(llama):
+    with pytest.raises(errors.InvalidInputError, match="no tokenizer"):
+        llama.score(["hello"])
+
+
+def test_errors_are_also_builtins():
+    assert issubclass(errors.InvalidInputError, ValueError)
+    assert issubclass(errors.HookNameError, KeyError)
+    assert issubclass(errors.NotARewardModelError, TypeError)
+
+
+def test_jaxtyping_hook_is_active():
+    """Canary: the runtime shape checks the test run relies on are installed."""
+    from jaxtyping import TypeCheckError
+
+    from tl_reward.model import pooled_positions
+
+    with pytest.raises(TypeCheckError):
+        pooled_positions(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), 1, (2, 3))
