@@ -1,9 +1,18 @@
 """tl_reward: mechanistic interpretability of RLHF reward models on TransformerLens hooks."""
 
+from . import errors as errors
+from .attribution import AttributionResult as AttributionResult
+from .attribution import direct_reward_attribution as direct_reward_attribution
+from .attribution import pair_reward_attribution as pair_reward_attribution
 from .errors import TLRewardError as TLRewardError
+from .lens import LensResult as LensResult
+from .lens import PairLensResult as PairLensResult
+from .lens import pair_reward_lens as pair_reward_lens
+from .lens import reward_lens as reward_lens
 from .loading import load_reward_model as load_reward_model
 from .loading import supported_architectures as supported_architectures
 from .model import HookedRewardModel as HookedRewardModel
 from .model import PairScores as PairScores
+from .tuned_lens import TunedRewardLens as TunedRewardLens
 
 __version__ = "0.1.0"

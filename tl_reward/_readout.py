@@ -1,0 +1,138 @@
+"""Shared machinery of the observational tools: inputs, pooled caches and the reward read-out.
+
+Everything is read at the pooled (scoring) token. The cached final-norm scale linearises the final
+norm, so any residual-stream vector ``x`` written before it contributes
+``center(x) / scale . w_eff`` to the reward, where ``w_eff`` is the reward direction with the final
+norm's weight folded in (``ln_final.w * w_r``; identical to ``w_r`` after ``fold_ln``) and the norm's
+bias goes into the read-out bias.
+"""
+
+import difflib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import ActivationCache
+
+from .errors import HookNameError, InvalidInputError
+from .model import HookedRewardModel, Text
+
+
+def choose(name: str, value: str, options: Iterable[str]) -> str:
+    """Check ``value`` is one of ``options``; otherwise say which are valid and suggest the closest."""
+    options = list(options)
+    if value in options:
+        return value
+    close = difflib.get_close_matches(str(value), options, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    error = HookNameError if name == "hook" else InvalidInputError
+    raise error(f"{name}={value!r} is not one of {options}.{hint}")
+
+
+def as_tokens(
+    model: HookedRewardModel,
+    tokens: Tensor | Sequence[Text],
+    attention_mask: Tensor | None,
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"] | None]:
+    """Token ids and mask from token ids or texts (texts are tokenized and right-padded)."""
+    if isinstance(tokens, Tensor):
+        tokens, attention_mask = model._check_tokens(tokens.to(model.cfg.device), attention_mask)
+        return tokens, attention_mask
+    if isinstance(tokens, str):
+        tokens = [tokens]
+    if attention_mask is not None:
+        raise InvalidInputError("attention_mask goes with token ids, not with texts")
+    if len(tokens) == 0:
+        raise InvalidInputError("no texts given")
+    return model.pad(model.tokenize(list(tokens)))
+
+
+def read_out(model: HookedRewardModel) -> tuple[Float[Tensor, "d_model k"], Float[Tensor, "k"]]:
+    """Effective read-out of the final-normalised-but-unweighted residual.
+
+    Columns are the scalar reward (one column) when the model has one, else every objective.
+    ``ln_final``'s weight and bias (present when ``fold_ln`` was not used) are folded in here.
+    """
+    if model.is_scalar:
+        weights = model.reward_direction[:, None]
+        bias = model.reward_bias[None]
+    else:
+        weights, bias = model.W_R, model.b_R
+    ln = model.ln_final
+    if getattr(ln, "b", None) is not None:
+        bias = bias + ln.b @ weights
+    if getattr(ln, "w", None) is not None:
+        weights = ln.w[:, None] * weights
+    return weights, bias
+
+
+def centers(model: HookedRewardModel) -> bool:
+    """Whether the model's norms subtract the mean (LayerNorm) before scaling."""
+    return model.cfg.normalization_type in ("LN", "LNPre")
+
+
+@dataclass(frozen=True)
+class PooledRun:
+    """One forward with the activations gathered at the pooled token (``pos`` dimension of 1)."""
+
+    rewards: Tensor  # what the model returned
+    cache: ActivationCache
+    pool_index: Int[Tensor, "batch"]
+    tokens: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"] | None
+
+
+# Activations whose second axis is the position: gathered at the pooled token.
+_POSITIONAL = ("hook_embed", "hook_pos_embed", "hook_resid_pre", "hook_resid_mid",
+               "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_scale", "hook_z",
+               "hook_post", "hook_normalized")
+
+
+def pooled_run(
+    model: HookedRewardModel,
+    tokens: Tensor,
+    attention_mask: Tensor | None,
+    names: Callable[[str], bool],
+) -> PooledRun:
+    """Run once, cache only ``names`` (plus the final-norm scale), gather them at the pooled token.
+
+    Attention patterns keep their key axis (``[batch, head, 1, key_pos]``); values ``hook_v`` keep
+    every position.
+    """
+    pool_index = model.pooled_index(tokens, attention_mask)
+
+    def wanted(name: str) -> bool:
+        return name == "ln_final.hook_scale" or names(name)
+
+    rewards, raw = model.run_with_cache(
+        tokens, attention_mask=attention_mask, names_filter=wanted, pool_index=pool_index
+    )
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    gathered = {}
+    for name, act in raw.cache_dict.items():
+        if name.endswith("hook_pattern"):
+            gathered[name] = act[rows, :, pool_index][:, :, None, :]
+        elif name.rsplit(".", 1)[-1] in _POSITIONAL and act.ndim >= 2 and act.shape[1] == tokens.shape[1]:
+            gathered[name] = act[rows, pool_index][:, None]
+        else:
+            gathered[name] = act
+    return PooledRun(
+        rewards=rewards,
+        cache=ActivationCache(gathered, model),
+        pool_index=pool_index,
+        tokens=tokens,
+        attention_mask=attention_mask,
+    )
+
+
+def batches(n: int, batch_size: int, progress: bool, desc: str):
+    """Row slices of ``batch_size`` with a progress bar when there is more than one."""
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+    starts = range(0, n, batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False):
+        yield slice(start, min(start + batch_size, n))
