@@ -1,0 +1,519 @@
+"""Exact activation patching for reward models, batched and started at the patched layer.
+
+How a grid is computed (every number exact, no approximation):
+
+- the target run (corrupt for ``denoise``, clean otherwise) is cached once: each layer's residual
+  input and every layer's keys and values; the source run (or zeros, or a reference mean) gives
+  the replacement activations, aligned to the target's positions;
+- each patched forward starts at the patched layer from the cached residual
+  (``HookedTransformer.forward(start_at_layer=...)``);
+- a patch at position ``p`` cannot change positions before ``p`` (causal attention), so those
+  positions are not recomputed: their keys and values come from the cached run through
+  TransformerLens's key-value cache, and only positions ``>= p`` are run;
+- many cells (pairs x positions x heads ...) go into one forward as rows of a batch, chunked to
+  bound memory; patches after the scoring token have an effect of exactly 0 and are not run.
+"""
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+from ._readout import as_tokens, choose
+from .errors import InvalidInputError
+from .model import HookedRewardModel, Text
+
+# name -> (hook inside a block, kind of activation)
+HOOKS: dict[str, tuple[str, str]] = {
+    "resid_pre": ("hook_resid_pre", "resid"),
+    "resid_mid": ("hook_resid_mid", "resid"),
+    "resid_post": ("hook_resid_post", "resid"),
+    "attn_out": ("hook_attn_out", "resid"),
+    "mlp_out": ("hook_mlp_out", "resid"),
+    "z": ("attn.hook_z", "head"),
+    "q": ("attn.hook_q", "head"),
+    "k": ("attn.hook_k", "head"),
+    "v": ("attn.hook_v", "head"),
+    "pattern": ("attn.hook_pattern", "pattern"),
+    "mlp_post": ("mlp.hook_post", "neuron"),
+}
+PERS: dict[str, tuple[str, ...]] = {
+    "resid": ("layer", "layer_pos"),
+    "head": ("layer", "layer_pos", "head", "head_pos"),
+    "pattern": ("head", "head_pos"),
+    "neuron": ("layer", "layer_pos", "neuron"),
+}
+MODES = ("denoise", "noise", "zero", "mean")
+
+
+@dataclass(frozen=True)
+class PatchStats:
+    """What a grid cost: forwards run, rows (cells x pairs) computed, FLOPs, wall time."""
+
+    n_forwards: int
+    n_rows: int
+    flops: float
+    seconds: float
+
+    @property
+    def flops_per_second(self) -> float:
+        return self.flops / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    """Effects of patching, one value per cell and pair: ``effects[*cells, pair]``.
+
+    ``effects`` is the patched reward minus the target run's reward (the corrupt run for
+    ``denoise``, the clean run otherwise). ``normalized`` is the fraction of the clean - corrupt
+    gap the patch restores (``denoise``: (patched - corrupt) / (clean - corrupt)) or destroys
+    (other modes: (clean - patched) / (clean - corrupt)). NaN marks a cell that does not exist for
+    a pair (a position before its first token or without a counterpart in the source).
+    """
+
+    effects: Tensor
+    normalized: Tensor
+    clean_reward: Float[Tensor, "pair"]
+    corrupt_reward: Float[Tensor, "pair"] | None
+    axes: tuple[str, ...]
+    axis_labels: tuple[tuple[str, ...], ...]
+    hook: str
+    per: str
+    mode: str
+    stats: PatchStats = field(compare=False)
+
+    @property
+    def mean_effect(self) -> Tensor:
+        """Effect averaged over pairs (NaN cells ignored)."""
+        return self.effects.nanmean(-1)
+
+    @property
+    def mean_normalized(self) -> Tensor:
+        return self.normalized.nanmean(-1)
+
+    def flat(self) -> tuple[Float[Tensor, "component pair"], tuple[str, ...]]:
+        """Cells as rows with labels in attribution's naming (``"3_attn_out"``, ``"L2H1"``,
+        ``"L0N7"``; positions as ``"@-2"`` from the scoring token), for comparisons."""
+        names = _cell_names(self)
+        return self.effects.reshape(len(names), -1), names
+
+    def to_dataframe(self):
+        """Long format: one row per (cell, pair)."""
+        import itertools
+
+        import pandas as pd
+
+        rows = []
+        e, n = self.effects.cpu(), self.normalized.cpu()
+        for idx in itertools.product(*(range(len(a)) for a in self.axis_labels)):
+            cell = {ax: self.axis_labels[k][i] for k, (ax, i) in enumerate(zip(self.axes, idx, strict=True))}
+            for pair in range(e.shape[-1]):
+                rows.append({**cell, "pair": pair, "effect": float(e[idx + (pair,)]),
+                             "normalized": float(n[idx + (pair,)])})
+        return pd.DataFrame(rows)
+
+    def plot(self, normalized: bool = True, title: str | None = None):
+        """Heatmap (two cell axes) or bars (one) of the pair-averaged effect."""
+        import plotly.express as px
+
+        values = (self.mean_normalized if normalized else self.mean_effect).cpu()
+        what = "normalised effect" if normalized else "reward change"
+        title = title or f"{self.mode} patching of {self.hook} per {self.per}"
+        if values.ndim == 1:
+            return px.bar(x=list(self.axis_labels[0]), y=values.numpy(), title=title,
+                          labels={"x": self.axes[0], "y": what})
+        if values.ndim == 3:  # head x pos: average over positions would hide them; show layer.head rows
+            values = values.reshape(-1, values.shape[-1])
+            rows = [f"L{a}H{b}" for a in self.axis_labels[0] for b in self.axis_labels[1]]
+            cols = list(self.axis_labels[2])
+        else:
+            rows, cols = list(self.axis_labels[0]), list(self.axis_labels[1])
+        lim = float(values.nan_to_num().abs().max()) or 1.0
+        return px.imshow(values.numpy(), x=cols, y=rows, color_continuous_scale="RdBu",
+                         zmin=-lim, zmax=lim, aspect="auto", title=title,
+                         labels={"x": self.axes[-1], "y": "layer" if len(rows) and values.ndim == 2 else "", "color": what})
+
+
+def _cell_names(result: PatchResult) -> tuple[str, ...]:
+    import itertools
+
+    names = []
+    for idx in itertools.product(*(range(len(a)) for a in result.axis_labels)):
+        lab = dict(zip(result.axes, (result.axis_labels[k][i] for k, i in enumerate(idx)), strict=True))
+        layer = lab["layer"]
+        if "head" in lab:
+            name = f"L{layer}H{lab['head']}"
+        elif "neuron" in lab:
+            name = f"L{layer}N{lab['neuron']}"
+        elif result.hook in ("attn_out", "mlp_out"):
+            name = f"{layer}_{result.hook}"
+        else:
+            name = f"{layer}_{result.hook}"
+        if "pos" in lab:
+            name += f"@{lab['pos']}"
+        names.append(name)
+    return tuple(names)
+
+
+# ---------------------------------------------------------------------------------- runs
+@dataclass
+class _Run:
+    tokens: Tensor
+    mask: Tensor | None
+    pooled: Tensor
+    reward: Tensor
+    cache: dict[str, Tensor]
+
+
+def _run(model: HookedRewardModel, tokens, mask, names) -> _Run:
+    pooled = model.pooled_index(tokens, mask)
+    with torch.no_grad():
+        reward, cache = model.run_with_cache(
+            tokens, attention_mask=mask, names_filter=lambda n: n in names, pool_index=pooled,
+            return_cache_object=False,
+        )
+    if reward.ndim != 1:
+        raise InvalidInputError(
+            "patching measures a scalar reward; choose an objective with model.set_objective(...)"
+        )
+    return _Run(tokens, mask, pooled, reward, cache)
+
+
+def _post_qk_norm_keys(model: HookedRewardModel, layer: int, k: Tensor) -> Tensor:
+    """Keys as TransformerLens's key-value cache stores them (after Qwen3's k-norm, pre-rotary)."""
+    attn = model.blocks[layer].attn
+    if model.cfg.use_qk_norm:
+        return attn._apply_qk_norm(k, attn.k_norm)
+    return k
+
+
+def _kv_prefix(model, target: _Run, layer: int, rows: Tensor, start: int):
+    """A frozen key-value cache holding the target run's first ``start`` positions of ``rows``."""
+    cfg = model.cfg
+    entries = []
+    for l in range(cfg.n_layers):
+        if l < layer:  # blocks before the start layer are not run
+            k = v = torch.empty(0)
+        else:
+            k = _post_qk_norm_keys(model, l, target.cache[f"blocks.{l}.attn.hook_k"][rows, :start])
+            v = target.cache[f"blocks.{l}.attn.hook_v"][rows, :start]
+        entries.append(TransformerLensKeyValueCacheEntry(past_keys=k, past_values=v, frozen=True))
+    prev = (target.mask[rows, :start] if target.mask is not None
+            else torch.ones(len(rows), start, dtype=torch.long, device=target.tokens.device))
+    return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=prev, frozen=True)
+
+
+def _layer_flops(model: HookedRewardModel, n_new: int, n_kv: int) -> float:
+    """Matmul FLOPs of one block for one row with ``n_new`` new positions attending ``n_kv``."""
+    cfg = model.cfg
+    n_kv_heads = cfg.n_key_value_heads or cfg.n_heads
+    attn_params = cfg.d_model * cfg.d_head * (2 * cfg.n_heads + 2 * n_kv_heads)
+    mlp_params = cfg.d_model * cfg.d_mlp * (3 if cfg.gated_mlp else 2)
+    dense = 2 * n_new * (attn_params + mlp_params)
+    attention = 4 * n_new * n_kv * cfg.d_head * cfg.n_heads
+    return float(dense + attention)
+
+
+# ---------------------------------------------------------------------------------- alignment
+def _position_map(target: _Run, source: _Run | None, positions) -> Tensor:
+    """``[pair, target_pos]`` -> source position, or -1 where the target position has no source."""
+    n_pairs, n_t = target.tokens.shape
+    real_t = (target.mask.bool() if target.mask is not None
+              else torch.ones(n_pairs, n_t, dtype=torch.bool, device=target.tokens.device))
+    pos = torch.arange(n_t, device=target.tokens.device).expand(n_pairs, n_t)
+    if source is None:  # zero / mean ablation: every real target position
+        return torch.where(real_t, pos, -1)
+    n_s = source.tokens.shape[1]
+    if isinstance(positions, str):
+        choose("positions", positions, ("align_end",))
+        src = pos + (source.pooled - target.pooled)[:, None]
+    else:
+        src = torch.as_tensor(positions, device=target.tokens.device).long()
+        if src.shape != (n_pairs, n_t):
+            raise InvalidInputError(
+                f"positions map must be [pair, target_pos] = {(n_pairs, n_t)}, got {tuple(src.shape)}"
+            )
+        if int(src.max()) >= n_s:
+            raise InvalidInputError(f"positions map points past the source length {n_s}")
+    ok = real_t & (src >= 0) & (src < n_s)
+    src = src.clamp(0, n_s - 1)
+    if source.mask is not None:
+        ok &= source.mask.bool().gather(1, src)
+    return torch.where(ok, src, -1)
+
+
+def _aligned(act: Tensor, pos_map: Tensor, kind: str) -> Tensor:
+    """Source activation gathered at the mapped positions (zeros where there is none)."""
+    idx = pos_map.clamp(min=0)
+    if kind == "pattern":  # [pair, head, q, k]: only identical layouts are supported
+        return act
+    expand = idx.reshape(*idx.shape, *([1] * (act.ndim - 2))).expand(*idx.shape, *act.shape[2:])
+    out = act.gather(1, expand)
+    keep = (pos_map >= 0).reshape(*idx.shape, *([1] * (act.ndim - 2)))
+    return torch.where(keep, out, torch.zeros((), dtype=act.dtype, device=act.device))
+
+
+# ---------------------------------------------------------------------------------- main entry
+def activation_patch(
+    model: HookedRewardModel,
+    clean: Int[Tensor, "pair pos"] | Sequence[Text],
+    corrupt: Int[Tensor, "pair _pos"] | Sequence[Text] | None = None,
+    *,
+    hook: str = "resid_pre",
+    per: str = "layer_pos",
+    mode: str = "denoise",
+    clean_mask: Int[Tensor, "pair pos"] | None = None,
+    corrupt_mask: Int[Tensor, "pair _pos"] | None = None,
+    positions: str | Tensor = "align_end",
+    reference: Int[Tensor, "batch _pos"] | Sequence[Text] | None = None,
+    reference_mask: Int[Tensor, "batch _pos"] | None = None,
+    layers: Sequence[int] | None = None,
+    max_rows: int = 64,
+    use_kv_cache: bool = True,
+    progress: bool = True,
+) -> PatchResult:
+    """Exact activation patching of a reward model over a grid of cells.
+
+    Args:
+        clean, corrupt: the two runs of each pair (token ids with masks, or texts); for a
+            preference pair, clean = chosen and corrupt = rejected. ``corrupt`` may be omitted
+            for ``zero`` and ``mean`` ablation.
+        hook: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``, ``z``,
+            ``q``, ``k``, ``v`` (per key/value head under grouped-query attention), ``pattern``,
+            ``mlp_post`` (MLP neurons).
+        per: ``layer``, ``layer_pos``, ``head``, ``head_pos`` (head hooks), ``neuron``
+            (``mlp_post``).
+        mode: ``denoise`` (clean into corrupt), ``noise`` (corrupt into clean), ``zero`` or
+            ``mean`` ablation of the clean run (``mean``: over ``reference``'s real tokens).
+        positions: ``"align_end"`` lines the scoring tokens up (sequences of different lengths
+            are compared position-from-the-end), or an explicit ``[pair, target_pos]`` map to
+            source positions (-1: none). Grid positions are relative to the scoring token
+            (``"-3"``) with ``align_end``, absolute target positions with a map.
+        layers: restrict to these layers (default all).
+        max_rows: rows (cells x pairs) per forward; bounds memory.
+        use_kv_cache: reuse cached keys/values of the positions before a patched position.
+    """
+    choose("hook", hook, HOOKS)
+    hook_name, kind = HOOKS[hook]
+    choose("per", per, PERS[kind])
+    choose("mode", mode, MODES)
+    if max_rows < 1:
+        raise InvalidInputError(f"max_rows must be >= 1, got {max_rows}")
+    started = time.perf_counter()
+    cfg = model.cfg
+    layers = list(range(cfg.n_layers)) if layers is None else list(layers)
+    bad = [l for l in layers if not 0 <= l < cfg.n_layers]
+    if bad or not layers:
+        raise InvalidInputError(f"layers {bad or layers} are not in 0..{cfg.n_layers - 1}")
+
+    clean_t, clean_m = as_tokens(model, clean, clean_mask)
+    if corrupt is None:
+        if mode in ("denoise", "noise"):
+            raise InvalidInputError(f"mode={mode!r} needs corrupt inputs")
+        corrupt_t = corrupt_m = None
+    else:
+        corrupt_t, corrupt_m = as_tokens(model, corrupt, corrupt_mask)
+        if corrupt_t.shape[0] != clean_t.shape[0]:
+            raise InvalidInputError(
+                f"{clean_t.shape[0]} clean but {corrupt_t.shape[0]} corrupt sequences; pairs must match"
+            )
+
+    act_names = {f"blocks.{l}.{hook_name}" for l in layers}
+    base_names = {f"blocks.{l}.hook_resid_pre" for l in layers}
+    base_names |= {f"blocks.{l}.attn.hook_{x}" for l in range(cfg.n_layers) for x in "kv"}
+    target_is_clean = mode != "denoise"
+    t_tokens, t_mask = (clean_t, clean_m) if target_is_clean else (corrupt_t, corrupt_m)
+    target = _run(model, t_tokens, t_mask, base_names | act_names)
+    other = None
+    if corrupt_t is not None:
+        o_tokens, o_mask = (corrupt_t, corrupt_m) if target_is_clean else (clean_t, clean_m)
+        other = _run(model, o_tokens, o_mask, act_names)
+    clean_run, corrupt_run = (target, other) if target_is_clean else (other, target)
+    source = other if mode in ("denoise", "noise") else None
+    pos_map = _position_map(target, source, positions)
+    if kind == "pattern" and source is not None and (
+        source.tokens.shape != target.tokens.shape or bool((source.pooled != target.pooled).any())
+        or bool((pos_map != torch.arange(pos_map.shape[1], device=pos_map.device)).any())
+    ):
+        raise InvalidInputError(
+            "pattern patching needs clean and corrupt runs with identical token layouts "
+            "(same lengths and padding); patch z, q, k or v instead"
+        )
+
+    replacements = _replacements(model, mode, hook_name, kind, layers, source, reference,
+                                 reference_mask, target, pos_map)
+
+    # --- the grid
+    n_pairs, n_t = target.tokens.shape
+    with_pos = per.endswith("_pos")
+    if with_pos and isinstance(positions, str):
+        span = int(target.pooled.max()) + 1
+        rel = list(range(-(span - 1), 1))  # relative to the scoring token
+        pos_labels = tuple(str(r) for r in rel)
+    elif with_pos:
+        rel = list(range(n_t))
+        pos_labels = tuple(str(p) for p in rel)
+    example = replacements[layers[0]]
+    if per in ("head", "head_pos"):
+        n_units = example.shape[1] if kind == "pattern" else example.shape[2]
+    elif per == "neuron":
+        n_units = example.shape[2]
+    else:
+        n_units = 0
+    unit_axis = {"head": "head", "head_pos": "head", "neuron": "neuron"}.get(per)
+
+    axes: list[str] = ["layer"]
+    labels: list[tuple[str, ...]] = [tuple(str(l) for l in layers)]
+    if unit_axis:
+        axes.append(unit_axis)
+        labels.append(tuple(str(u) for u in range(n_units)))
+    if with_pos:
+        axes.append("pos")
+        labels.append(pos_labels)
+    shape = [len(a) for a in labels] + [n_pairs]
+    effects = torch.full(shape, float("nan"), device=target.reward.device)
+
+    n_units_axis = max(n_units, 1)
+    rel_t = torch.tensor(rel if with_pos else [0], device=target.pooled.device)
+    n_forwards, n_rows, flops = 0, 0, 0.0
+    from tqdm.auto import tqdm
+
+    for li, layer in enumerate(tqdm(layers, desc=f"patching {hook} per {per}",
+                                    disable=not progress, leave=False)):
+        rows = _grid_rows(target.pooled, pos_map, rel_t, n_units_axis, with_pos,
+                          relative=isinstance(positions, str))
+        view = effects[li].reshape(n_units_axis, len(rel_t), n_pairs)
+        view[rows.zero_unit, rows.zero_pos, rows.zero_pair] = 0.0  # after the scoring token
+        start_of = rows.pos if (with_pos and use_kv_cache) else torch.zeros_like(rows.pos)
+        order = torch.argsort(start_of, stable=True)
+        starts, counts = torch.unique_consecutive(start_of[order], return_counts=True)
+        offset = 0
+        for start, count in zip(starts.tolist(), counts.tolist(), strict=True):
+            for lo in range(offset, offset + count, max_rows):
+                sel = order[lo : min(lo + max_rows, offset + count)]
+                out = _patched_forward(
+                    model, target, replacements[layer], layer, hook_name, kind, start,
+                    rows.pair[sel], rows.unit[sel] if unit_axis else None,
+                    rows.pos[sel] if with_pos else None, pos_map,
+                )
+                view[rows.unit[sel], rows.rel[sel], rows.pair[sel]] = out - target.reward[rows.pair[sel]]
+                n_forwards += 1
+                n_rows += len(sel)
+                flops += len(sel) * (cfg.n_layers - layer) * _layer_flops(model, n_t - start, n_t)
+            offset += count
+        effects[li] = view.reshape(effects[li].shape)
+
+    clean_r = clean_run.reward
+    corrupt_r = corrupt_run.reward if corrupt_run is not None else None
+    if corrupt_r is None:
+        normalized = torch.full_like(effects, float("nan"))
+    else:
+        gap = clean_r - corrupt_r
+        sign = 1.0 if mode == "denoise" else -1.0
+        normalized = sign * effects / gap
+    return PatchResult(
+        effects=effects, normalized=normalized, clean_reward=clean_r, corrupt_reward=corrupt_r,
+        axes=tuple(axes), axis_labels=tuple(labels), hook=hook, per=per, mode=mode,
+        stats=PatchStats(n_forwards, n_rows, flops, time.perf_counter() - started),
+    )
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Cells x pairs to compute (``unit``, ``rel`` grid position index, ``pair``, absolute ``pos``)
+    and those whose effect is exactly zero (a patch after the scoring token)."""
+
+    unit: Tensor
+    rel: Tensor
+    pair: Tensor
+    pos: Tensor
+    zero_unit: Tensor
+    zero_pos: Tensor
+    zero_pair: Tensor
+
+
+def _grid_rows(pooled, pos_map, rel_t, n_units: int, with_pos: bool, relative: bool) -> _Rows:
+    n_pairs, n_t = pos_map.shape
+    n_rel = len(rel_t)
+    if with_pos:
+        p = pooled[None, :] + rel_t[:, None] if relative else rel_t[:, None].expand(n_rel, n_pairs)
+        inside = (p >= 0) & (p < n_t)
+        has_source = pos_map.gather(1, p.clamp(0, n_t - 1).T).T >= 0
+        valid = inside & has_source
+        after = valid & (p > pooled[None, :])
+        todo = valid & ~after
+    else:
+        p = torch.zeros(1, n_pairs, dtype=torch.long, device=pooled.device)
+        todo = (pos_map >= 0).any(1)[None]
+        after = torch.zeros_like(todo)
+    u, r, pair = torch.nonzero(todo[None].expand(n_units, -1, -1), as_tuple=True)
+    zu, zr, zpair = torch.nonzero(after[None].expand(n_units, -1, -1), as_tuple=True)
+    return _Rows(u, r, pair, p[r, pair], zu, zr, zpair)
+
+
+def _replacements(model, mode, hook_name, kind, layers, source, reference, reference_mask,
+                  target, pos_map) -> dict[int, Tensor]:
+    """Per layer, the activation to write at each target position (aligned to the target)."""
+    names = [f"blocks.{l}.{hook_name}" for l in layers]
+    if mode in ("denoise", "noise"):
+        return {l: _aligned(source.cache[n], pos_map, kind) for l, n in zip(layers, names, strict=True)}
+    if mode == "zero":
+        return {l: torch.zeros_like(target.cache[n]) for l, n in zip(layers, names, strict=True)}
+    if kind == "pattern":
+        raise InvalidInputError("mean ablation of attention patterns is not defined; use zero or z")
+    if reference is None:
+        raise InvalidInputError("mode='mean' needs reference= inputs to average over")
+    ref_t, ref_m = as_tokens(model, reference, reference_mask)
+    ref = _run(model, ref_t, ref_m, set(names))
+    real = (ref.mask.bool() if ref.mask is not None
+            else torch.ones(ref_t.shape, dtype=torch.bool, device=ref_t.device))
+    out = {}
+    for l, n in zip(layers, names, strict=True):
+        mean = ref.cache[n][real].mean(0)  # over every real token of the reference set
+        out[l] = mean.expand_as(target.cache[n]).clone()
+    return out
+
+
+def _patched_forward(model, target: _Run, repl: Tensor, layer: int, hook_name: str, kind: str,
+                     start: int, pairs: Tensor, units: Tensor | None, poss: Tensor | None,
+                     pos_map: Tensor) -> Float[Tensor, "batch"]:
+    """Rewards of ``len(pairs)`` patched rows, run from ``layer`` and position ``start`` on."""
+    n_t = target.tokens.shape[1]
+    n_new = n_t - start
+    rows = torch.arange(len(pairs), device=pairs.device)
+    if poss is not None:
+        pos_sel = torch.zeros(len(pairs), n_new, dtype=torch.bool, device=pairs.device)
+        pos_sel[rows, poss - start] = True
+    else:
+        pos_sel = pos_map[pairs, start:] >= 0
+    new_values = repl[pairs][:, :, start:] if kind == "pattern" else repl[pairs, start:]
+
+    def patch(act: Tensor, hook) -> Tensor:
+        if kind == "pattern":  # [row, head, q, k]
+            sel = pos_sel[:, None, :, None]
+            if units is not None:
+                head_sel = torch.zeros(act.shape[:2], dtype=torch.bool, device=act.device)
+                head_sel[rows, units] = True
+                sel = sel & head_sel[:, :, None, None]
+        else:  # [row, pos, *unit_dims]
+            sel = pos_sel.reshape(*pos_sel.shape, *([1] * (act.ndim - 2)))
+            if units is not None:
+                unit_sel = torch.zeros(len(pairs), act.shape[2], dtype=torch.bool, device=act.device)
+                unit_sel[rows, units] = True
+                sel = sel & unit_sel.reshape(len(pairs), 1, act.shape[2], *([1] * (act.ndim - 3)))
+        return torch.where(sel, new_values, act)
+
+    resid = target.cache[f"blocks.{layer}.hook_resid_pre"][pairs, start:]
+    mask = target.mask[pairs] if target.mask is not None else None
+    kv = _kv_prefix(model, target, layer, pairs, start) if start > 0 else None
+    with torch.no_grad():
+        return model.run_with_hooks(
+            resid, attention_mask=mask, start_at_layer=layer, past_kv_cache=kv,
+            pool_index=target.pooled[pairs] - start,
+            fwd_hooks=[(f"blocks.{layer}.{hook_name}", patch)],
+        )
