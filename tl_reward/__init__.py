@@ -13,6 +13,8 @@ from .loading import load_reward_model as load_reward_model
 from .loading import supported_architectures as supported_architectures
 from .model import HookedRewardModel as HookedRewardModel
 from .model import PairScores as PairScores
+from .patching import PatchResult as PatchResult
+from .patching import activation_patch as activation_patch
 from .tuned_lens import TunedRewardLens as TunedRewardLens
 
 __version__ = "0.1.0"

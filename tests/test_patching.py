@@ -1,0 +1,182 @@
+"""Exact activation patching against TransformerLens's own patching, and its properties."""
+
+import pytest
+import torch
+import transformer_lens.patching as tlp
+from helpers import make_hf_model, pad_batch, ragged_sequences
+
+from tl_reward import activation_patch, errors, load_reward_model
+
+TL_CASES = [
+    ("resid_pre", "layer_pos", tlp.get_act_patch_resid_pre, None),
+    ("attn_out", "layer_pos", tlp.get_act_patch_attn_out, None),
+    ("mlp_out", "layer_pos", tlp.get_act_patch_mlp_out, None),
+    ("z", "head", tlp.get_act_patch_attn_head_out_all_pos, None),
+    ("z", "head_pos", tlp.get_act_patch_attn_head_out_by_pos, (0, 2, 1)),
+    ("v", "head_pos", tlp.get_act_patch_attn_head_v_by_pos, (0, 2, 1)),
+    ("pattern", "head", tlp.get_act_patch_attn_head_pattern_all_pos, None),
+]
+
+
+def _pairs(n=3, length=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 97, (n, length), generator=g), torch.randint(3, 97, (n, length), generator=g)
+
+
+@pytest.mark.parametrize("arch,gqa", [("llama", True), ("gpt2", False), ("qwen3", True), ("gemma2", True)])
+@pytest.mark.parametrize("hook,per,tl_fn,perm", TL_CASES, ids=[f"{h}-{p}" for h, p, _, _ in TL_CASES])
+def test_equals_transformer_lens_patching(arch, gqa, hook, per, tl_fn, perm):
+    model = load_reward_model(make_hf_model(arch, gqa))
+    clean, corrupt = _pairs()
+    ours = activation_patch(model, clean, corrupt, hook=hook, per=per, progress=False)
+    for i in range(len(clean)):
+        _, clean_cache = model.run_with_cache(clean[i : i + 1])
+        with torch.no_grad():
+            ref = tl_fn(model, corrupt[i : i + 1], clean_cache, lambda out: out[0])
+            base = model(corrupt[i : i + 1])[0]
+        ref = ref.permute(*perm) if perm else ref
+        torch.testing.assert_close(ours.effects[..., i], ref - base, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("use_kv_cache", [True, False])
+def test_kv_reuse_changes_nothing_with_ragged_left_padding(use_kv_cache):
+    model = load_reward_model(make_hf_model("mistral", gqa=True))
+    clean, c_mask = pad_batch(ragged_sequences(seed=1), "left")
+    corrupt, r_mask = pad_batch(ragged_sequences(seed=2), "right")
+    kw = dict(clean_mask=c_mask, corrupt_mask=r_mask, progress=False)
+    fast = activation_patch(model, clean, corrupt, hook="z", per="head_pos", use_kv_cache=True, **kw)
+    slow = activation_patch(model, clean, corrupt, hook="z", per="head_pos", use_kv_cache=use_kv_cache,
+                            max_rows=5, **kw)
+    torch.testing.assert_close(fast.effects, slow.effects, atol=1e-5, rtol=0, equal_nan=True)
+    assert fast.stats.flops < activation_patch(
+        model, clean, corrupt, hook="z", per="head_pos", use_kv_cache=False, **kw).stats.flops
+
+
+def test_align_end_patches_the_scoring_token_for_different_lengths():
+    """The peer library left-aligns, so the scoring token of the longer sequence is never patched."""
+    model = load_reward_model(make_hf_model("llama"))
+    clean, c_mask = pad_batch([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]], "right")
+    corrupt, r_mask = pad_batch([[20, 21, 22], [23, 24, 25, 26, 27, 28]], "right")
+    res = activation_patch(model, clean, corrupt, hook="resid_post", per="layer_pos",
+                           clean_mask=c_mask, corrupt_mask=r_mask, progress=False)
+    last = model.cfg.n_layers - 1
+    with torch.no_grad():
+        clean_r = model(clean, attention_mask=c_mask)
+        corrupt_r = model(corrupt, attention_mask=r_mask)
+    # patching the final residual at the scoring token ("0") gives the clean reward exactly
+    torch.testing.assert_close(res.effects[last, -1], clean_r - corrupt_r, atol=1e-5, rtol=0)
+    # positions before the shorter sequence's start are NaN, not a silent 0
+    assert torch.isnan(res.effects[0, 0, 0]) and torch.isnan(res.effects[0, 0, 1])
+    assert res.axis_labels[-1][-1] == "0"
+
+
+def test_clean_into_clean_has_no_effect_and_full_resid_patch_restores_clean():
+    model = load_reward_model(make_hf_model("gpt2"))
+    clean, corrupt = _pairs(seed=3)
+    same = activation_patch(model, clean, clean, hook="z", per="head_pos", progress=False)
+    assert same.effects.abs().max() < 1e-5
+    full = activation_patch(model, clean, corrupt, hook="resid_pre", per="layer", progress=False)
+    gap = full.clean_reward - full.corrupt_reward
+    torch.testing.assert_close(full.effects, gap.expand_as(full.effects), atol=1e-5, rtol=0)
+    torch.testing.assert_close(full.normalized, torch.ones_like(full.normalized), atol=1e-4, rtol=0)
+
+
+def test_noise_zero_and_mean_modes_by_hand():
+    model = load_reward_model(make_hf_model("qwen2", gqa=True))
+    clean, corrupt = _pairs(seed=4)
+    layer = 1
+
+    def run_with(value_fn):
+        def hook(act, hook):
+            return value_fn(act)
+        with torch.no_grad():
+            return model.run_with_hooks(clean, fwd_hooks=[(f"blocks.{layer}.hook_mlp_out", hook)])
+
+    zero = activation_patch(model, clean, None, hook="mlp_out", per="layer", mode="zero", progress=False)
+    torch.testing.assert_close(zero.effects[layer], run_with(torch.zeros_like) - zero.clean_reward,
+                               atol=1e-5, rtol=0)
+    ref = torch.randint(3, 97, (5, 6))
+    _, cache = model.run_with_cache(ref)
+    mean = cache[f"blocks.{layer}.hook_mlp_out"].mean((0, 1))
+    res = activation_patch(model, clean, None, hook="mlp_out", per="layer", mode="mean",
+                           reference=ref, progress=False)
+    torch.testing.assert_close(res.effects[layer], run_with(lambda a: mean.expand_as(a)) - res.clean_reward,
+                               atol=1e-5, rtol=0)
+    _, corrupt_cache = model.run_with_cache(corrupt)
+    noise = activation_patch(model, clean, corrupt, hook="mlp_out", per="layer", mode="noise", progress=False)
+    expected = run_with(lambda a: corrupt_cache[f"blocks.{layer}.hook_mlp_out"])
+    torch.testing.assert_close(noise.effects[layer], expected - noise.clean_reward, atol=1e-5, rtol=0)
+    gap = noise.clean_reward - noise.corrupt_reward
+    torch.testing.assert_close(noise.normalized[layer], (noise.clean_reward - expected) / gap, atol=1e-4, rtol=0)
+
+
+def test_neurons_and_explicit_position_map():
+    model = load_reward_model(make_hf_model("llama", gqa=True))
+    clean, corrupt = _pairs(n=2, length=6, seed=5)
+    neurons = activation_patch(model, clean, corrupt, hook="mlp_post", per="neuron", layers=[1],
+                               progress=False)
+    assert neurons.effects.shape == (1, model.cfg.d_mlp, 2)
+    n = 7
+    _, cc = model.run_with_cache(clean)
+
+    def hook(act, hook):
+        act = act.clone()
+        act[:, :, n] = cc["blocks.1.mlp.hook_post"][:, :, n]
+        return act
+
+    with torch.no_grad():
+        manual = model.run_with_hooks(corrupt, fwd_hooks=[("blocks.1.mlp.hook_post", hook)])
+    torch.testing.assert_close(neurons.effects[0, n], manual - neurons.corrupt_reward, atol=1e-5, rtol=0)
+    identity = torch.arange(6).expand(2, 6)
+    mapped = activation_patch(model, clean, corrupt, hook="resid_pre", positions=identity, progress=False)
+    aligned = activation_patch(model, clean, corrupt, hook="resid_pre", progress=False)
+    torch.testing.assert_close(mapped.effects, aligned.effects, atol=1e-6, rtol=0)
+    assert mapped.axis_labels[-1] == tuple(str(i) for i in range(6))
+
+
+def test_result_views():
+    model = load_reward_model(make_hf_model("gpt2"))
+    clean, corrupt = _pairs(n=2, length=5, seed=6)
+    res = activation_patch(model, clean, corrupt, hook="z", per="head", progress=False)
+    values, labels = res.flat()
+    assert labels[:2] == ("L0H0", "L0H1") and values.shape == (len(labels), 2)
+    assert len(res.to_dataframe()) == values.numel()
+    assert res.plot().data[0].type == "heatmap"
+    layer = activation_patch(model, clean, corrupt, hook="attn_out", per="layer", progress=False)
+    assert layer.flat()[1] == ("0_attn_out", "1_attn_out")
+    assert layer.plot().data[0].type == "bar"
+    assert res.stats.n_forwards >= 1 and res.stats.flops > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(hook="resid_pree"), "resid_pre"),
+        (dict(hook="resid_pre", per="head"), "layer_pos"),
+        (dict(mode="denoising"), "denoise"),
+        (dict(layers=[5]), "layers"),
+        (dict(max_rows=0), "max_rows"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    model = load_reward_model(make_hf_model("llama"))
+    clean, corrupt = _pairs(n=2, length=5)
+    with pytest.raises(errors.TLRewardError, match=match):
+        activation_patch(model, clean, corrupt, progress=False, **kwargs)
+
+
+def test_bad_inputs():
+    model = load_reward_model(make_hf_model("llama"))
+    clean, corrupt = _pairs(n=2, length=5)
+    with pytest.raises(errors.InvalidInputError, match="pairs must match"):
+        activation_patch(model, clean, corrupt[:1], progress=False)
+    with pytest.raises(errors.InvalidInputError, match="needs corrupt"):
+        activation_patch(model, clean, None, progress=False)
+    with pytest.raises(errors.InvalidInputError, match="reference"):
+        activation_patch(model, clean, None, mode="mean", progress=False)
+    short, s_mask = pad_batch([[5, 6, 7], [8, 9, 10, 11, 12]], "right")
+    with pytest.raises(errors.InvalidInputError, match="identical token layouts"):
+        activation_patch(model, clean, short, corrupt_mask=s_mask, hook="pattern", per="head", progress=False)
+    multi = load_reward_model(make_hf_model("llama", num_labels=2))
+    with pytest.raises(errors.InvalidInputError, match="objective"):
+        activation_patch(multi, clean, corrupt, progress=False)
