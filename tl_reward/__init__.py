@@ -15,6 +15,7 @@ from .model import HookedRewardModel as HookedRewardModel
 from .model import PairScores as PairScores
 from .patching import PatchResult as PatchResult
 from .patching import activation_patch as activation_patch
+from .path_patching import path_patch as path_patch
 from .tuned_lens import TunedRewardLens as TunedRewardLens
 
 __version__ = "0.1.0"

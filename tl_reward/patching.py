@@ -150,10 +150,8 @@ def _cell_names(result: PatchResult) -> tuple[str, ...]:
             name = f"L{layer}H{lab['head']}"
         elif "neuron" in lab:
             name = f"L{layer}N{lab['neuron']}"
-        elif result.hook in ("attn_out", "mlp_out"):
-            name = f"{layer}_{result.hook}"
-        else:
-            name = f"{layer}_{result.hook}"
+        else:  # "3_attn_out", "3_resid_pre"; path patching's "mlp_out->reward" gives "3_mlp_out"
+            name = f"{layer}_{result.hook.split('->')[0]}"
         if "pos" in lab:
             name += f"@{lab['pos']}"
         names.append(name)
