@@ -281,6 +281,8 @@ class HookedRewardModel(HookedTransformer):
                 )
             input, attention_mask = self._check_tokens(input, attention_mask)
             tokens = input
+            if attention_mask is not None and past_kv_cache is None and bool(attention_mask.all()):
+                attention_mask = None  # no padding: skip TransformerLens's mask bookkeeping
         elif attention_mask is not None:
             attention_mask = attention_mask.to(device=input.device, dtype=torch.long)
         resid = super().forward(
