@@ -1,6 +1,11 @@
 """tl_reward: mechanistic interpretability of RLHF reward models on TransformerLens hooks."""
 
 from . import errors as errors
+from .agreement import AgreementReport as AgreementReport
+from .agreement import agreement_report as agreement_report
+from .agreement import compare_attribution_and_patching as compare_attribution_and_patching
+from .atp import AtPResult as AtPResult
+from .atp import attribution_patch as attribution_patch
 from .attribution import AttributionResult as AttributionResult
 from .attribution import direct_reward_attribution as direct_reward_attribution
 from .attribution import pair_reward_attribution as pair_reward_attribution
