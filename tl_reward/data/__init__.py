@@ -1,0 +1,11 @@
+"""Preference data: the pair type, loaders for the common formats, the synthetic long-tail task."""
+
+from .pairs import PreferenceDataset as PreferenceDataset
+from .pairs import PreferencePair as PreferencePair
+from .pairs import load_pairs as load_pairs
+from .pairs import pairs_from_dataframe as pairs_from_dataframe
+from .pairs import pairs_from_hf_dataset as pairs_from_hf_dataset
+from .pairs import pairs_from_jsonl as pairs_from_jsonl
+from .pairs import pairs_from_records as pairs_from_records
+from .synthetic import LongTailTask as LongTailTask
+from .synthetic import word_tokenizer as word_tokenizer
