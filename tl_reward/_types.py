@@ -11,6 +11,9 @@ Dimension names used in every jaxtyping annotation of the package:
 - ``n_rewards``: outputs of the reward head (1 for a scalar reward model)
 - ``d_sae``: SAE dictionary size
 - ``pair``: preference pairs
+- ``unit``: CART circuit units (MLP neurons, attention heads, SAE features); ``circuit``: CART
+  circuits; ``d_circuit``: a circuit's raw activation width (one per neuron or feature,
+  ``d_head`` per head)
 """
 
 from jaxtyping import Float, Int
