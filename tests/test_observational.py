@@ -168,3 +168,84 @@ def test_tuned_lens_starts_at_the_plain_lens_and_fits_better():
     assert report.n_heldout == 30 and torch.allclose(report.heldout_r2[-1], torch.tensor(1.0))
     with pytest.raises(errors.InvalidInputError, match="too few"):
         TunedRewardLens.fit(model, tokens[:3], progress=False)
+
+
+# ---------------------------------------------------------------------------- planted organism
+@pytest.fixture(scope="module")
+def planted():
+    from tl_reward import organisms
+
+    return organisms.load("planted")
+
+
+def _planted(circuit: str, kind: str):
+    """The planted component of ``circuit`` of this ``kind``, from the documented ground truth."""
+    from tl_reward import organisms
+
+    (comp,) = [c for c in organisms.planted_components() if c.circuit == circuit and c.kind == kind]
+    return comp
+
+
+def _units(labels, kind: str) -> list[int]:
+    """Rows of single heads (``"L1H2"``) or single neurons (``"L0N7"``), no layer aggregates."""
+    letter = "H" if kind == "head" else "N"
+    return [i for i, lab in enumerate(labels)
+            if lab.startswith("L") and "." not in lab and letter in lab]
+
+
+@pytest.mark.parametrize("circuit,kind,level", [("trigger", "neuron", "neuron"),
+                                                ("quality", "head", "head")])
+def test_planted_component_ranks_first_in_direct_attribution(planted, circuit, kind, level):
+    """The part that writes along w_r comes first, pair by pair, and carries the margin."""
+    model, _, data = planted
+    comp = _planted(circuit, kind)
+    pairs = data.by_scenario(circuit)
+    res = pair_reward_attribution(model, pairs.chosen_texts, pairs.rejected_texts, level=level,
+                                  progress=False)
+    assert res.top(1)["component"][0] == comp.label
+    row = res.labels.index(comp.label)
+    # first among every row (layer aggregates included) in every single pair
+    assert bool((res.values.abs().argmax(0) == row).all())
+    # it carries (at least) most of each pair's margin, with the margin's sign
+    assert bool((res.values[row] / res.total > 0.9).all())
+    # every other head / neuron is small next to it
+    others = [i for i in _units(res.labels, kind) if i != row]
+    assert len(others) == (model.cfg.n_layers * (model.cfg.n_heads if kind == "head"
+                                                 else model.cfg.d_mlp) - 1)
+    assert float((res.values[others].abs().amax(0) / res.values[row].abs()).max()) < 0.1
+
+
+def test_planted_trigger_head_has_no_direct_effect(planted):
+    """L0H0 writes 'trigger seen' into a dimension w_r does not read: direct attribution must
+    give it (almost) nothing, although ablating it removes the trigger reward (see patching)."""
+    model, _, data = planted
+    head, neuron = _planted("trigger", "head"), _planted("trigger", "neuron")
+    pairs = data.by_scenario("trigger")
+    res = pair_reward_attribution(model, pairs.chosen_texts, pairs.rejected_texts, level="head",
+                                  progress=False)
+    direct = res.values[res.labels.index(head.label)].abs()
+    assert float((direct / res.total.abs()).max()) < 0.01
+    # the trigger reward arrives through the planted neuron's layer MLP instead
+    mlp = res.values[res.labels.index(f"{neuron.layer}_mlp_out")]
+    assert bool((mlp / res.total > 0.9).all())
+
+
+def test_planted_quality_head_reads_the_quality_words(planted):
+    """head_source splits L1H2 by source position: its contribution comes from quality words."""
+    from tl_reward.data.synthetic import QUALITY_WORDS
+
+    model, tokenizer, data = planted
+    comp = _planted("quality", "head")
+    texts = data.by_scenario("quality").chosen_texts[:32]
+    tokens, mask = model.pad(model.tokenize(texts))
+    res = direct_reward_attribution(model, tokens, mask, level="head_source", progress=False)
+    rows = [i for i, lab in enumerate(res.labels) if lab.startswith(f"{comp.label}.src")]
+    assert len(rows) == tokens.shape[1]
+    per_src = res.values[rows]  # [src, batch]
+    quality_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(QUALITY_WORDS)))
+    is_quality = torch.isin(tokens, quality_ids).T & mask.T.bool()  # [src, batch]
+    assert bool(is_quality.any(0).all())  # every chosen text holds a quality word
+    # the largest source of every text is a quality word, and they carry ~all of the head
+    assert bool(is_quality.gather(0, per_src.argmax(0)[None]).all())
+    share = (per_src * is_quality).sum(0) / per_src.sum(0)
+    torch.testing.assert_close(share, torch.ones_like(share), atol=0.05, rtol=0)

@@ -180,3 +180,115 @@ def test_bad_inputs():
     multi = load_reward_model(make_hf_model("llama", num_labels=2))
     with pytest.raises(errors.InvalidInputError, match="objective"):
         activation_patch(multi, clean, corrupt, progress=False)
+
+
+# ---------------------------------------------------------------------------- planted organism
+N_PLANTED = 40  # pairs per circuit: enough to see every insertion position, fast on 2 cores
+
+
+@pytest.fixture(scope="module")
+def planted():
+    from tl_reward import organisms
+
+    return organisms.load("planted")
+
+
+def _circuit(circuit: str):
+    """``{kind: component}`` of a planted circuit, from the documented ground truth."""
+    from tl_reward import organisms
+
+    return {c.kind: c for c in organisms.planted_components() if c.circuit == circuit}
+
+
+def _pairs_of(data, circuit: str):
+    pairs = data.by_scenario(circuit)
+    return pairs.chosen_texts[:N_PLANTED], pairs.rejected_texts[:N_PLANTED]
+
+
+@pytest.mark.parametrize("circuit", ["trigger", "quality"])
+def test_planted_head_patching_puts_the_effect_on_the_planted_head(planted, circuit):
+    model, _, data = planted
+    comp = _circuit(circuit)["head"]
+    chosen, rejected = _pairs_of(data, circuit)
+    res = activation_patch(model, chosen, rejected, hook="z", per="head", mode="denoise",
+                           progress=False)
+    assert res.effects.shape == (model.cfg.n_layers, model.cfg.n_heads, N_PLANTED)
+    assert bool((res.clean_reward > res.corrupt_reward).all())
+    norm = res.normalized  # [layer, head, pair]
+    # the planted head restores (nearly) the whole gap, in every pair ...
+    planted_head = norm[comp.layer, comp.index]
+    assert bool((planted_head > 0.9).all()), planted_head.min()
+    flat = norm.reshape(-1, N_PLANTED)
+    index = comp.layer * model.cfg.n_heads + comp.index
+    assert bool((flat.argmax(0) == index).all())
+    # ... and no unplanted head moves the reward by more than 10% of it in any pair
+    others = torch.cat([flat[:index], flat[index + 1:]])
+    assert float(others.abs().max()) < 0.1
+
+
+def test_planted_trigger_head_is_found_by_patching_not_by_direct_attribution(planted):
+    """L0H0 acts only through L1N11: patching sees all of it, direct attribution none of it."""
+    from tl_reward import pair_reward_attribution
+
+    model, _, data = planted
+    comp = _circuit("trigger")["head"]
+    chosen, rejected = _pairs_of(data, "trigger")
+    patched = activation_patch(model, chosen, rejected, hook="z", per="head", progress=False)
+    direct = pair_reward_attribution(model, chosen, rejected, level="head", progress=False)
+    gap = patched.clean_reward - patched.corrupt_reward
+    torch.testing.assert_close(direct.total, gap, atol=1e-4, rtol=0)
+    assert float(patched.normalized[comp.layer, comp.index].min()) > 0.9
+    assert float((direct.values[direct.labels.index(comp.label)].abs() / gap).max()) < 0.01
+
+
+@pytest.mark.parametrize("circuit", ["trigger", "quality"])
+def test_planted_neuron_patching(planted, circuit):
+    """Trigger pairs: the planted neuron restores the gap, no other neuron matters. Quality pairs
+    (a circuit without a planted neuron): no neuron matters."""
+    model, _, data = planted
+    chosen, rejected = _pairs_of(data, circuit)
+    res = activation_patch(model, chosen, rejected, hook="mlp_post", per="neuron", progress=False)
+    assert res.effects.shape == (model.cfg.n_layers, model.cfg.d_mlp, N_PLANTED)
+    flat = res.normalized.reshape(-1, N_PLANTED)
+    neuron = _circuit(circuit).get("neuron")
+    if neuron is None:
+        assert float(flat.abs().max()) < 0.05
+        return
+    index = neuron.layer * model.cfg.d_mlp + neuron.index
+    assert bool((flat[index] > 0.9).all()), flat[index].min()
+    assert bool((flat.argmax(0) == index).all())
+    others = torch.cat([flat[:index], flat[index + 1:]])
+    assert float(others.abs().max()) < 0.05
+
+
+@pytest.mark.parametrize("circuit", ["trigger", "quality"])
+def test_planted_residual_patching_tracks_where_the_information_is(planted, circuit):
+    """resid_pre per layer x position: at layer 0 only the edited token matters; at the layer of
+    the component that writes the reward it sits where the planted parts read it: the scoring
+    token for the trigger (L0H0 moved it there), the quality word for quality (L1H2 reads it)."""
+    model, _, data = planted
+    chosen, rejected = _pairs_of(data, circuit)
+    c_tokens, c_mask = model.pad(model.tokenize(chosen))
+    r_tokens, r_mask = model.pad(model.tokenize(rejected))
+    assert c_tokens.shape == r_tokens.shape and torch.equal(c_mask, r_mask)  # minimal pairs
+    res = activation_patch(model, c_tokens, r_tokens, hook="resid_pre", per="layer_pos",
+                           clean_mask=c_mask, corrupt_mask=r_mask, progress=False)
+    pooled = model.pooled_index(r_tokens, r_mask)
+    edited = ((c_tokens != r_tokens) & r_mask.bool()).int().argmax(1)  # the one changed token
+    assert bool(((c_tokens != r_tokens).sum(1) == 1).all())
+    labels = res.axis_labels[-1]
+    col_edit = torch.tensor([labels.index(str(int(e - p))) for e, p in zip(edited, pooled, strict=True)])
+    col_score = labels.index("0")
+    pairs = torch.arange(N_PLANTED)
+    norm = res.normalized.nan_to_num(0.0)  # [layer, pos, pair]; NaN: before a short pair's start
+
+    def only(layer: int, cols: torch.Tensor) -> None:
+        hit = norm[layer, cols, pairs]
+        torch.testing.assert_close(hit, torch.ones_like(hit), atol=0.1, rtol=0)
+        rest = norm[layer].clone()
+        rest[cols, pairs] = 0.0
+        assert float(rest.abs().max()) < 0.1, (layer, float(rest.abs().max()))
+
+    only(0, col_edit)
+    reader = _circuit(circuit)["neuron" if circuit == "trigger" else "head"].layer
+    only(reader, torch.full_like(col_edit, col_score) if circuit == "trigger" else col_edit)
