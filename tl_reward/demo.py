@@ -50,11 +50,6 @@ class DemoReport:
         ])
 
 
-def _draw(data, n: int, seed: int):
-    """``n`` pairs drawn at random (all of them when there are not more)."""
-    return data if n >= len(data) else data.split(1 - n / len(data), seed=seed)[0]
-
-
 def run_demo(n_pairs: int = 64, *, seed: int = 0, progress: bool = False) -> DemoReport:
     """Load ``longtail``, measure its head/tail gap and localise the tail margin."""
     from . import organisms
@@ -68,7 +63,7 @@ def run_demo(n_pairs: int = 64, *, seed: int = 0, progress: bool = False) -> Dem
                      "accuracy": scores.accuracy, "mean margin": float(scores.margin.mean())})
     accuracy = pd.DataFrame(rows)
 
-    head, tail = _draw(data.head(), n_pairs, seed), _draw(data.tail(), n_pairs, seed)
+    head, tail = data.head().sample(n_pairs, seed=seed), data.tail().sample(n_pairs, seed=seed)
     lens_head = pair_reward_lens(model, head.chosen_texts, head.rejected_texts, progress=progress)
     lens_tail = pair_reward_lens(model, tail.chosen_texts, tail.rejected_texts, progress=progress)
     lens = pd.DataFrame({"read-out": list(lens_head.chosen.labels),

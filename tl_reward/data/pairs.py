@@ -170,6 +170,13 @@ class PreferenceDataset(Sequence[PreferencePair]):
             replace(self, pairs=tuple(self.pairs[i] for i in test)),
         )
 
+    def sample(self, n: int, *, seed: int = 0) -> "PreferenceDataset":
+        """``n`` pairs drawn at random without replacement (seeded), in their original order;
+        the whole dataset when it has at most ``n`` pairs."""
+        if n < 1:
+            raise InvalidInputError(f"cannot draw {n} pairs; ask for at least 1")
+        return self if n >= len(self) else self.split(1 - n / len(self), seed=seed)[0]
+
     def to_records(self) -> list[dict[str, Any]]:
         """One dict per pair with prompt, chosen, rejected, scenario, tail (round-trips)."""
         out = []
@@ -334,7 +341,7 @@ def load_pairs(source: Any, *, name: str | None = None) -> PreferenceDataset:
     """Preference pairs from any supported source.
 
     ``source`` may be a :class:`PreferenceDataset` (returned as is), a path to a ``.jsonl`` /
-    ``.json`` file, a pandas DataFrame, a Hugging Face ``datasets.Dataset``, or a list of row
+    ``.json`` / ``.csv`` file, a pandas DataFrame, a Hugging Face ``datasets.Dataset``, or a list of row
     dicts.
     """
     if isinstance(source, PreferenceDataset):
@@ -350,6 +357,10 @@ def load_pairs(source: Any, *, name: str | None = None) -> PreferenceDataset:
             if not isinstance(rows, list):
                 raise InvalidInputError(f"{path.name} must hold a JSON list of rows")
             return pairs_from_records(rows, name=path.stem if name is None else name)
+        if path.suffix == ".csv" and path.is_file():
+            import pandas as pd
+
+            return pairs_from_dataframe(pd.read_csv(path), name=path.stem if name is None else name)
         return pairs_from_jsonl(path, name=name)
     if hasattr(source, "iterrows") and hasattr(source, "columns"):
         return pairs_from_dataframe(source, name=name or "")

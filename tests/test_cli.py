@@ -1,0 +1,171 @@
+"""The tl-reward command, through typer's test runner, on the shipped organisms."""
+
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def runner():
+    from typer.testing import CliRunner
+
+    return CliRunner()
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    from tl_reward import organisms
+
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    organisms.dataset("longtail").sample(24, seed=0).to_jsonl(path)
+    return path
+
+
+def invoke(runner, *args):
+    from tl_reward.cli import app
+
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_score_prints_and_writes_the_models_numbers(runner, pairs_file, tmp_path):
+    import pandas as pd
+
+    from tl_reward import organisms
+
+    out = tmp_path / "scores.csv"
+    res = invoke(runner, "score", "longtail", "--pairs", pairs_file, "--out", out, "--batch-size", 5)
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(out)
+    model, _, _ = organisms.load("longtail")
+    data = organisms.dataset("longtail").sample(24, seed=0)
+    expected = model.score_pairs(data.chosen_texts, data.rejected_texts, progress=False)
+    torch.testing.assert_close(torch.tensor(df["margin"].values), expected.margin.double(),
+                               atol=1e-5, rtol=0)
+    assert f"accuracy {expected.accuracy:.1%}" in res.output
+
+
+def test_max_pairs_draws_with_the_seed(runner, pairs_file, tmp_path):
+    import pandas as pd
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for out, seed in ((a, 1), (b, 2)):
+        res = invoke(runner, "score", "longtail", "--pairs", pairs_file, "--max-pairs", 5,
+                     "--seed", seed, "--out", out)
+        assert res.exit_code == 0, res.output
+    da, db = pd.read_json(a), pd.read_json(b)
+    assert len(da) == len(db) == 5 and not da["margin"].equals(db["margin"])
+
+
+def test_lens_last_read_out_is_the_margin(runner, pairs_file, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "lens.csv"
+    res = invoke(runner, "lens", "longtail", "--pairs", pairs_file, "--out", out)
+    assert res.exit_code == 0, res.output
+    lens = pd.read_csv(out)
+    res = invoke(runner, "score", "longtail", "--pairs", pairs_file, "--out", tmp_path / "s.csv")
+    scores = pd.read_csv(tmp_path / "s.csv")
+    assert lens["margin"].iloc[-1] == pytest.approx(scores["margin"].mean(), abs=1e-5)
+    assert lens["pairs_crystallised_here"].sum() == 24
+
+
+def test_patch_matches_the_api(runner, pairs_file, tmp_path):
+    import pandas as pd
+
+    from tl_reward import activation_patch, organisms
+
+    out = tmp_path / "cells.csv"
+    res = invoke(runner, "patch", "longtail", "--pairs", pairs_file, "--max-pairs", 4,
+                 "--hook", "mlp_out", "--per", "layer", "--out", out)
+    assert res.exit_code == 0, res.output
+    data = organisms.dataset("longtail").sample(24, seed=0).sample(4, seed=0)
+    model, _, _ = organisms.load("longtail")
+    api = activation_patch(model, data.chosen_texts, data.rejected_texts, hook="mlp_out",
+                           per="layer", progress=False)
+    df = pd.read_csv(out)
+    assert list(df["cell"]) == list(api.flat()[1])
+    torch.testing.assert_close(torch.tensor(df["mean_effect"].values),
+                               api.mean_effect.double(), atol=1e-5, rtol=0)
+
+
+def test_report_writes_html_and_every_number(runner, pairs_file, tmp_path):
+    res = invoke(runner, "report", "longtail", "--pairs", pairs_file, "--out", tmp_path / "r",
+                 "--patch-pairs", 3)
+    assert res.exit_code == 0, res.output
+    numbers = json.loads((tmp_path / "r" / "report.json").read_text())
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert numbers["scores"]["n_pairs"] == 24 and numbers["patching"]["n_pairs"] == 3
+    margins = torch.tensor(numbers["scores"]["margin"])
+    assert numbers["scores"]["accuracy"] == pytest.approx(float((margins > 0).float().mean()))
+    assert numbers["attribution"]["max_sum_error"] < 1e-4
+    assert numbers["lens"]["mean_margin"][-1] == pytest.approx(float(margins.mean()), abs=1e-5)
+    assert page.count("Plotly.newPlot") == 4 and "cdn" not in page.lower().split("<body>")[1][:2000]
+
+
+def test_demo_command_runs_the_main_job(runner, monkeypatch):
+    # run_demo itself is tested in test_demo.py; here: the command passes its options through
+    import tl_reward.demo
+
+    calls = []
+
+    class Fake:
+        def render(self):
+            return "rendered demo"
+
+    monkeypatch.setattr(tl_reward.demo, "run_demo", lambda n, seed: calls.append((n, seed)) or Fake())
+    res = invoke(runner, "demo", "--pairs", 4, "--seed", 3)
+    assert res.exit_code == 0, res.output
+    assert calls == [(4, 3)] and "rendered demo" in res.output
+    assert invoke(runner, "demo", "--pairs", 1).exit_code == 2  # below the minimum
+
+
+BAD_PAIRS = {
+    "missing_column": ('{"chosen": "query answer good"}\n', "line 1: row 0 has no ['rejected']"),
+    "empty_row": ('{"chosen": "query answer good", "rejected": "query answer w001"}\n'
+                  '{"chosen": "", "rejected": "query answer w001"}\n', "line 2"),
+    "not_json": ("chosen,rejected\n", "line 1 is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PAIRS))
+def test_bad_pairs_file_one_line_error(runner, tmp_path, case):
+    text, message = BAD_PAIRS[case]
+    path = tmp_path / "bad.jsonl"
+    path.write_text(text)
+    res = invoke(runner, "score", "longtail", "--pairs", path)
+    assert res.exit_code == 1
+    assert message in res.output and "Traceback" not in res.output
+    assert res.output.startswith("error: ") and res.output.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def causal(tmp_path_factory):
+    """A saved causal LM: a model with no score head."""
+    import transformers as T
+
+    path = tmp_path_factory.mktemp("causal")
+    config = T.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=1, num_attention_heads=2)
+    T.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("args,message", [
+    (["score", "{missing}", "--pairs", "{pairs}"], "neither a local save_pretrained directory"),
+    (["score", "gpt2", "--pairs", "{pairs}"], "never downloads from a hub"),
+    (["score", "{causal_lm}", "--pairs", "{pairs}"], "not a *ForSequenceClassification"),
+    (["score", "longtail", "--pairs", "{missing}"], "does not exist"),
+    (["report", "longtail", "--pairs", "{pairs}", "--out", "{unwritable}"], "cannot write to"),
+    (["score", "longtail", "--pairs", "{pairs}", "--out", "{tmp}/x.txt"], "must end in .csv or .json"),
+    (["patch", "longtail", "--pairs", "{pairs}", "--hook", "zz"], "Did you mean 'z'?"),
+])
+def test_bad_inputs_one_line_error(runner, pairs_file, causal, tmp_path, args, message):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    fill = {"missing": tmp_path / "nope", "pairs": pairs_file, "causal_lm": causal,
+            "unwritable": blocker / "sub", "tmp": tmp_path}
+    res = invoke(runner, *[a.format(**fill) for a in args])
+    assert res.exit_code == 1, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert res.output.startswith("error: ") and res.output.count("\n") == 1

@@ -1,0 +1,270 @@
+"""The ``tl-reward`` command: a thin layer over the public API.
+
+    tl-reward demo
+    tl-reward score  MODEL --pairs pairs.jsonl [--out scores.csv]
+    tl-reward lens   MODEL --pairs pairs.jsonl [--norm recomputed] [--out lens.json]
+    tl-reward patch  MODEL --pairs pairs.jsonl [--hook z --per head --mode denoise] [--out cells.csv]
+    tl-reward report MODEL --pairs pairs.jsonl --out report/
+
+MODEL is a ``save_pretrained`` directory or the name of a shipped organism (``longtail``,
+``planted``). Pairs files are JSONL, JSON or CSV with ``chosen``/``rejected`` (and optionally
+``prompt``) columns. A bad input prints one line to stderr and exits with status 1.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+app = typer.Typer(
+    name="tl-reward", help="Mechanistic interpretability of reward models.", no_args_is_help=True,
+    add_completion=False, pretty_exceptions_enable=False,
+)
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class Norm(str, Enum):
+    cached = "cached"
+    recomputed = "recomputed"
+
+
+ModelArg = Annotated[str, typer.Argument(
+    help="A save_pretrained directory of a *ForSequenceClassification model, or an organism name.")]
+PairsOpt = Annotated[Path, typer.Option("--pairs", help="JSONL / JSON / CSV of preference pairs.")]
+OutOpt = Annotated[Path | None, typer.Option(
+    "--out", help="Write the table here (.csv or .json).")]
+DeviceOpt = Annotated[str | None, typer.Option(help="torch device, e.g. cpu or cuda (default: cpu).")]
+DTypeOpt = Annotated[DType, typer.Option(help="Weights and activations dtype.")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="Sequences per forward.")]
+MaxPairsOpt = Annotated[int | None, typer.Option(min=1, help="Use at most this many pairs (drawn with --seed).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the pair draw and of torch.")]
+ObjectiveOpt = Annotated[int | None, typer.Option(
+    help="Objective index of a multi-objective head.")]
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the library's deliberate errors into one line and exit status 1, no traceback."""
+    from .errors import TLRewardError
+
+    try:
+        yield
+    except TLRewardError as err:
+        _fail(str(err.args[0]) if err.args else type(err).__name__)  # KeyError's str() adds quotes
+
+
+def _writable(path: Path, *, directory: bool) -> Path:
+    """Check before any work that ``path`` (a directory, or a file's directory) can be written."""
+    folder = path if directory else path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".tl_reward_write_check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        _fail(f"cannot write to {str(folder)!r}: {err.strerror or err}; choose another --out")
+    return path
+
+
+def _table_out(out: Path | None) -> Path | None:
+    if out is None:
+        return None
+    if out.suffix not in (".csv", ".json"):
+        _fail(f"--out {str(out)!r} must end in .csv or .json")
+    return _writable(out, directory=False)
+
+
+def _save_table(df: Any, out: Path | None) -> None:
+    if out is None:
+        return
+    if out.suffix == ".csv":
+        df.to_csv(out, index=False)
+    else:
+        df.to_json(out, orient="records", indent=2)
+    typer.echo(f"wrote {out}", err=True)
+
+
+def _setup(seed: int) -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _model(source: str, device: str | None, dtype: DType, objective: int | None):
+    import torch
+
+    from . import organisms
+    from .loading import load_reward_model
+
+    kwargs = {"device": device, "dtype": getattr(torch, dtype.value)}
+    if Path(source).exists():
+        model = load_reward_model(source, **kwargs)
+    elif source in organisms.available():
+        model = load_reward_model(organisms.path(source), **kwargs)
+    else:
+        _fail(f"model {source!r} is neither a local save_pretrained directory nor a shipped "
+              f"organism ({', '.join(organisms.available())}); tl_reward never downloads from a hub")
+    if objective is not None:
+        model.set_objective(objective)
+    return model
+
+
+def _pairs(path: Path, max_pairs: int | None, seed: int):
+    from .data.pairs import load_pairs
+    from .errors import InvalidInputError
+
+    if not path.is_file():
+        raise InvalidInputError(f"pairs file {str(path)!r} does not exist")
+    pairs = load_pairs(path)
+    return pairs if max_pairs is None else pairs.sample(max_pairs, seed=seed)
+
+
+@app.command()
+def demo(
+    pairs: Annotated[int, typer.Option(min=2, help="Head and tail pairs analysed.")] = 64,
+    seed: SeedOpt = 0,
+) -> None:
+    """The README's main job: the longtail organism's tail gap, lens, attribution and patching."""
+    from .demo import run_demo
+
+    _setup(seed)
+    with _user_errors():
+        typer.echo(run_demo(pairs, seed=seed).render())
+
+
+@app.command()
+def score(
+    model: ModelArg, pairs: PairsOpt, out: OutOpt = None, device: DeviceOpt = None,
+    dtype: DTypeOpt = DType.float32, batch_size: BatchOpt = 16, max_pairs: MaxPairsOpt = None,
+    seed: SeedOpt = 0, objective: ObjectiveOpt = None,
+) -> None:
+    """Score preference pairs: accuracy, margins, one row per pair."""
+    out = _table_out(out)
+    _setup(seed)
+    with _user_errors():
+        rm, data = _model(model, device, dtype, objective), _pairs(pairs, max_pairs, seed)
+        scores = rm.score_pairs(data.chosen_texts, data.rejected_texts, batch_size=batch_size)
+        df = scores.to_dataframe()
+        df.insert(0, "scenario", list(data.scenarios))
+        if scores.margin.ndim == 1:
+            typer.echo(f"{len(data)} pairs, accuracy {scores.accuracy:.1%}, "
+                       f"mean margin {float(scores.margin.mean()):+.4f}")
+            by = df.assign(correct=df["margin"] > 0).groupby("scenario", sort=False)
+            typer.echo(by.agg(pairs=("margin", "size"), accuracy=("correct", "mean"),
+                              mean_margin=("margin", "mean")).to_string())
+        else:
+            typer.echo(df.describe().to_string())
+        _save_table(df, out)
+
+
+@app.command()
+def lens(
+    model: ModelArg, pairs: PairsOpt, norm: Annotated[Norm, typer.Option(help="Lens normalisation.")] = Norm.cached,
+    out: OutOpt = None, device: DeviceOpt = None, dtype: DTypeOpt = DType.float32,
+    batch_size: BatchOpt = 16, max_pairs: MaxPairsOpt = None, seed: SeedOpt = 0,
+    objective: ObjectiveOpt = None,
+) -> None:
+    """Reward lens of the pairs: mean chosen, rejected and margin after each layer."""
+    import pandas as pd
+
+    from .lens import pair_reward_lens
+
+    out = _table_out(out)
+    _setup(seed)
+    with _user_errors():
+        rm, data = _model(model, device, dtype, objective), _pairs(pairs, max_pairs, seed)
+        res = pair_reward_lens(rm, data.chosen_texts, data.rejected_texts, norm=norm.value,
+                               batch_size=batch_size)
+        if res.margins.ndim != 2:
+            _fail("the lens table needs a scalar reward; pass --objective")
+        crystal = res.crystallisation_layer(0.9)
+        df = pd.DataFrame({"read_out": list(res.chosen.labels),
+                           "chosen": res.chosen.rewards.mean(1).numpy(),
+                           "rejected": res.rejected.rewards.mean(1).numpy(),
+                           "margin": res.margins.mean(1).numpy(),
+                           "pairs_crystallised_here": [int((crystal == i).sum())
+                                                       for i in range(len(res.chosen.labels))]})
+        typer.echo(f"reward lens (norm={norm.value}), mean over {len(data)} pairs")
+        typer.echo(df.to_string(index=False))
+        _save_table(df, out)
+
+
+@app.command()
+def patch(
+    model: ModelArg, pairs: PairsOpt,
+    hook: Annotated[str, typer.Option(help="resid_pre, attn_out, mlp_out, z, q, k, v, pattern, mlp_post, ...")] = "z",
+    per: Annotated[str, typer.Option(help="layer, layer_pos, head, head_pos or neuron.")] = "head",
+    mode: Annotated[str, typer.Option(help="denoise, noise, zero or mean.")] = "denoise",
+    top: Annotated[int, typer.Option(min=1, help="Cells shown.")] = 10,
+    out: OutOpt = None, device: DeviceOpt = None, dtype: DTypeOpt = DType.float32,
+    batch_size: BatchOpt = 64, max_pairs: MaxPairsOpt = 16, seed: SeedOpt = 0,
+    objective: ObjectiveOpt = None,
+) -> None:
+    """Exact activation patching, chosen = clean, rejected = corrupt: the cells with most effect."""
+    import pandas as pd
+
+    from .patching import activation_patch
+
+    out = _table_out(out)
+    _setup(seed)
+    with _user_errors():
+        rm, data = _model(model, device, dtype, objective), _pairs(pairs, max_pairs, seed)
+        res = activation_patch(rm, data.chosen_texts, data.rejected_texts, hook=hook, per=per,
+                               mode=mode, max_rows=batch_size)
+        values, names = res.flat()
+        df = pd.DataFrame({"cell": list(names), "mean_effect": values.nanmean(-1).numpy(),
+                           "mean_normalized": res.normalized.reshape(len(names), -1).nanmean(-1).numpy()})
+        shown = df.reindex(df["mean_effect"].abs().sort_values(ascending=False).index).head(top)
+        s = res.stats
+        typer.echo(f"{mode} patching of {hook} per {per} on {len(data)} pairs: {len(names)} cells, "
+                   f"{s.n_forwards} forwards, {s.seconds:.2f} s")
+        typer.echo(shown.to_string(index=False))
+        _save_table(df, out)
+
+
+@app.command()
+def report(
+    model: ModelArg, pairs: PairsOpt,
+    out: Annotated[Path, typer.Option("--out", help="Folder for report.html and report.json.")] = Path("tl_reward_report"),
+    patch_pairs: Annotated[int, typer.Option(min=1, help="Pairs used for exact head patching.")] = 8,
+    device: DeviceOpt = None, dtype: DTypeOpt = DType.float32, batch_size: BatchOpt = 16,
+    max_pairs: MaxPairsOpt = None, seed: SeedOpt = 0, objective: ObjectiveOpt = None,
+) -> None:
+    """One self-contained HTML page (scores, lens, attribution, patching) and a JSON of every number."""
+    from .report import build_report
+
+    _writable(out, directory=True)
+    _setup(seed)
+    with _user_errors():
+        rm, data = _model(model, device, dtype, objective), _pairs(pairs, max_pairs, seed)
+        rep = build_report(rm, data, patch_pairs=patch_pairs, batch_size=batch_size,
+                           title=f"tl_reward report: {model} on {pairs.name}")
+        page, numbers = rep.write(out)
+        s = rep.numbers["scores"]
+        typer.echo(f"{s['n_pairs']} pairs, accuracy {s['accuracy']:.1%}, "
+                   f"mean margin {s['mean_margin']:+.4f}")
+        typer.echo(f"wrote {page} and {numbers}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

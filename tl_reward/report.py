@@ -1,0 +1,173 @@
+"""A one-page audit of a reward model on a set of preference pairs: HTML with figures, plus JSON.
+
+:func:`build_report` runs the public tools (scores, reward lens, direct attribution, exact head
+patching) and :meth:`Report.write` saves ``report.html`` (self-contained: plotly's JavaScript is
+inlined, nothing is fetched when it opens) and ``report.json`` (every number in the page).
+"""
+
+import html
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .attribution import pair_reward_attribution
+from .data.pairs import PreferenceDataset
+from .errors import InvalidInputError, ObjectiveError
+from .lens import pair_reward_lens
+from .model import HookedRewardModel
+from .patching import activation_patch
+
+
+@dataclass(frozen=True)
+class Report:
+    """Every number of the report (``numbers``, JSON-ready) and its plotly figures."""
+
+    title: str
+    numbers: dict[str, Any]
+    figures: dict[str, Any] = field(repr=False)
+
+    def to_html(self) -> str:
+        """A self-contained page: tables of the headline numbers and every figure."""
+        parts = [f"<h1>{html.escape(self.title)}</h1>", _summary_table(self.numbers)]
+        for i, (name, fig) in enumerate(self.figures.items()):
+            parts.append(f"<h2>{html.escape(name)}</h2>")
+            parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False,
+                                     div_id=f"figure-{i}"))
+        style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+                 "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}")
+        return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}"
+                f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
+
+    def write(self, out_dir: str | Path) -> tuple[Path, Path]:
+        """Write ``report.html`` and ``report.json`` into ``out_dir``; returns both paths."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        page, data = out / "report.html", out / "report.json"
+        page.write_text(self.to_html(), encoding="utf-8")
+        data.write_text(json.dumps(self.numbers, indent=2), encoding="utf-8")
+        return page, data
+
+
+def _summary_table(numbers: dict[str, Any]) -> str:
+    s = numbers["scores"]
+    rows = [("pairs", s["n_pairs"]), ("pairwise accuracy", f"{s['accuracy']:.1%}"),
+            ("mean margin", f"{s['mean_margin']:+.4f}")]
+    rows += [(f"accuracy: {k}", f"{v['accuracy']:.1%} ({v['pairs']} pairs)")
+             for k, v in s["by_scenario"].items()]
+    rows.append(("lens: median crystallisation read-out (90% of the final margin)",
+                 numbers["lens"]["median_crystallisation"]))
+    rows += [(f"top head by direct attribution #{i + 1}", f"{r['component']} ({r['mean']:+.4f})")
+             for i, r in enumerate(numbers["attribution"]["top"][:3])]
+    rows += [(f"top head by patching #{i + 1}", f"{r['head']} ({r['mean_effect']:+.4f})")
+             for i, r in enumerate(numbers["patching"]["top"][:3])]
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _floats(x: torch.Tensor) -> list:
+    return x.detach().cpu().tolist()
+
+
+def build_report(
+    model: HookedRewardModel,
+    pairs: PreferenceDataset,
+    *,
+    patch_pairs: int = 8,
+    batch_size: int = 16,
+    title: str = "tl_reward report",
+    progress: bool = True,
+) -> Report:
+    """Score ``pairs`` and localise their margins: lens, head attribution, head patching.
+
+    Patching (exact, denoising every head from chosen into rejected) runs on the first
+    ``patch_pairs`` pairs; everything else on all of them.
+    """
+    if not model.is_scalar:
+        raise ObjectiveError(
+            f"the report needs a scalar reward; this head has {model.n_rewards} objectives: "
+            "choose one with model.set_objective(...) (CLI: --objective)"
+        )
+    if len(pairs) == 0:
+        raise InvalidInputError("the report got no preference pairs")
+    if patch_pairs < 1:
+        raise InvalidInputError(f"patch_pairs must be >= 1, got {patch_pairs}")
+    chosen, rejected = pairs.chosen_texts, pairs.rejected_texts
+    steps = tqdm(total=4, desc="report", disable=not progress, leave=False)
+    start = time.perf_counter()
+
+    scores = model.score_pairs(chosen, rejected, batch_size=batch_size, progress=False)
+    correct = scores.margin > 0
+    scen = pairs.scenarios
+    by_scenario = {}
+    for s, n in pairs.scenario_counts().items():
+        keep = torch.tensor([x == s for x in scen])
+        by_scenario[s] = {"pairs": n, "accuracy": float(correct[keep].float().mean()),
+                          "mean_margin": float(scores.margin[keep].mean())}
+    steps.update()
+
+    lens = pair_reward_lens(model, chosen, rejected, batch_size=batch_size, progress=False)
+    labels = list(lens.chosen.labels)
+    crystal = lens.crystallisation_layer(0.9)
+    steps.update()
+
+    attr = pair_reward_attribution(model, chosen, rejected, level="head", batch_size=batch_size,
+                                   progress=False)
+    top_attr = attr.top(10)
+    steps.update()
+
+    n_patch = min(patch_pairs, len(pairs))
+    patch = activation_patch(model, chosen[:n_patch], rejected[:n_patch], hook="z", per="head",
+                             mode="denoise", progress=False)
+    effect, names = patch.mean_effect.flatten(), patch.flat()[1]
+    order = effect.abs().argsort(descending=True)[:10].tolist()
+    steps.update()
+    steps.close()
+
+    numbers = {
+        "model": {"n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model,
+                  "n_heads": model.cfg.n_heads, "n_params": sum(p.numel() for p in model.parameters())},
+        "scores": {"n_pairs": len(pairs), "accuracy": scores.accuracy,
+                   "mean_margin": float(scores.margin.mean()), "by_scenario": by_scenario,
+                   "chosen": _floats(scores.chosen), "rejected": _floats(scores.rejected),
+                   "margin": _floats(scores.margin)},
+        "lens": {"read_outs": labels, "mean_margin": _floats(lens.margins.mean(1)),
+                 "crystallisation": [labels[i] for i in crystal.tolist()],
+                 "median_crystallisation": labels[int(crystal.median())]},
+        "attribution": {"level": "head", "labels": list(attr.labels),
+                        "mean": _floats(attr.values.mean(1)),
+                        "max_sum_error": float((attr.values.sum(0) - attr.total).abs().max()),
+                        "top": top_attr.to_dict(orient="records")},
+        "patching": {"hook": "z", "per": "head", "mode": "denoise", "n_pairs": n_patch,
+                     "cells": list(names), "mean_effect": _floats(effect),
+                     "mean_normalized": _floats(patch.mean_normalized.flatten()),
+                     "top": [{"head": names[i], "mean_effect": float(effect[i])} for i in order],
+                     "forwards": patch.stats.n_forwards, "seconds": patch.stats.seconds},
+        "seconds": time.perf_counter() - start,
+    }
+    figures = {
+        "Margins": _margin_histogram(scores.margin, scen),
+        "Reward lens: mean margin after each layer": _lens_figure(labels, lens.margins.mean(1)),
+        "Direct attribution of the margin per head": attr.plot(),
+        f"Exact head patching on {n_patch} pairs (fraction of the margin restored)": patch.plot(),
+    }
+    return Report(title=title, numbers=numbers, figures=figures)
+
+
+def _margin_histogram(margin: torch.Tensor, scenarios: tuple[str, ...]):
+    import plotly.express as px
+
+    return px.histogram(x=_floats(margin), color=list(scenarios), nbins=40, barmode="overlay",
+                        labels={"x": "margin (chosen - rejected)", "color": "scenario"})
+
+
+def _lens_figure(labels: list[str], margins: torch.Tensor):
+    import plotly.express as px
+
+    return px.line(x=labels, y=_floats(margins), markers=True,
+                   labels={"x": "read-out point", "y": "mean margin"})
