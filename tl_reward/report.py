@@ -61,7 +61,7 @@ def _summary_table(numbers: dict[str, Any]) -> str:
              for k, v in s["by_scenario"].items()]
     rows.append(("lens: median crystallisation read-out (90% of the final margin)",
                  numbers["lens"]["median_crystallisation"]))
-    rows += [(f"top head by direct attribution #{i + 1}", f"{r['component']} ({r['mean']:+.4f})")
+    rows += [(f"top component by direct attribution #{i + 1}", f"{r['component']} ({r['mean']:+.4f})")
              for i, r in enumerate(numbers["attribution"]["top"][:3])]
     rows += [(f"top head by patching #{i + 1}", f"{r['head']} ({r['mean_effect']:+.4f})")
              for i, r in enumerate(numbers["patching"]["top"][:3])]
