@@ -154,9 +154,11 @@ class TensorReservoir:
         return self._rows[: min(self.seen, self.capacity)]
 
 
-TextSource = Sequence[Any] | Callable[[], Iterable[Any]]
+TextSource = Sequence[Any] | Callable[[], Iterable[Any]] | Iterable[Any]
 """Texts to stream: a sequence (read as often as needed) or a zero-argument callable returning a
-fresh iterable each time it is called (a generator function, for data that is not in memory)."""
+fresh iterable each time it is called (a generator function, for data that is not in memory).
+A one-shot iterator (a generator object) is refused with an error that says how to wrap it: the
+pipeline reads its sources more than once."""
 
 
 def open_source(source: TextSource, name: str) -> Iterator[Any]:

@@ -98,7 +98,7 @@ class Circuit:
     """A set of units with its activation ``a_c(x)``: the ``aggregate`` of the units' activations
     read at ``position`` (both recorded). ``name`` defaults to the unit labels joined by ``+``."""
 
-    units: tuple[Unit, ...]
+    units: Sequence[Unit | str]
     aggregate: str = "mean"
     position: str = "pooled"
     name: str = field(default="")
@@ -265,6 +265,7 @@ def read_units(
     choose("position", position, POSITIONS)
     if not units:
         raise InvalidInputError("no units to read")
+    check_units(model, units, saes)
     pool_index = model.pooled_index(tokens, attention_mask)
     groups = _by_hook(units)
     store: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
