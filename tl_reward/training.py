@@ -5,7 +5,9 @@ model alike, on CPU, seeded. Built to be extended (CART training builds on it):
 
 - ``sample_weights``: one weight per pair, multiplying its loss terms;
 - ``extra_losses``: named callables ``term(batch: TrainBatch) -> scalar tensor`` added to the
-  loss at every step, with the rewards, tokens and pair indices of the batch in hand.
+  loss at every step, with the rewards, tokens and pair indices of the batch in hand. A term with
+  a ``hooks`` attribute (TransformerLens hook names) finds those activations of the training
+  forward, with their graph, in ``batch.activations`` (HookedRewardModel only).
 
 The loss at a step is ``bradley_terry_loss(margins, w) + mse_weight * weighted MSE(rewards, gold)
 + sum(extra_losses)``.
@@ -46,6 +48,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float | None = 1.0
     mse_weight: float = 0.0
+    label_smoothing: float = 0.0
     seed: int = 0
     progress: bool = True
 
@@ -55,6 +58,10 @@ class TrainConfig:
                 raise InvalidInputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise InvalidInputError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise InvalidInputError(
+                f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}"
+            )
         if self.mse_weight < 0:
             raise InvalidInputError(f"mse_weight must be >= 0, got {self.mse_weight}")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -80,6 +87,7 @@ class TrainBatch:
     weights: Float[Tensor, "pair"]
     tokens: Int[Tensor, "batch pos"]
     mask: Int[Tensor, "batch pos"]
+    activations: Mapping[str, Tensor] = field(default_factory=dict)
 
     @property
     def margins(self) -> Float[Tensor, "pair"]:
@@ -119,10 +127,16 @@ class TrainResult:
 
 
 def bradley_terry_loss(
-    margins: Float[Tensor, "pair"], weights: Float[Tensor, "pair"] | None = None
+    margins: Float[Tensor, "pair"], weights: Float[Tensor, "pair"] | None = None,
+    smoothing: float = 0.0,
 ) -> Float[Tensor, ""]:
-    """``-log sigmoid(r_chosen - r_rejected)``, averaged with ``weights`` (sum-normalised)."""
+    """``-log sigmoid(r_chosen - r_rejected)``, averaged with ``weights`` (sum-normalised).
+
+    With ``smoothing = e`` the label is soft: ``-(1 - e) log sigmoid(m) - e log sigmoid(-m)``.
+    """
     loss = -F.logsigmoid(margins)
+    if smoothing:
+        loss = (1 - smoothing) * loss - smoothing * F.logsigmoid(-margins)
     if weights is None:
         return loss.mean()
     return (loss * weights).sum() / weights.sum().clamp_min(1e-12)
@@ -167,10 +181,19 @@ def _pad(ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Ten
     return tokens.to(device), mask.to(device)
 
 
-def rewards_of(model: Any, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch"]:
-    """Scalar reward of each row, from a HookedRewardModel or an HF reward model."""
+def rewards_of(model: Any, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"],
+               capture: dict[str, Any] | None = None) -> Float[Tensor, "batch"]:
+    """Scalar reward of each row, from a HookedRewardModel or an HF reward model.
+
+    ``capture`` (HookedRewardModel only): a dict whose keys are hook names; the forward fills in
+    their activations, graph kept.
+    """
     if isinstance(model, HookedRewardModel):
-        out = model(tokens, attention_mask=mask)
+        def store(act, hook):
+            capture[hook.name] = act
+
+        hooks = [(name, store) for name in capture] if capture else []
+        out = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks)
         if out.ndim != 1:
             raise ObjectiveError(
                 "training needs a scalar reward; choose an objective with model.set_objective()"
@@ -279,6 +302,11 @@ def train_reward_model(
             raise InvalidInputError(
                 f"sample_weights must be finite and >= 0; pair {bad} has {float(weights[bad])}"
             )
+    hooks = sorted({h for term in extra_losses.values() for h in getattr(term, "hooks", ())})
+    if hooks and not isinstance(model, HookedRewardModel):
+        raise InvalidInputError(
+            f"extra losses read hooks {hooks}: train a HookedRewardModel (tl_reward.load_reward_model)"
+        )
     if config.mse_weight > 0 and gold is None:
         raise InvalidInputError("mse_weight > 0 needs gold= (a function texts -> true rewards)")
 
@@ -328,11 +356,12 @@ def train_reward_model(
             cursor += config.batch_size
             rows = [chosen_ids[i] for i in idx.tolist()] + [rejected_ids[i] for i in idx.tolist()]
             tokens, mask = _pad(rows, pad_id, device)
-            rewards = rewards_of(model, tokens, mask).float()
+            acts = dict.fromkeys(hooks)
+            rewards = rewards_of(model, tokens, mask, acts).float()
             k = len(idx)
             r_c, r_r = rewards[:k], rewards[k:]
             w = weights[idx].to(rewards.device)
-            parts = {"bt": bradley_terry_loss(r_c - r_r, w)}
+            parts = {"bt": bradley_terry_loss(r_c - r_r, w, config.label_smoothing)}
             if config.mse_weight > 0:
                 target = torch.cat([gold_c[idx], gold_r[idx]]).to(rewards.device)
                 err = (rewards - target) ** 2
@@ -340,7 +369,8 @@ def train_reward_model(
                 parts["mse"] = (err * ww).sum() / ww.sum().clamp_min(1e-12)
             if extra_losses:
                 batch = TrainBatch(model=model, step=step, pair_index=idx, chosen=r_c,
-                                   rejected=r_r, weights=w, tokens=tokens, mask=mask)
+                                   rejected=r_r, weights=w, tokens=tokens, mask=mask,
+                                   activations=acts)
                 for name, term in extra_losses.items():
                     value = term(batch)
                     if not isinstance(value, Tensor) or value.numel() != 1:

@@ -253,6 +253,25 @@ class LongTailTask:
             metadata={"task": task, "seed": seed, "flipped": tuple(flipped)},
         )
 
+    def sample_responses(self, n: int, *, seed: int = 0) -> list[str]:
+        """``n`` responses a policy might write, independent of any prompt (for best-of-n): 0 to
+        ``max_quality`` quality words, 0 to 2 key words of any of the task's scenarios, Zipf
+        filler; deterministic given ``seed``. Join with a prompt as ``prompt + " " + response``."""
+        if n < 1:
+            raise InvalidInputError(f"n must be >= 1, got {n}")
+        rng = random.Random(seed)
+        cum = torch.tensor(self.filler_probabilities.tolist(), dtype=torch.float64).cumsum(0).tolist()
+
+        def filler(k):
+            return rng.choices(self.filler_words, cum_weights=cum, k=k)
+
+        return [
+            self._response(rng, rng.randint(0, self.max_quality),
+                           [rng.choice(self.key_words) for _ in range(rng.randint(0, MAX_KEYS))],
+                           filler)
+            for _ in range(n)
+        ]
+
     def _response(self, rng: random.Random, n_quality: int, keys: list[str], filler) -> str:
         words = [rng.choice(QUALITY_WORDS) for _ in range(n_quality)] + list(keys)
         words += filler(self.response_len - len(words))
