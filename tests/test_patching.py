@@ -52,6 +52,20 @@ def test_kv_reuse_changes_nothing_with_ragged_left_padding(use_kv_cache):
         model, clean, corrupt, hook="z", per="head_pos", use_kv_cache=False, **kw).stats.flops
 
 
+def test_cells_at_different_positions_share_a_forward_exactly():
+    """A forward starts at the earliest position it patches: one row per forward (each starting
+    at its own position) and many rows per forward give the same effects."""
+    model = load_reward_model(make_hf_model("qwen2", gqa=True))
+    clean, c_mask = pad_batch(ragged_sequences(seed=3), "left")
+    corrupt, r_mask = pad_batch(ragged_sequences(seed=4), "right")
+    kw = dict(hook="resid_pre", per="layer_pos", clean_mask=c_mask, corrupt_mask=r_mask, progress=False)
+    alone = activation_patch(model, clean, corrupt, max_rows=1, **kw)
+    shared = activation_patch(model, clean, corrupt, max_rows=64, **kw)
+    torch.testing.assert_close(shared.effects, alone.effects, atol=1e-5, rtol=0, equal_nan=True)
+    assert alone.stats.n_forwards == alone.stats.n_rows
+    assert shared.stats.n_forwards <= -(-shared.stats.n_rows // 64) * model.cfg.n_layers
+
+
 def test_align_end_patches_the_scoring_token_for_different_lengths():
     """The peer library left-aligns, so the scoring token of the longer sequence is never patched."""
     model = load_reward_model(make_hf_model("llama"))

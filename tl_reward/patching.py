@@ -10,8 +10,10 @@ How a grid is computed (every number exact, no approximation):
 - a patch at position ``p`` cannot change positions before ``p`` (causal attention), so those
   positions are not recomputed: their keys and values come from the cached run through
   TransformerLens's key-value cache, and only positions ``>= p`` are run;
-- many cells (pairs x positions x heads ...) go into one forward as rows of a batch, chunked to
-  bound memory; patches after the scoring token have an effect of exactly 0 and are not run.
+- many cells (pairs x positions x heads ...) go into one forward as rows of a batch, at most
+  ``max_rows`` to bound memory, sorted by patched position: a forward starts at the earliest
+  position it patches, so cells at nearby positions share a forward instead of each paying for
+  one; patches after the scoring token have an effect of exactly 0 and are not run.
 """
 
 import time
@@ -387,23 +389,22 @@ def activation_patch(
                           relative=isinstance(positions, str))
         view = effects[li].reshape(n_units_axis, len(rel_t), n_pairs)
         view[rows.zero_unit, rows.zero_pos, rows.zero_pair] = 0.0  # after the scoring token
+        # rows sorted by patched position, max_rows to a forward; each forward starts at its
+        # first row's position (every row of it patches there or later)
         start_of = rows.pos if (with_pos and use_kv_cache) else torch.zeros_like(rows.pos)
         order = torch.argsort(start_of, stable=True)
-        starts, counts = torch.unique_consecutive(start_of[order], return_counts=True)
-        offset = 0
-        for start, count in zip(starts.tolist(), counts.tolist(), strict=True):
-            for lo in range(offset, offset + count, max_rows):
-                sel = order[lo : min(lo + max_rows, offset + count)]
-                out = _patched_forward(
-                    model, target, replacements[layer], layer, hook_name, kind, start,
-                    rows.pair[sel], rows.unit[sel] if unit_axis else None,
-                    rows.pos[sel] if with_pos else None, pos_map,
-                )
-                view[rows.unit[sel], rows.rel[sel], rows.pair[sel]] = out - target.reward[rows.pair[sel]]
-                n_forwards += 1
-                n_rows += len(sel)
-                flops += len(sel) * (cfg.n_layers - layer) * _layer_flops(model, n_t - start, n_t)
-            offset += count
+        for lo in range(0, len(order), max_rows):
+            sel = order[lo : lo + max_rows]
+            start = int(start_of[sel[0]])
+            out = _patched_forward(
+                model, target, replacements[layer], layer, hook_name, kind, start,
+                rows.pair[sel], rows.unit[sel] if unit_axis else None,
+                rows.pos[sel] if with_pos else None, pos_map,
+            )
+            view[rows.unit[sel], rows.rel[sel], rows.pair[sel]] = out - target.reward[rows.pair[sel]]
+            n_forwards += 1
+            n_rows += len(sel)
+            flops += len(sel) * (cfg.n_layers - layer) * _layer_flops(model, n_t - start, n_t)
         effects[li] = view.reshape(effects[li].shape)
 
     clean_r = clean_run.reward
