@@ -225,7 +225,7 @@ def assess(
         raise InvalidInputError(f"max_samples must be >= 2, got {max_samples}")
 
     res = Reservoir(max_samples, seed=seed)
-    for batch in chunks(open_source(tail, "tail"), 1024):
+    for batch in chunks(open_source(tail, "tail"), 256):
         res.add(batch)
     tail_s = res.items
     head_s = _sample_texts(head, max_samples, seed + 1, "head")

@@ -17,7 +17,8 @@ sources (tail and head inputs):
    units join while the mean pairwise coherence of the merged group is at least
    ``coherence_threshold``; a unit coherent with no other is a one-unit circuit.
 4. **Causal validation** (:func:`validate_circuits`): each circuit is ablated (set to its mean
-   over head inputs, or zero) on a sample of tail and head inputs through TransformerLens hooks;
+   over head inputs, or zero) on uniform samples of at most ``max_validation`` tail and head
+   inputs (reservoirs filled by the second pass) through TransformerLens hooks;
    the per-input reward changes are tested with the Wilcoxon signed-rank test (tail effect != 0)
    and the Mann-Whitney U test (tail effect != head effect), each corrected for multiple
    comparisons across circuits (Benjamini-Hochberg by default).
@@ -93,7 +94,7 @@ def _progress(source: TextSource, batch_size: int, desc: str, progress: bool):
 def _sample_texts(source: TextSource, n: int, seed: int, name: str) -> list[Any]:
     """A uniform sample of at most ``n`` texts of a source (all of them when it is smaller)."""
     res = Reservoir(n, seed=seed)
-    for batch in chunks(open_source(source, name), 1024):
+    for batch in chunks(open_source(source, name), 256):
         res.add(batch)
     if not res.items:
         raise InvalidInputError(f"{name} gave no texts")
@@ -201,14 +202,18 @@ class UnitStatistics:
 
 
 def _stream_moments(model, source, units, position, saes, batch_size, name, progress,
-                    *, raw=False, track_cov=False, reservoir: int | None = None, seed=0):
-    """One pass: moments of the units' scalar activations (and a raw mean / a row reservoir)."""
+                    *, raw=False, track_cov=False, reservoir: int | None = None, seed=0,
+                    texts: Reservoir | None = None):
+    """One pass: moments of the units' scalar activations (and a raw mean, a row reservoir, a
+    text reservoir)."""
     moments = RunningMoments(len(units), track_cov=track_cov)
     raw_mean = RunningMean() if raw else None
     rows = TensorReservoir(reservoir, len(units), seed=seed) if reservoir else None
     bar = _progress(source, batch_size, f"streaming {name}", progress)
     with torch.no_grad():
-        for _, tokens, mask in bar(iter_batches(model, source, batch_size, name)):
+        for batch, tokens, mask in bar(iter_batches(model, source, batch_size, name)):
+            if texts is not None:
+                texts.add(batch)
             scal, rawv = read_units(model, tokens, mask, units, position=position, saes=saes,
                                     raw=raw)
             moments.update(scal)
@@ -595,16 +600,20 @@ def discover(
         raise InvalidInputError(f"top_k must be >= 1, got {top_k}")
     if max_samples < 2:
         raise InvalidInputError(f"max_samples must be >= 2, got {max_samples}")
+    if max_validation < 2:
+        raise InvalidInputError(f"max_validation must be >= 2, got {max_validation}")
     stats = activation_statistics(model, tail, head, units=units, position=position, saes=saes,
                                   batch_size=batch_size, progress=progress)
     candidates = stats.top(top_k, rank_by)
     logger.info("discovery candidates: %s", [u.label for u in candidates])
     sample = None if estimator == "gaussian" else max_samples
+    tail_texts, head_texts = Reservoir(max_validation, seed), Reservoir(max_validation, seed + 1)
     mt, _, rt = _stream_moments(model, tail, candidates, position, saes, batch_size, "tail",
-                                progress, track_cov=True, reservoir=sample, seed=seed)
+                                progress, track_cov=True, reservoir=sample, seed=seed,
+                                texts=tail_texts)
     mh, raw_h, rh = _stream_moments(model, head, candidates, position, saes, batch_size, "head",
                                     progress, raw=True, track_cov=True, reservoir=sample,
-                                    seed=seed + 1)
+                                    seed=seed + 1, texts=head_texts)
     if len(candidates) == 1:
         nan = torch.full((1, 1), float("nan"), dtype=torch.float64)
         mi_t, mi_h = nan, nan.clone()
@@ -620,10 +629,10 @@ def discover(
     widths = [model.cfg.d_head if u.kind == "head" else 1 for u in candidates]
     offs = np.cumsum([0, *widths])
     reference = {u: raw_h.mean[offs[i]:offs[i + 1]].float() for i, u in enumerate(candidates)}
-    validation = validate_circuits(
-        model, circuits, tail, head, ablation=ablation, test=test, correction=correction,
-        alpha=alpha, keep=keep, min_effect=min_effect, max_samples=max_validation, saes=saes, batch_size=batch_size,
-        seed=seed, reference=reference,
+    validation = validate_circuits(  # on the text samples kept by the second pass
+        model, circuits, tail_texts.items, head_texts.items, ablation=ablation, test=test, correction=correction,
+        alpha=alpha, keep=keep, min_effect=min_effect, max_samples=max_validation, saes=saes,
+        batch_size=batch_size, seed=seed, reference=reference,
     )
     settings = dict(
         position=position, aggregate=aggregate, top_k=top_k, rank_by=rank_by,
