@@ -283,7 +283,8 @@ def assess(
     )
     return Assessment(
         circuits=circuits, consistency=consist, sens_first_order=s_first, sens_pgd=s_pgd,
-        coverage=cov, tau_act=tau, vulnerability=vuln, n_consistency=n_active, a_tail=a_t, a_head=a_h, divergence=div,
+        coverage=cov, tau_act=tau, vulnerability=vuln, n_consistency=n_active, a_tail=a_t,
+        a_head=a_h, divergence=div,
         settings=settings,
     )
 

@@ -1,4 +1,4 @@
-"""CART circuit discovery (section 3.3): differential activation, coherence, grouping, causal validation.
+"""CART circuit discovery (section 3.3): differential activation, coherence, grouping, validation.
 
 :func:`discover` runs the whole pipeline on a :class:`~tl_reward.HookedRewardModel` and two text
 sources (tail and head inputs):
@@ -9,10 +9,10 @@ sources (tail and head inputs):
    ``Delta_j``, the tau-specialisation of eq. (3) and Welch's t-test per unit
    (:class:`UnitStatistics`). The ``top_k`` units by ``|Delta_j|`` (or another ``rank_by``) are
    the candidates.
-2. **Coherence** of the candidates, ``Coh(N_i, N_j) = I(N_i; N_j | tail) - I(N_i; N_j | head)``, from a
-   second streamed pass: the Gaussian estimator needs only the candidates' running covariances;
-   the binned and KSG estimators use a uniform reservoir sample of at most ``max_samples``
-   inputs per side.
+2. **Coherence** of the candidates,
+   ``Coh(N_i, N_j) = I(N_i; N_j | tail) - I(N_i; N_j | head)``, from a second streamed pass:
+   the Gaussian estimator needs only the candidates' running covariances; the binned and KSG
+   estimators use a uniform reservoir sample of at most ``max_samples`` inputs per side.
 3. **Grouping**: average-linkage clustering of the candidates on the coherence matrix (scipy):
    units join while the mean pairwise coherence of the merged group is at least
    ``coherence_threshold``; a unit coherent with no other is a one-unit circuit.
@@ -237,7 +237,8 @@ def activation_statistics(
     batch_size: int = 128,
     progress: bool = True,
 ) -> UnitStatistics:
-    """Step 1, streamed: per-unit moments on tail and head inputs (memory independent of their number).
+    """Step 1, streamed: per-unit moments on tail and head inputs (memory independent of their
+    number).
 
     ``units`` defaults to every MLP neuron and attention head (:func:`~tl_reward.cart.all_units`);
     ``position`` reads them at the scoring token (``"pooled"``) or averages over real tokens.
@@ -449,7 +450,8 @@ def validate_circuits(
     if not 0 < alpha < 1:
         raise InvalidInputError(f"alpha (the significance level) must be in (0, 1), got {alpha}")
     if not min_effect >= 0:
-        raise InvalidInputError(f"min_effect must be >= 0 (in reward standard deviations), got {min_effect}")
+        raise InvalidInputError(
+            f"min_effect must be >= 0 (in reward standard deviations), got {min_effect}")
     circuits = tuple(circuits)
     if not circuits:
         raise InvalidInputError("no circuits to validate")
@@ -529,7 +531,7 @@ class Discovery:
         return df.reset_index(drop=True)
 
     def plot_delta(self, highlight: Sequence[str] = ()):
-        """Histogram of ``Delta_j`` over all units (candidates marked unless ``highlight`` given)."""
+        """Histogram of ``Delta_j`` over all units (the top candidates marked, or ``highlight``)."""
         return self.statistics.plot(highlight or [u.label for u in self.candidates[:5]],
                                     rank_by=self.settings.get("rank_by", "abs_delta"))
 
@@ -543,8 +545,9 @@ class Discovery:
         m = self.coherence[idx][:, idx].numpy()
         labels = [u.label for u in order]
         lim = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
+        title = f"Coherence I(tail) - I(head) ({self.settings.get('estimator')})"
         return px.imshow(m, x=labels, y=labels, color_continuous_scale="RdBu", zmin=-lim,
-                         zmax=lim, title=f"Coherence I(tail) - I(head) ({self.settings.get('estimator')})",
+                         zmax=lim, title=title,
                          labels={"color": "nats"})
 
 
@@ -630,7 +633,8 @@ def discover(
     offs = np.cumsum([0, *widths])
     reference = {u: raw_h.mean[offs[i]:offs[i + 1]].float() for i, u in enumerate(candidates)}
     validation = validate_circuits(  # on the text samples kept by the second pass
-        model, circuits, tail_texts.items, head_texts.items, ablation=ablation, test=test, correction=correction,
+        model, circuits, tail_texts.items, head_texts.items, ablation=ablation, test=test,
+        correction=correction,
         alpha=alpha, keep=keep, min_effect=min_effect, max_samples=max_validation, saes=saes,
         batch_size=batch_size, seed=seed, reference=reference,
     )

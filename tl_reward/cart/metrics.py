@@ -44,7 +44,8 @@ CORRECTIONS = ("bh", "holm", "bonferroni", "none")
 
 def _check_nonempty(name: str, x: Tensor) -> None:
     if x.shape[0] == 0:
-        raise InvalidInputError(f"{name} holds no inputs (shape {tuple(x.shape)}); pass at least one")
+        raise InvalidInputError(
+            f"{name} holds no inputs (shape {tuple(x.shape)}); pass at least one")
 
 
 def _check_finite(name: str, value: Number) -> None:
@@ -232,7 +233,7 @@ def mutual_information(
     n_neighbors: int = 3,
     random_state: int = 0,
 ) -> Float[Tensor, "unit unit"]:
-    """Pairwise mutual information with the chosen ``estimator``: ``gaussian``, ``binned``, ``ksg``."""
+    """Pairwise mutual information by ``estimator``: ``gaussian``, ``binned`` or ``ksg``."""
     choose("estimator", estimator, ESTIMATORS)
     if estimator == "gaussian":
         return gaussian_mutual_information(a)
@@ -354,7 +355,7 @@ def max_perturbation_effect(
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> Float[Tensor, "batch"]:
-    """The inner maximum of eq. (7), ``max_{||delta|| <= eps} |R(a_c + delta) - R(a_c)|``, per input.
+    """Eq. (7)'s inner maximum ``max_{||delta|| <= eps} |R(a_c + delta) - R(a_c)|``, per input.
 
     ``reward_fn(delta)`` returns the rewards ``[batch]`` with the circuit's activations shifted by
     ``delta`` ``[batch, d_circuit]`` (rows independent). Projected gradient ascent on
@@ -431,7 +432,7 @@ def sensitivity_pgd(
 def coverage(
     a: Float[Tensor, "batch *circuit"], tau_act: Number | Float[Tensor, "*circuit"]
 ) -> Float[Tensor, "*circuit"]:
-    """Eq. (8): ``Cov(c) = P_tail(|a_c(x)| > tau_act)``, the fraction of tail inputs activating c."""
+    """Eq. (8): ``Cov(c) = P_tail(|a_c(x)| > tau_act)``, the share of tail inputs activating c."""
     _check_nonempty("a", a)
     tau = torch.as_tensor(tau_act, dtype=a.dtype, device=a.device)
     if bool((tau < 0).any()) or not bool(torch.isfinite(tau).all()):

@@ -62,7 +62,8 @@ class RunningMoments:
 
     def _need(self, k: int, what: str) -> None:
         if self.count < k:
-            raise InvalidInputError(f"{what} needs at least {k} inputs, the stream gave {self.count}")
+            raise InvalidInputError(
+                f"{what} needs at least {k} inputs, the stream gave {self.count}")
 
     @property
     def var(self) -> Float[Tensor, "unit"]:
@@ -128,7 +129,7 @@ class Reservoir:
 
 
 class TensorReservoir:
-    """:class:`Reservoir` for rows of a ``[batch, unit]`` tensor, stored in one preallocated tensor."""
+    """:class:`Reservoir` for rows of a ``[batch, unit]`` tensor (one preallocated tensor)."""
 
     def __init__(self, capacity: int, n_units: int, seed: int = 0) -> None:
         if capacity < 1:

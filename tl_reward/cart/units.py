@@ -167,7 +167,9 @@ def _d_sae(sae: Any) -> int:
     return int(w.shape[0])
 
 
-def check_units(model: HookedRewardModel, units: Sequence[Unit], saes: Mapping[str, Any] | None) -> None:
+def check_units(
+    model: HookedRewardModel, units: Sequence[Unit], saes: Mapping[str, Any] | None
+) -> None:
     """Raise a clear error for a hook the model lacks, an index out of range or a missing SAE."""
     cfg = model.cfg
     for u in units:
@@ -228,7 +230,7 @@ def _positions(
 
 
 def _unit_values(act: Tensor, units: Sequence[Unit], saes) -> tuple[Tensor, Tensor]:
-    """Scalar ``[batch, pos, k]`` and raw ``[batch, pos, sum widths]`` values of units at one hook."""
+    """Scalar ``[batch, pos, k]`` and raw ``[batch, pos, widths]`` values of units at one hook."""
     idx = torch.tensor([u.index for u in units], device=act.device)
     kind = units[0].kind
     if kind == "neuron":
