@@ -23,7 +23,8 @@ def _pairs(n=3, length=9, seed=0):
     return torch.randint(3, 97, (n, length), generator=g), torch.randint(3, 97, (n, length), generator=g)
 
 
-@pytest.mark.parametrize("arch,gqa", [("llama", True), ("gpt2", False), ("qwen3", True), ("gemma2", True)])
+@pytest.mark.parametrize("arch,gqa", [("llama", True), ("gpt2", False), ("qwen3", True), ("gemma2", True),
+                                      ("mistral", True), ("gpt_neox", False)])
 @pytest.mark.parametrize("hook,per,tl_fn,perm", TL_CASES, ids=[f"{h}-{p}" for h, p, _, _ in TL_CASES])
 def test_equals_transformer_lens_patching(arch, gqa, hook, per, tl_fn, perm):
     model = load_reward_model(make_hf_model(arch, gqa))
@@ -63,7 +64,29 @@ def test_cells_at_different_positions_share_a_forward_exactly():
     shared = activation_patch(model, clean, corrupt, max_rows=64, **kw)
     torch.testing.assert_close(shared.effects, alone.effects, atol=1e-5, rtol=0, equal_nan=True)
     assert alone.stats.n_forwards == alone.stats.n_rows
-    assert shared.stats.n_forwards <= -(-shared.stats.n_rows // 64) * model.cfg.n_layers
+    assert shared.stats.n_forwards * 4 <= alone.stats.n_forwards
+
+
+def test_forward_partition_covers_every_row_once_and_trades_waste_for_forwards():
+    from tl_reward.patching import _chunks
+
+    starts = torch.randint(0, 20, (300,), generator=torch.Generator().manual_seed(0)).sort().values
+    counts = torch.unique(starts, return_counts=True)[1]
+    n_forwards = []
+    for overhead in (0, 8, 10**9):
+        chunks = _chunks(starts, 24, 16, overhead)
+        assert torch.equal(torch.cat(chunks).sort().values, torch.arange(len(starts)))
+        assert all(0 < len(c) <= 16 and bool((c.diff() > 0).all()) for c in chunks)
+        if overhead == 0:  # no forward overhead: no row starts early, forwards are filled
+            assert all(int(starts[c[0]]) == int(starts[c[-1]]) for c in chunks)
+            assert len(chunks) == sum(-(-int(c) // 16) for c in counts)
+        n_forwards.append(len(chunks))
+    assert n_forwards[0] > n_forwards[1] > n_forwards[2]
+    # forwards cost everything: full forwards of one start, the remainders packed in order
+    packs, fill = 0, 16
+    for rest in (int(c) % 16 for c in counts if int(c) % 16):
+        packs, fill = (packs + 1, rest) if fill + rest > 16 else (packs, fill + rest)
+    assert n_forwards[2] == sum(int(c) // 16 for c in counts) + packs
 
 
 def test_align_end_patches_the_scoring_token_for_different_lengths():

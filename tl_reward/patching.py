@@ -383,20 +383,19 @@ def activation_patch(
     n_forwards, n_rows, flops = 0, 0, 0.0
     from tqdm.auto import tqdm
 
+    rows = _grid_rows(target.pooled, pos_map, rel_t, n_units_axis, with_pos,
+                      relative=isinstance(positions, str))  # the same cells in every layer
+    start_of = rows.pos if (with_pos and use_kv_cache) else torch.zeros_like(rows.pos)
+    order = torch.argsort(start_of, stable=True)
+    chunks = _chunks(start_of[order], n_t, max_rows, _overhead_rows(target.tokens.device))
     for li, layer in enumerate(tqdm(layers, desc=f"patching {hook} per {per}",
                                     disable=not progress, leave=False)):
-        rows = _grid_rows(target.pooled, pos_map, rel_t, n_units_axis, with_pos,
-                          relative=isinstance(positions, str))
         view = effects[li].reshape(n_units_axis, len(rel_t), n_pairs)
         view[rows.zero_unit, rows.zero_pos, rows.zero_pair] = 0.0  # after the scoring token
-        # rows sorted by patched position, max_rows to a forward; each forward starts at its
-        # first row's position (every row of it patches there or later)
-        start_of = rows.pos if (with_pos and use_kv_cache) else torch.zeros_like(rows.pos)
-        order = torch.argsort(start_of, stable=True)
-        for lo in range(0, len(order), max_rows):
-            sel = order[lo : lo + max_rows]
-            start = int(start_of[sel[0]])
-            out = _patched_forward(
+        for chunk in chunks:
+            sel = order[chunk.to(order.device)]
+            start = int(start_of[sel[0]])  # every row of the chunk patches there or later
+            out, cost = _patched_forward(
                 model, target, replacements[layer], layer, hook_name, kind, start,
                 rows.pair[sel], rows.unit[sel] if unit_axis else None,
                 rows.pos[sel] if with_pos else None, pos_map,
@@ -404,7 +403,7 @@ def activation_patch(
             view[rows.unit[sel], rows.rel[sel], rows.pair[sel]] = out - target.reward[rows.pair[sel]]
             n_forwards += 1
             n_rows += len(sel)
-            flops += len(sel) * (cfg.n_layers - layer) * _layer_flops(model, n_t - start, n_t)
+            flops += cost
         effects[li] = view.reshape(effects[li].shape)
 
     clean_r = clean_run.reward
@@ -478,19 +477,83 @@ def _replacements(model, mode, hook_name, kind, layers, source, reference, refer
     return out
 
 
+def _overhead_rows(device: torch.device) -> int:
+    """A forward's fixed cost (Python, kernel launches, TransformerLens's per-call weight
+    reshapes) in rows x positions of work: batching cells that start at different positions
+    pays when it wastes less than this. A heuristic for the partition only; results are exact."""
+    return 32 if torch.device(device).type == "cpu" else 1024
+
+
+def _chunks(starts: Tensor, n_t: int, max_rows: int, overhead: int) -> list[Tensor]:
+    """Split rows sorted by start position into forwards of at most ``max_rows`` rows (indices
+    into ``starts``, ascending).
+
+    A forward starts at its first row's position, so a row starting later computes
+    ``row start - forward start`` positions for nothing; minimise that waste plus ``overhead``
+    per forward (dynamic programme over runs of equal start, which each fit a forward or are
+    first cut into full forwards).
+    """
+    values, counts = torch.unique_consecutive(starts, return_counts=True)
+    chunks: list[Tensor] = []
+    runs: list[tuple[int, int, int]] = []  # (first row, rows, start) of what is left to partition
+    offset = 0
+    for start, count in zip(values.tolist(), counts.tolist(), strict=True):
+        full = count - count % max_rows
+        chunks += [torch.arange(offset + lo, offset + lo + max_rows) for lo in range(0, full, max_rows)]
+        if count > full:
+            runs.append((offset + full, count - full, start))
+        offset += count
+    best = [0.0] + [float("inf")] * len(runs)  # best[j]: cost of the first j runs
+    cut = [0] * (len(runs) + 1)
+    for j in range(1, len(runs) + 1):
+        n = 0
+        for i in range(j, 0, -1):  # the last forward holds runs i-1 .. j-1
+            n += runs[i - 1][1]
+            if n > max_rows:
+                break
+            cost = best[i - 1] + overhead + n * (n_t - runs[i - 1][2])
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    j = len(runs)
+    while j > 0:
+        i = cut[j]
+        chunks.append(torch.cat([torch.arange(first, first + n) for first, n, _ in runs[i - 1 : j]]))
+        j = i - 1
+    return sorted(chunks, key=lambda c: int(c[0]))
+
+
+def _last_block_at_pooled_only(model: HookedRewardModel) -> bool:
+    """Whether the last block can be run at the scoring token alone, its keys and values for the
+    earlier positions computed by the attention's own projection (architectures tl_reward loads)."""
+    cfg = model.cfg
+    return (cfg.positional_embedding_type in ("standard", "rotary") and not cfg.use_attn_in
+            and not cfg.use_split_qkv_input and getattr(cfg, "clip_qkv", None) is None
+            and not cfg.attn_only and cfg.n_layers > 1)
+
+
 def _patched_forward(model, target: _Run, repl: Tensor, layer: int, hook_name: str, kind: str,
                      start: int, pairs: Tensor, units: Tensor | None, poss: Tensor | None,
-                     pos_map: Tensor) -> Float[Tensor, "batch"]:
-    """Rewards of ``len(pairs)`` patched rows, run from ``layer`` and position ``start`` on."""
-    n_t = target.tokens.shape[1]
-    n_new = n_t - start
+                     pos_map: Tensor) -> tuple[Float[Tensor, "batch"], float]:
+    """Rewards of ``len(pairs)`` patched rows, run from ``layer`` and position ``start`` on, and
+    the matmul FLOPs it took.
+
+    Positions after the last scoring token of these rows are not run (they cannot change a
+    reward). When every row scores at the same position, the last block runs at that position
+    alone: its keys and values for the earlier positions come from its attention's projections,
+    the rest of the block (queries, attention, MLP) is needed at the scoring token only.
+    """
+    cfg = model.cfg
+    last = cfg.n_layers - 1
+    pooled = target.pooled[pairs]
+    end = int(pooled.max()) + 1
+    n_new = end - start
     rows = torch.arange(len(pairs), device=pairs.device)
     if poss is not None:
         pos_sel = torch.zeros(len(pairs), n_new, dtype=torch.bool, device=pairs.device)
         pos_sel[rows, poss - start] = True
     else:
-        pos_sel = pos_map[pairs, start:] >= 0
-    new_values = repl[pairs][:, :, start:] if kind == "pattern" else repl[pairs, start:]
+        pos_sel = pos_map[pairs, start:end] >= 0
+    new_values = repl[pairs][:, :, start:end, :end] if kind == "pattern" else repl[pairs, start:end]
 
     def patch(act: Tensor, hook) -> Tensor:
         if kind == "pattern":  # [row, head, q, k]
@@ -507,12 +570,36 @@ def _patched_forward(model, target: _Run, repl: Tensor, layer: int, hook_name: s
                 sel = sel & unit_sel.reshape(len(pairs), 1, act.shape[2], *([1] * (act.ndim - 3)))
         return torch.where(sel, new_values, act)
 
-    resid = target.cache[f"blocks.{layer}.hook_resid_pre"][pairs, start:]
-    mask = target.mask[pairs] if target.mask is not None else None
+    resid = target.cache[f"blocks.{layer}.hook_resid_pre"][pairs, start:end]
+    mask = target.mask[pairs, :end] if target.mask is not None else None
     kv = _kv_prefix(model, target, layer, pairs, start) if start > 0 else None
+    hooks = [(f"blocks.{layer}.{hook_name}", patch)]
+    split = (layer < last and n_new > 1 and bool((pooled == end - 1).all())
+             and _last_block_at_pooled_only(model))
     with torch.no_grad():
-        return model.run_with_hooks(
-            resid, attention_mask=mask, start_at_layer=layer, past_kv_cache=kv,
-            pool_index=target.pooled[pairs] - start,
-            fwd_hooks=[(f"blocks.{layer}.{hook_name}", patch)],
-        )
+        if not split:
+            out = model.run_with_hooks(resid, attention_mask=mask, start_at_layer=layer,
+                                       past_kv_cache=kv, pool_index=pooled - start, fwd_hooks=hooks)
+            return out, len(pairs) * (cfg.n_layers - layer) * _layer_flops(model, n_new, end)
+        x = model.run_with_hooks(resid, attention_mask=mask, start_at_layer=layer,
+                                 stop_at_layer=last, past_kv_cache=kv, fwd_hooks=hooks)
+        block = model.blocks[last]
+        normed = block.ln1(x[:, :-1])
+        _, k, v = block.attn.calculate_qkv_matrices(normed[:, :1], normed, normed)
+        if start > 0:
+            prefix = _kv_prefix(model, target, last, pairs, start)[last]
+            k, v = torch.cat([prefix.past_keys, k], 1), torch.cat([prefix.past_values, v], 1)
+        entries = [TransformerLensKeyValueCacheEntry(past_keys=torch.empty(0),
+                                                     past_values=torch.empty(0), frozen=True)
+                   for _ in range(last)]
+        entries.append(TransformerLensKeyValueCacheEntry(past_keys=k, past_values=v, frozen=True))
+        prev = (mask[:, :-1] if mask is not None
+                else torch.ones(len(pairs), end - 1, dtype=torch.long, device=x.device))
+        cache = TransformerLensKeyValueCache(entries=entries, previous_attention_mask=prev,
+                                             frozen=True)
+        out = model(x[:, -1:], attention_mask=mask, start_at_layer=last, past_kv_cache=cache,
+                    pool_index=torch.zeros_like(pooled))
+    n_kv_heads = cfg.n_key_value_heads or cfg.n_heads
+    kv_flops = 2 * (n_new - 1) * cfg.d_model * cfg.d_head * 2 * n_kv_heads
+    flops = (last - layer) * _layer_flops(model, n_new, end) + kv_flops + _layer_flops(model, 1, end)
+    return out, len(pairs) * flops
