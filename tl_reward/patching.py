@@ -12,8 +12,12 @@ How a grid is computed (every number exact, no approximation):
   TransformerLens's key-value cache, and only positions ``>= p`` are run;
 - many cells (pairs x positions x heads ...) go into one forward as rows of a batch, at most
   ``max_rows`` to bound memory, sorted by patched position: a forward starts at the earliest
-  position it patches, so cells at nearby positions share a forward instead of each paying for
-  one; patches after the scoring token have an effect of exactly 0 and are not run.
+  position it patches, and rows at nearby positions share a forward when that wastes less than
+  a forward's fixed cost (a small dynamic programme);
+- positions after the scoring token are never run, and patches there have an effect of exactly
+  0; when the rows of a forward share their scoring position, the last block runs at that
+  position alone (its keys and values for the earlier positions come from its own projections:
+  queries, attention and MLP are only needed where the reward is read).
 """
 
 import time
