@@ -83,7 +83,7 @@ def minimum_effect_test(
     return (s_up, min(1.0, 2 * p_up)) if p_up <= p_lo else (s_lo, min(1.0, 2 * p_lo))
 
 
-def adjust_p_values(p: Sequence[float], correction: str = "bh") -> np.ndarray:
+def adjust_p_values(p: Sequence[float] | np.ndarray, correction: str = "bh") -> np.ndarray:
     """Multiple-comparison adjusted p-values (``scipy.stats.false_discovery_control``); NaN
     entries (tests that were refused) are left out of the family and stay NaN."""
     from scipy import stats

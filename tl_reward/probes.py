@@ -337,9 +337,9 @@ def run_probes(
         p = max(p_content, p_variant) if n_variants > 1 else p_content
         raw.append(dict(
             name=probe.name, description=probe.description,
-            deltas=torch.from_numpy(deltas).float(), base_reward=base_r.float(),
-            perturbed_reward=pert_r.float(), content_ids=tuple(probe.content_ids),
-            unit_ids=unit_ids, unit_deltas=torch.from_numpy(unit_deltas).float(), mean=mean,
+            deltas=torch.from_numpy(deltas), base_reward=base_r,  # float64: the statistics'
+            perturbed_reward=pert_r, content_ids=tuple(probe.content_ids),  # own numbers
+            unit_ids=unit_ids, unit_deltas=torch.from_numpy(unit_deltas), mean=mean,
             ci_low=ci[0], ci_high=ci[1], confidence_level=confidence_level,
             effect_size=mean / sd if sd > 0 else float("nan"),
             standardized_effect=mean / reward_sd if reward_sd > 0 else float("nan"),
