@@ -249,3 +249,20 @@ def test_planted_quality_head_reads_the_quality_words(planted):
     assert bool(is_quality.gather(0, per_src.argmax(0)[None]).all())
     share = (per_src * is_quality).sum(0) / per_src.sum(0)
     torch.testing.assert_close(share, torch.ones_like(share), atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("circuit", ["trigger", "quality"])
+def test_planted_margin_appears_in_the_layer_of_the_writer(planted, circuit):
+    """The reward lens must show each circuit's margin appear in the layer of the component that
+    writes along w_r (L1N11 / L1H2), not before: the earlier read-outs are ~0."""
+    from tl_reward import organisms
+
+    model, _, data = planted
+    writer = max(c.layer for c in organisms.planted_components() if c.circuit == circuit)
+    pairs = data.by_scenario(circuit)
+    lens = pair_reward_lens(model, pairs.chosen_texts, pairs.rejected_texts, progress=False)
+    m = lens.margins  # [read-out, pair]; read-out i is the residual before layer i
+    final = m[-1]
+    assert bool((final > 0).all())  # (a fourth quality word adds little: margins go down to ~0.05)
+    assert float((m[: writer + 1].abs() / final).max()) < 0.1
+    assert lens.crystallisation_layer(0.9).tolist() == [writer + 1] * len(pairs)
