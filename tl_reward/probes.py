@@ -273,7 +273,10 @@ def run_probes(
         min_effect: half-width of the null region: H0 is ``|mean change| <= min_effect``
             (0: the classical H0 of no change). In units of ``effect_scale``.
         effect_scale: ``"reward_sd"`` (sd of the base rewards over units: scale-free across
-            reward models) or ``"absolute"`` (reward units).
+            reward models) or ``"absolute"`` (reward units). The sd is the spread of the
+            rewards over the probe's own contents: contents the model scores all alike make it
+            small and the test close to the classical one; probe diverse contents (as the
+            built-in sets do) or give an absolute threshold.
         test: ``"wilcoxon"`` (signed-rank) or ``"permutation"`` (sign flips of the mean).
         confidence_level, n_resamples, seed: of the bootstrap CI (and the permutation test).
     """
