@@ -65,15 +65,15 @@ class ExperimentSettings:
     task: LongTailTask = LongTailTask(alpha=0.99, n_tail=3, tail_zipf=1.0, noise=0.05)
     hidden_size: int = 64
     n_layers: int = 2
-    pretrain: TrainConfig = TrainConfig(steps=250, batch_size=64, lr=3e-3, warmup_steps=25,
+    pretrain: TrainConfig = TrainConfig(steps=200, batch_size=64, lr=3e-3, warmup_steps=20,
                                         progress=False)
-    finetune: TrainConfig = TrainConfig(steps=120, batch_size=64, lr=1e-3, warmup_steps=10,
+    finetune: TrainConfig = TrainConfig(steps=60, batch_size=64, lr=1e-3, warmup_steps=5,
                                         progress=False)
     label_smoothing: float = 0.1
     hidden_lambda: float = 0.01
     circuit_lambda: float = 0.1
-    eta: float = 0.01
-    aug_weight: float = 0.5
+    eta: float = 0.02
+    aug_weight: float = 0.1
     n_variants: int = 8
     term_batch: int = 16
     discovery_top_k: int = 12
