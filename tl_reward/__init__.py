@@ -9,7 +9,14 @@ from .atp import attribution_patch as attribution_patch
 from .attribution import AttributionResult as AttributionResult
 from .attribution import direct_reward_attribution as direct_reward_attribution
 from .attribution import pair_reward_attribution as pair_reward_attribution
+from .compare import compare_reward_models as compare_reward_models
+from .compare import reward_term_conflict as reward_term_conflict
+from .concepts import concept_dose_response as concept_dose_response
+from .concepts import concept_vector as concept_vector
+from .divergence import divergence_aware_patch as divergence_aware_patch
 from .errors import TLRewardError as TLRewardError
+from .hacking import distortion_index as distortion_index
+from .hacking import probe_cascade as probe_cascade
 from .lens import LensResult as LensResult
 from .lens import PairLensResult as PairLensResult
 from .lens import pair_reward_lens as pair_reward_lens
@@ -21,6 +28,9 @@ from .model import PairScores as PairScores
 from .patching import PatchResult as PatchResult
 from .patching import activation_patch as activation_patch
 from .path_patching import path_patch as path_patch
+from .probes import ProbeReport as ProbeReport
+from .probes import localise_probe as localise_probe
+from .probes import run_probes as run_probes
 from .tuned_lens import TunedRewardLens as TunedRewardLens
 
 __version__ = "0.1.0"

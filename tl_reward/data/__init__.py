@@ -7,5 +7,8 @@ from .pairs import pairs_from_dataframe as pairs_from_dataframe
 from .pairs import pairs_from_hf_dataset as pairs_from_hf_dataset
 from .pairs import pairs_from_jsonl as pairs_from_jsonl
 from .pairs import pairs_from_records as pairs_from_records
+from .probe_sets import ProbeSet as ProbeSet
+from .probe_sets import builtin_probe_sets as builtin_probe_sets
+from .probe_sets import make_probe as make_probe
 from .synthetic import LongTailTask as LongTailTask
 from .synthetic import word_tokenizer as word_tokenizer
