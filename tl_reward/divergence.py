@@ -35,7 +35,7 @@ from torch import Tensor
 from ._readout import as_tokens, choose
 from .errors import InvalidInputError
 from .model import HookedRewardModel, Text
-from .patching import HOOKS, _aligned, _position_map, _run
+from .patching import HOOKS, _aligned, _pair_tokens, _position_map, _run
 
 DIVERGENCE_HOOKS = {"z": "head", "attn_out": "layer", "mlp_out": "layer", "mlp_post": "neuron"}
 DIVERGENCE_MODES = ("denoise", "noise", "zero", "mean")
@@ -174,17 +174,8 @@ def divergence_aware_patch(
                                 "model.set_objective(...)")
     cfg = model.cfg
     layers = list(range(cfg.n_layers))
-    clean_t, clean_m = as_tokens(model, clean, clean_mask)
-    if corrupt is None:
-        if mode in ("denoise", "noise"):
-            raise InvalidInputError(f"mode={mode!r} needs corrupt inputs")
-        corrupt_t = corrupt_m = None
-    else:
-        corrupt_t, corrupt_m = as_tokens(model, corrupt, corrupt_mask)
-        if corrupt_t.shape[0] != clean_t.shape[0]:
-            raise InvalidInputError(
-                f"{clean_t.shape[0]} clean but {corrupt_t.shape[0]} corrupt sequences; pairs must match"
-            )
+    clean_t, clean_m, corrupt_t, corrupt_m = _pair_tokens(model, clean, corrupt, clean_mask,
+                                                          corrupt_mask, mode)
     ref_t, ref_m = as_tokens(model, reference, reference_mask)
     n_ref = ref_t.shape[0]
     n_cal = int(round(n_ref * calibration_fraction))

@@ -263,6 +263,21 @@ def _aligned(act: Tensor, pos_map: Tensor, kind: str) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------- main entry
+def _pair_tokens(model, clean, corrupt, clean_mask, corrupt_mask, mode: str):
+    """Token ids and masks of the clean and (optional) corrupt runs, checked to pair up."""
+    clean_t, clean_m = as_tokens(model, clean, clean_mask)
+    if corrupt is None:
+        if mode in ("denoise", "noise"):
+            raise InvalidInputError(f"mode={mode!r} needs corrupt inputs")
+        return clean_t, clean_m, None, None
+    corrupt_t, corrupt_m = as_tokens(model, corrupt, corrupt_mask)
+    if corrupt_t.shape[0] != clean_t.shape[0]:
+        raise InvalidInputError(
+            f"{clean_t.shape[0]} clean but {corrupt_t.shape[0]} corrupt sequences; pairs must match"
+        )
+    return clean_t, clean_m, corrupt_t, corrupt_m
+
+
 def activation_patch(
     model: HookedRewardModel,
     clean: Int[Tensor, "pair pos"] | Sequence[Text],
@@ -315,17 +330,8 @@ def activation_patch(
     if bad or not layers:
         raise InvalidInputError(f"layers {bad or layers} are not in 0..{cfg.n_layers - 1}")
 
-    clean_t, clean_m = as_tokens(model, clean, clean_mask)
-    if corrupt is None:
-        if mode in ("denoise", "noise"):
-            raise InvalidInputError(f"mode={mode!r} needs corrupt inputs")
-        corrupt_t = corrupt_m = None
-    else:
-        corrupt_t, corrupt_m = as_tokens(model, corrupt, corrupt_mask)
-        if corrupt_t.shape[0] != clean_t.shape[0]:
-            raise InvalidInputError(
-                f"{clean_t.shape[0]} clean but {corrupt_t.shape[0]} corrupt sequences; pairs must match"
-            )
+    clean_t, clean_m, corrupt_t, corrupt_m = _pair_tokens(model, clean, corrupt, clean_mask,
+                                                          corrupt_mask, mode)
 
     act_names = {f"blocks.{l}.{hook_name}" for l in layers}
     base_names = {f"blocks.{l}.hook_resid_pre" for l in layers}
