@@ -169,3 +169,23 @@ def test_bad_inputs_one_line_error(runner, pairs_file, causal, tmp_path, args, m
     assert res.exit_code == 1, res.output
     assert message in res.output and "Traceback" not in res.output
     assert res.output.startswith("error: ") and res.output.count("\n") == 1
+
+
+def test_report_probes_are_run_probes_numbers(pairs_file):
+    from tl_reward import organisms, run_probes
+    from tl_reward.data import make_probe
+    from tl_reward.report import build_report
+
+    model, _, data = organisms.load("planted")
+    base = [f"query w00{i % 10} w01{i % 7} answer w02{i % 9} w00{i % 5}" for i in range(30)]
+    probe = make_probe("quality", base, lambda t: t + " good", description="append a quality word")
+    report = build_report(model, data.sample(12, seed=0), patch_pairs=2, probes=[probe],
+                          progress=False)
+    want = run_probes(model, [probe], progress=False).to_dataframe()
+    got = report.numbers["probes"]
+    assert [r["probe"] for r in got] == ["quality"]
+    assert got[0]["mean"] == pytest.approx(float(want["mean"][0]))
+    assert got[0]["verdict"] == want["verdict"][0] == "positive bias"  # the planted quality head
+    assert "Reward-hacking probes" in " ".join(report.figures)
+    skipped = build_report(model, data.sample(12, seed=0), patch_pairs=2, progress=False)
+    assert "unchanged" in skipped.numbers["probes"]["skipped"]  # English probes, word vocabulary

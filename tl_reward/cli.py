@@ -243,10 +243,11 @@ def report(
     model: ModelArg, pairs: PairsOpt,
     out: Annotated[Path, typer.Option("--out", help="Folder for report.html and report.json.")] = Path("tl_reward_report"),
     patch_pairs: Annotated[int, typer.Option(min=1, help="Pairs used for exact head patching.")] = 8,
+    probes: Annotated[bool, typer.Option(help="Run the built-in reward-hacking probes.")] = True,
     device: DeviceOpt = None, dtype: DTypeOpt = DType.float32, batch_size: BatchOpt = 16,
     max_pairs: MaxPairsOpt = None, seed: SeedOpt = 0, objective: ObjectiveOpt = None,
 ) -> None:
-    """One self-contained HTML page (scores, lens, attribution, patching) and a JSON of every number."""
+    """One self-contained HTML page (scores, lens, attribution, patching, probes) and a JSON of every number."""
     from .report import build_report
 
     _writable(out, directory=True)
@@ -254,6 +255,7 @@ def report(
     with _user_errors():
         rm, data = _model(model, device, dtype, objective), _pairs(pairs, max_pairs, seed)
         rep = build_report(rm, data, patch_pairs=patch_pairs, batch_size=batch_size,
+                           probes="builtin" if probes else None,
                            title=f"tl_reward report: {model} on {pairs.name}")
         page, numbers = rep.write(out)
         s = rep.numbers["scores"]

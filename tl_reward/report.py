@@ -7,6 +7,7 @@ inlined, nothing is fetched when it opens) and ``report.json`` (every number in 
 
 import html
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from .errors import InvalidInputError, ObjectiveError
 from .lens import pair_reward_lens
 from .model import HookedRewardModel
 from .patching import activation_patch
+from .probes import run_probes
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,20 @@ class Report:
         out.mkdir(parents=True, exist_ok=True)
         page, data = out / "report.html", out / "report.json"
         page.write_text(self.to_html(), encoding="utf-8")
-        data.write_text(json.dumps(self.numbers, indent=2), encoding="utf-8")
+        data.write_text(json.dumps(_json_ready(self.numbers), indent=2, allow_nan=False),
+                        encoding="utf-8")
         return page, data
+
+
+def _json_ready(x: Any) -> Any:
+    """Strict JSON: NaN and infinities (an undefined statistic) become null."""
+    if isinstance(x, dict):
+        return {k: _json_ready(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_ready(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
 
 
 def _summary_table(numbers: dict[str, Any]) -> str:
@@ -65,6 +79,12 @@ def _summary_table(numbers: dict[str, Any]) -> str:
              for i, r in enumerate(numbers["attribution"]["top"][:3])]
     rows += [(f"top head by patching #{i + 1}", f"{r['head']} ({r['mean_effect']:+.4f})")
              for i, r in enumerate(numbers["patching"]["top"][:3])]
+    probes = numbers.get("probes")
+    if isinstance(probes, dict):
+        rows.append(("probes", f"skipped: {probes['skipped']}"))
+    elif probes:
+        rows += [(f"probe: {r['probe']}", f"{r['verdict']} (mean change {r['mean']:+.4f}, "
+                  f"adjusted p {r['p_adjusted']:.3g}, {r['n_units']} contents)") for r in probes]
     body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                    for k, v in rows)
     return f"<table>{body}</table>"
@@ -79,6 +99,7 @@ def build_report(
     pairs: PreferenceDataset,
     *,
     patch_pairs: int = 8,
+    probes: Any = "builtin",
     batch_size: int = 16,
     title: str = "tl_reward report",
     progress: bool = True,
@@ -86,7 +107,10 @@ def build_report(
     """Score ``pairs`` and localise their margins: lens, head attribution, head patching.
 
     Patching (exact, denoising every head from chosen into rejected) runs on the first
-    ``patch_pairs`` pairs; everything else on all of them.
+    ``patch_pairs`` pairs; everything else on all of them. ``probes``: ``"builtin"`` (the
+    templated probe sets of :func:`tl_reward.data.builtin_probe_sets`), a sequence of
+    :class:`~tl_reward.data.ProbeSet`, or ``None``; probes whose perturbation this model's
+    tokenizer cannot see are reported as skipped, with the reason.
     """
     if not model.is_scalar:
         raise ObjectiveError(
@@ -98,7 +122,7 @@ def build_report(
     if patch_pairs < 1:
         raise InvalidInputError(f"patch_pairs must be >= 1, got {patch_pairs}")
     chosen, rejected = pairs.chosen_texts, pairs.rejected_texts
-    steps = tqdm(total=4, desc="report", disable=not progress, leave=False)
+    steps = tqdm(total=5, desc="report", disable=not progress, leave=False)
     start = time.perf_counter()
 
     scores = model.score_pairs(chosen, rejected, batch_size=batch_size, progress=False)
@@ -127,6 +151,16 @@ def build_report(
     effect, names = patch.mean_effect.flatten(), patch.flat()[1]
     order = effect.abs().argsort(descending=True)[:10].tolist()
     steps.update()
+    probe_report = None
+    if probes is not None:
+        from .data.probe_sets import builtin_probe_sets
+
+        sets = builtin_probe_sets() if isinstance(probes, str) and probes == "builtin" else probes
+        try:
+            probe_report = run_probes(model, sets, batch_size=batch_size, progress=False)
+        except InvalidInputError as err:
+            probe_report = str(err)
+    steps.update()
     steps.close()
 
     numbers = {
@@ -150,12 +184,18 @@ def build_report(
                      "forwards": patch.stats.n_forwards, "seconds": patch.stats.seconds},
         "seconds": time.perf_counter() - start,
     }
+    if isinstance(probe_report, str):
+        numbers["probes"] = {"skipped": probe_report}
+    elif probe_report is not None:
+        numbers["probes"] = probe_report.to_dataframe().to_dict(orient="records")
     figures = {
         "Margins": _margin_histogram(scores.margin, scen),
         "Reward lens: mean margin after each layer": _lens_figure(labels, lens.margins.mean(1)),
         "Direct attribution of the margin per head": attr.plot(),
         f"Exact head patching on {n_patch} pairs (fraction of the margin restored)": patch.plot(),
     }
+    if probe_report is not None and not isinstance(probe_report, str):
+        figures["Reward-hacking probes: mean reward change (CI), verdict"] = probe_report.plot()
     return Report(title=title, numbers=numbers, figures=figures)
 
 
