@@ -286,9 +286,9 @@ def test_planted_trigger_feature_is_found_and_ranks_first(planted, planted_sae, 
 
 
 def test_planted_ablation_agreement_is_reported(planted, planted_sae, trigger):
-    """Ablating the trigger feature lowers the margin; the size is measured, not assumed: the
-    direct attribution (final norm frozen) and integrated gradients each predict a value, and
-    the agreement table reports both."""
+    """Each attribution against its own intervention; the sizes are measured, not assumed.
+    Direct (final norm frozen) against zeroing the feature on both sides; integrated gradients
+    against patching the chosen run's activation of the feature into the rejected run."""
     model, _ = planted
     sae, _ = planted_sae
     trig, attr, integrated, f = trigger
@@ -298,8 +298,12 @@ def test_planted_ablation_agreement_is_reported(planted, planted_sae, trigger):
     torch.testing.assert_close(abl.predicted[0], -attr.feature_values()[f])
     direct = abl.agreement().iloc[0]
     assert direct.measured < 0 and direct.predicted < 0
-    ig = abl.agreement(predicted=-integrated.feature_values()[[f]]).iloc[0]
-    assert ig.predicted < 0 and ig.measured == direct.measured
+    patch = S.sae_feature_ablation(model, sae, trig.rejected_texts, features=[f], mode="patch",
+                                   source=trig.chosen_texts, progress=False)
+    ig = patch.agreement(predicted=integrated.feature_values()[[f]]).iloc[0]
+    assert ig.measured > 0 and ig.predicted > 0
+    with pytest.raises(errors.InvalidInputError, match="shape"):
+        patch.agreement(predicted=integrated.feature_values()[:2])
 
 
 @pytest.mark.parametrize("arch", ["topk", "jumprelu"])

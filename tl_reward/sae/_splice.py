@@ -153,7 +153,7 @@ def decoder_dot(sae: SAE, u: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batc
     """``(decode(e_i) - decode(0)) . u[b]`` for every feature ``i``: one vector-Jacobian product.
 
     Exact for the affine decoders of sae-lens (standard, TopK with or without decoder-norm
-    rescaling, JumpReLU, gated) without materialising the ``[d_sae, d_in]`` matrix twice.
+    rescaling, JumpReLU, gated) without materialising a ``[d_sae, d_in]`` matrix.
     """
     with torch.enable_grad(), _disable_hooks(sae):
         f = torch.zeros(u.shape[0], sae.cfg.d_sae, dtype=u.dtype, device=u.device, requires_grad=True)

@@ -222,9 +222,15 @@ def sae_feature_ablation(
     """Edit each of ``features`` on its own, at every position, and measure the reward change.
 
     ``mode="zero"`` ablates the feature (activation 0); ``mode="patch"`` writes the ``source``
-    run's activations (aligned from the scoring token). The SAE is spliced in with its error term,
-    which sae-lens computes from the unedited activation, so the edit changes the activation by
-    exactly the feature's decoder write. Each feature is one block of rows in a batched forward.
+    run's activations (aligned from the scoring token; e.g. the chosen texts into the rejected
+    ones, the intervention that ``method="integrated"`` pair attribution estimates). The SAE is
+    spliced in with its error term, which sae-lens computes from the unedited activation, so the
+    edit changes the activation by exactly the feature's decoder write. Each feature is one block
+    of rows in a batched forward (``batch_size`` rows per forward).
+
+    ``predicted`` comes from the attribution ``method`` (``"auto"``, ``"direct"`` or
+    ``"gradient"``, resolved as in :func:`~tl_reward.sae.sae_reward_attribution`); compare with
+    any other attribution through :meth:`FeatureAblationResult.agreement`.
     """
     hook = check_sae(model, sae)
     choose("mode", mode, ABLATION_MODES)

@@ -46,10 +46,13 @@ class SAEAttributionResult:
     """Each SAE feature's contribution to the pooled reward (or to a pair's margin).
 
     Rows: every feature of every SAE (``kinds == "feature"``), then per SAE its ``error`` term, its
-    ``decoder_bias`` (``decode(0)``) and, for ``method="direct"``, the ``rest`` of the residual
-    (what the layers after the hook add). ``totals[s]`` is what SAE ``s``'s rows add up to:
-    ``reward - bias`` for the direct method (exact), the hook's gradient x activation for the
-    gradient method. ``completeness()`` is the difference.
+    ``decoder_bias`` (``decode(0)``) and, for the direct and integrated methods, a ``rest`` row
+    (direct: what the layers after the hook add to the residual; integrated: the part of the
+    margin that does not pass through the hook). ``totals[s]`` is what SAE ``s``'s rows add up
+    to: ``reward - bias`` for the direct method (exact), the hook's own gradient x activation for
+    the gradient method, the margin for the integrated method (up to the midpoint rule's error).
+    ``completeness()`` is the difference. ``max_activation``: each feature's maximum over the
+    tokens of each text (chosen minus rejected for pairs).
     """
 
     values: Float[Tensor, "row batch"]
@@ -84,7 +87,9 @@ class SAEAttributionResult:
         choose("kind", kind, ("error", "decoder_bias", "rest"))
         rows = self._rows(hook, kind)
         if not rows:
-            raise InvalidInputError(f"no {kind!r} row: the {kind} row exists for method='direct' only")
+            raise InvalidInputError(
+                f"no {kind!r} row: it exists for the direct and integrated methods only"
+            )
         return self.values[rows[0]]
 
     def completeness(self) -> Float[Tensor, "sae batch"]:
@@ -161,7 +166,8 @@ def _resolve_method(model: HookedRewardModel, hook: str, method: str) -> str:
     choose("method", method, METHODS)
     if method == "auto":
         return "direct" if hook in final_writes(model) else "gradient"
-    if method == "direct" and not (hook.startswith("blocks.") and hook.rsplit(".", 1)[-1] in RESIDUAL_HOOKS):
+    residual = hook.startswith("blocks.") and hook.rsplit(".", 1)[-1] in RESIDUAL_HOOKS
+    if method == "direct" and not residual:
         raise InvalidInputError(
             f"method='direct' needs an SAE on the residual stream (a hook ending in one of "
             f"{list(RESIDUAL_HOOKS)}), not {hook!r}; use method='gradient'"
@@ -178,7 +184,9 @@ def _check_decoder(sae: SAE, method: str) -> None:
         )
 
 
-def reward_readout(model: HookedRewardModel, scale: Float[Tensor, "batch 1"]) -> Float[Tensor, "batch d_model"]:
+def reward_readout(
+    model: HookedRewardModel, scale: Float[Tensor, "batch 1"]
+) -> Float[Tensor, "batch d_model"]:
     """Per-sequence direction ``u`` with ``reward = final_residual . u + bias`` at the scoring
     token: the effective reward direction (final norm's weight folded in, centred for LayerNorm)
     over the final norm's cached scale, as :mod:`tl_reward.attribution` reads the residual."""
@@ -261,7 +269,7 @@ def attribution_rows(model, saes, tokens, attention_mask, method, batch_size, pr
         _check_decoder(sae, m)
     tokens, attention_mask = as_tokens(model, tokens, attention_mask)
     _ = model.reward_direction  # a multi-objective head needs an objective: clear error here
-    weights, bias = read_out(model)
+    bias = read_out(model)[1]
     values, totals, maxes, labels, row_hooks, kinds, feats = [], [], [], [], [], [], []
     reward = None
     for sae, hook, m in zip(items, hooks, methods, strict=True):
@@ -305,15 +313,16 @@ def sae_reward_attribution(
             its error term, so the model's own gradients are used).
         tokens, attention_mask: token ids and mask, or texts.
         method: ``"direct"`` (residual-stream SAEs: activation at the scoring token x decoder row .
-            effective reward direction / cached final-norm scale; exact, with a ``rest`` row),
-            ``"gradient"`` (gradient x activation summed over positions, any hook), or ``"auto"``
-            (direct on the final residual ``blocks.{n_layers-1}.hook_resid_post``, gradient
-            elsewhere).
+            effective reward direction / cached final-norm scale; exact, with a ``rest`` row for
+            what the later layers add), ``"gradient"`` (gradient x activation summed over
+            positions, any hook), or ``"auto"``: direct where it is the whole effect (the final
+            residual ``blocks.{n_layers-1}.hook_resid_post`` and the last MLP's output, see
+            :func:`final_writes`), gradient elsewhere.
 
     Each SAE's rows add up to its ``totals`` (see :class:`SAEAttributionResult`).
     """
-    return SAEAttributionResult(**attribution_rows(model, saes, tokens, attention_mask, method, batch_size,
-                                       progress))
+    rows = attribution_rows(model, saes, tokens, attention_mask, method, batch_size, progress)
+    return SAEAttributionResult(**rows)
 
 
 def align_positions(

@@ -33,10 +33,10 @@ class FeatureActivations:
 
     hook: str
     feature: int
-    activations: Float[Tensor, "batch pos"]
-    attention_mask: Int[Tensor, "batch pos"]
-    tokens: tuple[tuple[str, ...], ...]  # the token strings of each row, padding included
-    labels: tuple[str, ...]  # a name for each row
+    activations: Float[Tensor, "batch pos"] = field(repr=False)
+    attention_mask: Int[Tensor, "batch pos"] = field(repr=False)
+    tokens: tuple[tuple[str, ...], ...] = field(repr=False)  # token strings, padding included
+    labels: tuple[str, ...] = ()  # a name for each row
 
     def _rows(self):
         for i, label in enumerate(self.labels):
@@ -223,7 +223,8 @@ class SAEFeatureSummary:
         """Features specific to ``scenario`` (``"tail"`` or a scenario name): fire rate and mean
         activation over its texts (both sides) against the other texts, Mann-Whitney U p-value
         (``scipy.stats.mannwhitneyu``), and the mean margin contribution inside and outside.
-        Sorted by the difference in fire rate, then in mean activation."""
+        Only features more active inside than outside, sorted by the difference in fire rate,
+        then in mean activation (fewer than ``k`` rows when fewer qualify)."""
         import numpy as np
         import pandas as pd
         from scipy.stats import mannwhitneyu
@@ -239,7 +240,8 @@ class SAEFeatureSummary:
         with np.errstate(divide="ignore", invalid="ignore"):
             p = mannwhitneyu(a_in, a_out, axis=1, alternative="two-sided").pvalue
         m = self.margin.cpu()
-        order = np.lexsort((-(mean_in - mean_out), -(fire_in - fire_out)))[:k]
+        order = np.lexsort((-(mean_in - mean_out), -(fire_in - fire_out)))
+        order = order[(mean_in - mean_out)[order] > 0][:k]
         return pd.DataFrame({
             "feature": order, "fire_rate_in": fire_in[order], "fire_rate_out": fire_out[order],
             "mean_activation_in": mean_in[order], "mean_activation_out": mean_out[order],
