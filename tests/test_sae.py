@@ -338,7 +338,12 @@ def test_dataset_views_and_plots(planted, planted_sae, trigger):
     assert "urgent" in examples.to_html()
     assert len(summary.to_dataframe()) == sae.cfg.d_sae
     res = S.sae_reward_attribution(model, sae, sub.chosen_texts[:8], progress=False)
-    for fig in (res.plot(5), summary.plot(5), examples.plot()):
+    frame = res.to_dataframe()
+    assert len(frame) == len(res.labels) * 8 and set(frame.kind) == {
+        "feature", "error", "decoder_bias", "rest"}
+    abl = S.sae_feature_ablation(model, sae, sub.chosen_texts[:8], features=[f], progress=False)
+    assert len(abl.to_dataframe()) == 8
+    for fig in (res.plot(5), summary.plot(5), examples.plot(), abl.plot()):
         assert fig.data
 
 
