@@ -34,3 +34,14 @@ from .probes import run_probes as run_probes
 from .tuned_lens import TunedRewardLens as TunedRewardLens
 
 __version__ = "0.1.0"
+
+# The SAE tools import sae-lens (and with it datasets and wandb): loaded on first use.
+_SAE_NAMES = ("SAEAttributionResult", "sae_pair_attribution", "sae_reward_attribution", "train_sae")
+
+
+def __getattr__(name: str):
+    if name in _SAE_NAMES:
+        from . import sae
+
+        return getattr(sae, name)
+    raise AttributeError(f"module 'tl_reward' has no attribute {name!r}")

@@ -35,3 +35,11 @@ class InvalidInputError(TLRewardError, ValueError):
 
 class HookNameError(TLRewardError, KeyError):
     """A hook name that the model does not have."""
+
+
+class SAEMismatchError(TLRewardError, ValueError):
+    """An SAE that does not fit the model: unknown hook, wrong width, device or dtype, no hook name."""
+
+
+class NotAnSAEError(TLRewardError, TypeError):
+    """An object that is not a sae-lens ``SAE`` was passed where one is needed."""

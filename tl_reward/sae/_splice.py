@@ -24,20 +24,12 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from .._readout import choose
-from ..errors import InvalidInputError, TLRewardError
+from ..errors import InvalidInputError, NotAnSAEError, SAEMismatchError
 from ..model import HookedRewardModel
 
 # Hooks whose activation lives in the residual basis and is added to (or is) the residual stream.
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
                   "hook_mlp_out")
-
-
-class SAEMismatchError(TLRewardError, ValueError):
-    """An SAE that does not fit the model: unknown hook, wrong width, device or dtype, no hook name."""
-
-
-class NotAnSAEError(TLRewardError, TypeError):
-    """An object that is not a sae-lens ``SAE`` was passed where one is needed."""
 
 
 def sae_list(saes: Any) -> list[SAE]:
