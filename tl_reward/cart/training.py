@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..errors import InvalidInputError
 from ..model import HookedRewardModel
-from ..training import TrainBatch, _pad
+from ..training import TrainBatch
 from .units import Circuit, circuit_activations
 
 Labeller = Callable[[Sequence[str]], Tensor]
@@ -91,14 +91,14 @@ class _Pool:
     def __init__(self, model: HookedRewardModel, texts: Sequence[Any], batch_size: int, seed: int):
         if batch_size < 2:
             raise InvalidInputError(f"batch_size must be >= 2, got {batch_size}")
+        self.model = model
         self.ids = _tokens(model, texts)
         self.batch_size = min(batch_size, len(self.ids))
         self.gen = torch.Generator().manual_seed(seed)
-        self.pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None else 0
 
-    def draw(self, device) -> tuple[Tensor, Tensor, Tensor]:
+    def draw(self) -> tuple[Tensor, Tensor, Tensor]:
         idx = torch.randperm(len(self.ids), generator=self.gen)[: self.batch_size]
-        tokens, mask = _pad([self.ids[i] for i in idx.tolist()], self.pad_id, device)
+        tokens, mask = self.model.pad([self.ids[i] for i in idx.tolist()])
         return idx, tokens, mask
 
 
@@ -117,7 +117,7 @@ class CircuitVarianceLoss:
         self.pool = _Pool(model, tail_texts, batch_size, seed)
 
     def __call__(self, batch: TrainBatch) -> Tensor:
-        _, tokens, mask = self.pool.draw(batch.tokens.device)
+        _, tokens, mask = self.pool.draw()
         a = circuit_activations(batch.model, tokens, mask, self.circuits)
         return self.lam * a.var(0).sum()
 
@@ -233,10 +233,9 @@ def circuit_guided_augmentation(
     variants = [rng.choice(transforms)(x, rng) for x in texts for _ in range(n_variants)]
     if circuits:
         ids = _tokens(model, variants)
-        pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None else 0
         scores = []
         for start in range(0, len(ids), batch_size):
-            tokens, mask = _pad(ids[start:start + batch_size], pad_id, model.cfg.device)
+            tokens, mask = model.pad(ids[start:start + batch_size])
             scores.append(circuit_activations(model, tokens, mask, circuits).sum(1).cpu())
         score = torch.cat(scores).reshape(len(texts), n_variants)
     else:
@@ -267,7 +266,7 @@ class AugmentationLoss:
         self.targets, self.weight = augmented.targets, weight
 
     def __call__(self, batch: TrainBatch) -> Tensor:
-        idx, tokens, mask = self.pool.draw(batch.tokens.device)
+        idx, tokens, mask = self.pool.draw()
         r = batch.model(tokens, attention_mask=mask).float()
         return self.weight * ((r - self.targets[idx].to(r.device)) ** 2).mean()
 
