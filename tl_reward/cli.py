@@ -217,7 +217,6 @@ def patch(
     objective: ObjectiveOpt = None,
 ) -> None:
     """Exact activation patching, chosen = clean, rejected = corrupt: the cells with most effect."""
-    import pandas as pd
 
     from .patching import activation_patch
 
@@ -227,14 +226,10 @@ def patch(
         rm, data = _model(model, device, dtype, objective), _pairs(pairs, max_pairs, seed)
         res = activation_patch(rm, data.chosen_texts, data.rejected_texts, hook=hook, per=per,
                                mode=mode, max_rows=batch_size)
-        values, names = res.flat()
-        df = pd.DataFrame({"cell": list(names), "mean_effect": values.nanmean(-1).numpy(),
-                           "mean_normalized": res.normalized.reshape(len(names), -1).nanmean(-1).numpy()})
-        shown = df.reindex(df["mean_effect"].abs().sort_values(ascending=False).index).head(top)
-        s = res.stats
-        typer.echo(f"{mode} patching of {hook} per {per} on {len(data)} pairs: {len(names)} cells, "
+        df, s = res.cells(), res.stats
+        typer.echo(f"{mode} patching of {hook} per {per} on {len(data)} pairs: {len(df)} cells, "
                    f"{s.n_forwards} forwards, {s.seconds:.2f} s")
-        typer.echo(shown.to_string(index=False))
+        typer.echo(res.top(top).to_string(index=False))
         _save_table(df, out)
 
 

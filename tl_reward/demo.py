@@ -81,12 +81,8 @@ def run_demo(n_pairs: int = 64, *, seed: int = 0, progress: bool = False) -> Dem
 
     patch = activation_patch(model, tail.chosen_texts, tail.rejected_texts, hook="z",
                              per="head", mode="denoise", progress=progress)
-    effect = patch.mean_effect.flatten()
-    names = patch.flat()[1]
-    order = effect.abs().argsort(descending=True)[:5]
-    patching = pd.DataFrame({"head": [names[i] for i in order],
-                             "mean effect": effect[order].numpy(),
-                             "fraction of gap": patch.mean_normalized.flatten()[order].numpy()})
+    patching = patch.top(5).rename(columns={"cell": "head", "mean_effect": "mean effect",
+                                            "mean_normalized": "fraction of gap"})
     return DemoReport(accuracy=accuracy, lens=lens, attribution=attribution,
                       attribution_error=error, patching=patching,
                       patch_seconds=patch.stats.seconds, n_pairs=len(tail))

@@ -108,6 +108,20 @@ class PatchResult:
         names = _cell_names(self)
         return self.effects.reshape(len(names), -1), names
 
+    def cells(self):
+        """One row per cell (``flat()`` names): effect and normalised effect averaged over pairs."""
+        import pandas as pd
+
+        names = _cell_names(self)
+        return pd.DataFrame({"cell": list(names),
+                             "mean_effect": self.mean_effect.reshape(-1).cpu().numpy(),
+                             "mean_normalized": self.mean_normalized.reshape(-1).cpu().numpy()})
+
+    def top(self, k: int = 10):
+        """The ``k`` cells with the largest ``|mean_effect|`` (NaN cells last)."""
+        df = self.cells()
+        return df.reindex(df["mean_effect"].abs().sort_values(ascending=False).index).head(k)
+
     def to_dataframe(self):
         """Long format: one row per (cell, pair)."""
         import itertools

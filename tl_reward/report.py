@@ -148,8 +148,7 @@ def build_report(
     n_patch = min(patch_pairs, len(pairs))
     patch = activation_patch(model, chosen[:n_patch], rejected[:n_patch], hook="z", per="head",
                              mode="denoise", progress=False)
-    effect, names = patch.mean_effect.flatten(), patch.flat()[1]
-    order = effect.abs().argsort(descending=True)[:10].tolist()
+    cells = patch.cells()
     steps.update()
     probe_report = None
     if probes is not None:
@@ -178,9 +177,10 @@ def build_report(
                         "max_sum_error": float((attr.values.sum(0) - attr.total).abs().max()),
                         "top": top_attr.to_dict(orient="records")},
         "patching": {"hook": "z", "per": "head", "mode": "denoise", "n_pairs": n_patch,
-                     "cells": list(names), "mean_effect": _floats(effect),
-                     "mean_normalized": _floats(patch.mean_normalized.flatten()),
-                     "top": [{"head": names[i], "mean_effect": float(effect[i])} for i in order],
+                     "cells": cells["cell"].tolist(), "mean_effect": cells["mean_effect"].tolist(),
+                     "mean_normalized": cells["mean_normalized"].tolist(),
+                     "top": [{"head": r.cell, "mean_effect": float(r.mean_effect)}
+                             for r in patch.top(10).itertuples()],
                      "forwards": patch.stats.n_forwards, "seconds": patch.stats.seconds},
         "seconds": time.perf_counter() - start,
     }

@@ -233,14 +233,19 @@ def eval_set(task: LongTailTask, settings: ExperimentSettings, seed: int) -> Pre
 
 
 def ensemble_margins(trained: TrainedMethods, evalset: PreferenceDataset,
-                     members: tuple[str, ...] = METHODS) -> dict[str, Tensor]:
+                     members: tuple[str, ...] = METHODS,
+                     member_margins: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Eval margins of the ``uniform_ensemble`` and the ``cart_ensemble`` (eq. (15) weights fitted
-    on the training tail pairs' margins against their gold margins) over ``members``."""
+    on the training tail pairs' margins against their gold margins) over ``members``.
+    ``member_margins``: the members' margins on ``evalset`` when already computed."""
     tail = trained.train.tail()
     fit = torch.stack([pair_margins(trained.runs[m].model, tail, progress=False) for m in members])
     gold = trained.task.gold_rewards(tail.chosen_texts) - trained.task.gold_rewards(tail.rejected_texts)
     alpha = fit_ensemble_weights(fit, gold.float())
-    ev = torch.stack([pair_margins(trained.runs[m].model, evalset, progress=False) for m in members])
+    member_margins = member_margins or {}
+    ev = torch.stack([member_margins[m] if m in member_margins
+                      else pair_margins(trained.runs[m].model, evalset, progress=False)
+                      for m in members])
     uniform = torch.full((len(members),), 1.0 / len(members))
     return {"uniform_ensemble": ensemble_rewards(ev, uniform),
             "cart_ensemble": ensemble_rewards(ev, alpha), "weights": alpha}
@@ -252,12 +257,13 @@ def evaluate(trained: TrainedMethods, settings: ExperimentSettings) -> list[dict
     is_tail = torch.tensor(evalset.is_tail)
     rows = []
     base = {"alpha": trained.alpha, "seed": trained.seed, "n_circuits": len(trained.circuits)}
+    margins = {}
     for method, run in trained.runs.items():
-        m = pair_margins(run.model, evalset, progress=False)
+        m = margins[method] = pair_margins(run.model, evalset, progress=False)
         rows.append({**base, "method": method, **evaluate_margins(m, is_tail),
                      "train_seconds": run.seconds, "extra_seconds": run.extra_seconds})
     if set(METHODS) <= set(trained.runs):
-        ens = ensemble_margins(trained, evalset)
+        ens = ensemble_margins(trained, evalset, member_margins=margins)
         seconds = sum(r.seconds for r in trained.runs.values())
         extra = max(r.extra_seconds for r in trained.runs.values())
         for name in ENSEMBLES:
