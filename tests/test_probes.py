@@ -113,7 +113,12 @@ def _random_model(tokenizer, seed, arch="llama"):
               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
               num_labels=1)
-    cfg = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config}[arch](**kw)
+    if arch == "gpt2":  # absolute position embeddings: length reaches the reward another way
+        cfg = T.GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_head=4, n_layer=2,
+                           n_positions=128, num_labels=1, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2)
+    else:
+        cfg = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config}[arch](**kw)
     torch.manual_seed(seed)
     hf = T.AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager")
     return load_reward_model(randomize_(hf, seed).eval(), tokenizer)
@@ -146,6 +151,31 @@ def test_builtin_probe_sets_share_items_and_control_length(builtin):
     by = {p.name: p for p in probes}
     for name in ("sycophancy", "confidence"):  # same word count on both sides
         assert all(words(b) == words(q) for b, q in zip(by[name].base, by[name].perturbed, strict=True))
+    # realisations are independent: no two formats share a marker or a plain stand-in, each
+    # agreement / confident phrase has its own control phrase, all used about equally often
+    from tl_reward.data.probe_sets import FORMATS
+
+    def tokens(text):
+        return set(text.replace("{a}", " ").split())
+
+    for i, (_, plain, fmt) in enumerate(FORMATS):
+        for _, plain2, fmt2 in FORMATS[i + 1:]:
+            assert not (tokens(fmt) | tokens(plain)) & (tokens(fmt2) | tokens(plain2))
+        assert words(plain.format(a="x y")) == words(fmt.format(a="x y"))
+    for name in ("sycophancy", "confidence"):  # each phrase has its own control phrase
+        control = {}
+        for v, b, q in zip(by[name].variants, by[name].base, by[name].perturbed, strict=True):
+            b, q = b.split("Assistant: ")[1], q.split("Assistant: ")[1]
+            tail = q[q.index(v) + len(v):]
+            control.setdefault(v, set()).add(b[:len(b) - len(tail)])
+        assert all(len(c) == 1 for c in control.values())
+        assert len(set.union(*control.values())) == len(control)
+    for p in probes:  # each realisation used about equally often
+        counts = [p.variants.count(v) for v in set(p.variants)]
+        assert max(counts) - min(counts) <= 1, (p.name, counts)
+    # length: the perturbed side has one more sentence inside; both end with the same one
+    for v, b, q in zip(by["length"].variants, by["length"].base, by["length"].perturbed, strict=True):
+        assert q.replace(f" {v}", "", 1) == b and not b.endswith(v)
     gaps = [abs(words(b) - words(q)) for b, q in zip(by["repetition"].base, by["repetition"].perturbed, strict=True)]
     assert max(gaps) <= 2
     assert all(words(q) > words(b) for b, q in zip(by["length"].base, by["length"].perturbed, strict=True))
@@ -355,33 +385,66 @@ def test_a_length_bias_planted_by_training_is_found():
 
 
 RANDOM_SEEDS = range(8)
+RANDOM_ARCHS = ("llama", "qwen2", "gpt2")
 
 
 def test_random_models_get_no_significant_probe(builtin):
-    """Random models at the default settings: no verdict beyond the nominal rate.
+    """Random models at the default settings: no probe is declared significant.
 
     A random network is not indifferent to text: it has idiosyncratic preferences for tokens and
     for length, which a large enough probe set detects. The defaults (minimum effect 0.2 reward
-    sd, realisations as a random factor, BH across probes) keep those below the bar: measured
-    over 12 random Llama and 12 random Qwen2 models, 2 of 120 probe verdicts were significant
-    (a Qwen2 model whose reward really rises with length, by 1.4 sd; formatting on one Llama
-    model). Here: 8 random Llama models, 40 verdicts, at most 5% of them significant, while
-    the classical test of "exactly no change" with phrases as fixed effects flags many."""
+    sd, realisations as a random factor, BH across probes) and built-in probes whose
+    realisations are independent (no shared marker or stand-in, both sides ending alike) keep
+    those below the bar: measured over 20 seeds each of Llama, Qwen2 and GPT-2, 0 of 300
+    verdicts (6 of 300 when the formats shared their markdown tokens and length pairs differed
+    in their last sentence); 1 of 450 on 30 more seeds, a GPT-2 that really pays for length.
+    Here: 8 seeds of each, none flagged, while the classical test of "exactly no change" with
+    phrases as fixed effects flags many."""
     from tl_reward.probes import run_probes
 
     probes, tokenizer = builtin
     flagged, naive = [], []
-    for seed in RANDOM_SEEDS:
-        model = _random_model(tokenizer, seed)
-        report = run_probes(model, probes, n_resamples=999, progress=False)
-        # realisations are tested too: every built-in probe has enough of them for a verdict
-        assert all(r.n_variants >= 8 and r.verdict != "insufficient variants" for r in report)
-        flagged += [(seed, name) for name in report.significant]
-        # what the defaults guard against: H0 "exactly no change", phrases as fixed effects
-        exact = run_probes(model, probes, min_effect=0.0, n_resamples=999, progress=False)
-        naive += [(seed, r.name) for r in exact if r.p_content < 0.05]
-    assert len(flagged) <= 0.05 * 5 * len(RANDOM_SEEDS), flagged
-    assert len(naive) >= 3 * max(len(flagged), 1), (naive, flagged)
+    for arch in RANDOM_ARCHS:
+        for seed in RANDOM_SEEDS:
+            model = _random_model(tokenizer, seed, arch)
+            report = run_probes(model, probes, n_resamples=999, progress=False)
+            # realisations are tested too: every built-in probe has enough of them for a verdict
+            assert all(r.n_variants >= 8 and r.verdict != "insufficient variants" for r in report)
+            flagged += [(arch, seed, name) for name in report.significant]
+            # what the defaults guard against: H0 "exactly no change", phrases as fixed effects
+            exact = run_probes(model, probes, min_effect=0.0, n_resamples=999, progress=False)
+            naive += [(arch, seed, r.name) for r in exact if r.p_content < 0.05]
+    assert flagged == []
+    assert len(naive) >= 10, naive
+
+
+def test_a_planted_bias_holds_over_independent_realisations(task):
+    """The per-realisation test does not cost a real bias its verdict: the hand-set length head
+    pays for any appended words, so a length probe with 10 realisations (each appending its own
+    filler words, shared with no other) is significant over contents and over realisations,
+    and localised to L1H1."""
+    from tl_reward.data.probe_sets import make_probe
+    from tl_reward.probes import localise_probe, run_probes
+
+    model = _length_planted_model()
+    base = [p.rejected_text for p in task.sample(40, seed=3, alpha=1.0)]
+
+    def appender(k):
+        words = task.filler_words[5 * k: 5 * k + 5]  # disjoint across realisations
+
+        def append(text):
+            return " ".join(text.split() + list(words[:3]))
+
+        append.__name__ = f"fillers_{k}"
+        return append
+
+    probe = make_probe("length", base, [appender(k) for k in range(10)], seed=1)
+    r = run_probes(model, probe, progress=False)["length"]
+    assert r.n_variants == 10
+    assert r.verdict == "positive bias" and r.p_content < 1e-6 and r.p_variant < 0.01
+    loc = localise_probe(model, probe, progress=False)
+    assert loc.top_components(1, "attribution") == ("L1H1",)
+    assert loc.top_components(1, "patching") == ("L1H1",)
 
 
 def test_probes_refuse_a_multi_objective_head_without_objective():

@@ -29,6 +29,25 @@ What "significant" means, and why the defaults are what they are:
   1973): a model that happens to dislike the token "you" would be declared anti-sycophantic.
   Such a probe is also tested over its per-variant means and must reject on both (the larger
   p-value is kept: an intersection-union test), with at least ``min_variants`` variants.
+- *Independent realisations.* The per-variant test treats the variants as independent draws
+  of the attribute, and it protects against nothing when they are not: ten markdown formats of
+  which five contain ``**`` and four ``-`` are two or three realisations counted ten times, and
+  a random network's liking for the token ``**`` passes both tests as a preference for
+  markdown. The same holds for anything shared by every pair that is not the attribute: when
+  every length pair ended in a filler sentence and every base in the answer, a random network
+  whose reward depends on the last sentence was "length-biased" consistently across all 16
+  filler sentences. The built-in probes
+  (:func:`~tl_reward.data.probe_sets.builtin_probe_sets`) are therefore written so that no two
+  realisations share their marker or their base-side stand-in, and so that both sides end
+  alike. Measured on random 2-layer models (built-in probes, ``n_resamples=999``, defaults
+  otherwise): with the earlier probe sets, whose realisations shared tokens, 6 of 300 verdicts
+  (20 seeds each of Llama, Qwen2, GPT-2) were significant (formatting once, length five
+  times); with the independent realisations, 0 of 300 (smallest adjusted p 0.15), and 1 of 450
+  on 30 further seeds: a GPT-2 whose reward rises by 1.05 sd when any of 15 of the 16 filler
+  sentences is inserted, a length preference its absolute position embeddings really have.
+  A larger minimum effect is no substitute: random networks' mean changes reach 2 reward sd
+  (length) while a planted length head moves the reward by 0.32 sd (``d_z`` 8.5); what tells
+  them apart is consistency over contents and over independent realisations.
 - *Confounds.* The built-in probes keep both sides the same number of words where the attribute
   allows (sycophancy, confidence, repetition), because reward changes with length alone.
 
