@@ -7,6 +7,7 @@ given with --device). Timings are interleaved and the median of --repeats runs i
 """
 
 import argparse
+import os
 import statistics
 import time
 import warnings
@@ -58,6 +59,13 @@ def main() -> None:
     plain.load_state_dict(model.state_dict(), strict=False)
     plain.eval()
 
+    def full():  # what a hook on the last block (or a cache) gets: the whole last block
+        model.fast_pooling = False
+        try:
+            return model(tokens, attention_mask=mask)
+        finally:
+            model.fast_pooling = True
+
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, 8192, (args.batch, args.pos), generator=gen).to(args.device)
     mask = torch.ones_like(tokens)
@@ -65,9 +73,11 @@ def main() -> None:
         truth = hf(tokens, attention_mask=mask).logits[:, 0]
         ours = model(tokens, attention_mask=mask)
         err = float((truth - ours).abs().max())
+        err_full = float((truth - full()).abs().max())
         runs = {
             "HF (sdpa attention)": lambda: hf(tokens, attention_mask=mask),
             "HookedRewardModel": lambda: model(tokens, attention_mask=mask),
+            "HookedRewardModel, every position (`fast_pooling=False`)": lambda: full(),
             "plain HookedTransformer": lambda: plain(tokens, attention_mask=mask),
         }
         for fn in runs.values():  # warm-up
@@ -81,12 +91,17 @@ def main() -> None:
     rows = "\n".join(
         f"| {k} | {med[k] * 1e3:.1f} | {med[k] / base:.2f}x |" for k in runs
     )
+    threads = os.environ.get("OMP_NUM_THREADS")
+    prefix = f"OMP_NUM_THREADS={threads} " if threads else ""
     body = f"""## Forward cost: HookedRewardModel vs the HF reward model (issue 2)
 
-Command: `python benchmarks/bench_forward.py --device {args.device} --repeats {args.repeats}`
+Command: `{prefix}python benchmarks/bench_forward.py --device {args.device} --repeats {args.repeats}`
 Llama-style reward model, {n_params / 1e6:.1f}M parameters, batch {args.batch} x {args.pos} tokens,
 float32, {args.device}; {machine()}. Median of {args.repeats} interleaved runs.
-Max |reward difference| to HF on this batch: {err:.1e}.
+Max |reward difference| to HF on this batch: {err:.1e} (every position: {err_full:.1e}).
+HookedRewardModel's reward runs the last block at the scoring token only (keys and values at every
+position) while nothing hooks the last block or the final norm; with a hook or cache there it
+runs every position (the `fast_pooling=False` row), which is what a plain HookedTransformer does.
 
 | forward | median ms | ratio to HF |
 |---|---|---|

@@ -69,9 +69,16 @@ def interleaved(runs: dict[str, tuple[Callable, int]]) -> tuple[dict[str, float]
     return {k: statistics.median(v) for k, v in times.items()}, out
 
 
-def forward_flops(model, n_rows: int, n_pos: int) -> float:
-    """Matmul FLOPs of ``n_rows`` full forwards of ``n_pos`` tokens (the unit of the peers)."""
-    return n_rows * model.cfg.n_layers * _layer_flops(model, n_pos, n_pos)
+def forward_flops(model, n_rows: int, n_pos: int, scoring_only: bool = False) -> float:
+    """Matmul FLOPs of ``n_rows`` full forwards of ``n_pos`` tokens (the unit of the peers);
+    ``scoring_only``: HookedRewardModel's forward with nothing hooked on the last block (keys
+    and values everywhere, the rest of the block at the scoring token)."""
+    cfg = model.cfg
+    if not scoring_only:
+        return n_rows * cfg.n_layers * _layer_flops(model, n_pos, n_pos)
+    kv = 2 * (n_pos - 1) * cfg.d_model * cfg.d_head * 2 * (cfg.n_key_value_heads or cfg.n_heads)
+    return n_rows * ((cfg.n_layers - 1) * _layer_flops(model, n_pos, n_pos) + kv
+                     + _layer_flops(model, 1, n_pos))
 
 
 def our_flops(model, result, n_pos: int) -> float:
@@ -142,8 +149,13 @@ def compare_transformer_lens(model, clean, corrupt, table: Table, n_ours: int, n
     err_resid = float((ours_resid.mean_effect - out["tl resid"]).abs().max())
     err_head = float((ours_head.mean_effect - out["tl head"]).abs().max())
 
-    tl_flops_resid = forward_flops(model, cfg.n_layers * n_pos * n_pairs, n_pos)
-    tl_flops_head = forward_flops(model, cfg.n_layers * cfg.n_heads * n_pairs, n_pos)
+    # a hook below the last block leaves HookedRewardModel's scoring-token path on
+    last, below = n_pos * n_pairs, (cfg.n_layers - 1) * n_pos * n_pairs
+    tl_flops_resid = (forward_flops(model, last, n_pos)
+                      + forward_flops(model, below, n_pos, scoring_only=True))
+    last, below = cfg.n_heads * n_pairs, (cfg.n_layers - 1) * cfg.n_heads * n_pairs
+    tl_flops_head = (forward_flops(model, last, n_pos)
+                     + forward_flops(model, below, n_pos, scoring_only=True))
     g1 = f"resid_pre layer x pos ({cfg.n_layers}x{n_pos})"
     table.add(g1, "TransformerLens `get_act_patch_resid_pre`", med["tl resid"], tl_flops_resid,
               f"{cfg.n_layers * n_pos} forwards of batch {n_pairs}", peer=True)
@@ -155,8 +167,9 @@ def compare_transformer_lens(model, clean, corrupt, table: Table, n_ours: int, n
     table.add(g2, "tl_reward `activation_patch`", med["ours head"],
               our_flops(model, ours_head, n_pos), checked("max diff of pair means", err_head))
     notes.append(
-        "TransformerLens runs on the same HookedRewardModel (its forward costs what a plain "
-        "HookedTransformer's does, see forward-cpu), under `torch.no_grad()`, with the metric "
+        "TransformerLens runs on the same HookedRewardModel, under `torch.no_grad()` (so its "
+        "forwards with a hook below the last block get the model's scoring-token path, see "
+        "forward-cpu: a faster baseline than a plain HookedTransformer), with the metric "
         "`reward.mean()` over the batch of pairs (one call on all pairs; its timing includes the "
         "clean cache and the corrupt baseline). Check: tl_reward's per-pair effects averaged over "
         "pairs against TransformerLens's metric minus the corrupt baseline."
@@ -312,6 +325,9 @@ def main() -> None:
     parser.add_argument("--pos", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of the peers (tl_reward runs max(3, repeats) times)")
+    parser.add_argument("--shared-prompt", type=int, default=0,
+                        help="clean and corrupt share their first N tokens (a preference pair's "
+                             "prompt); 0: two unrelated sequences")
     parser.add_argument("--skip-reward-lens", action="store_true")
     parser.add_argument("--skip-atp", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print only")
@@ -326,6 +342,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     clean = torch.randint(1, VOCAB, (args.pairs, args.pos), generator=gen)
     corrupt = torch.randint(1, VOCAB, (args.pairs, args.pos), generator=gen)
+    if not 0 <= args.shared_prompt < args.pos:
+        parser.error(f"--shared-prompt must lie in [0, --pos), got {args.shared_prompt}")
+    corrupt[:, : args.shared_prompt] = clean[:, : args.shared_prompt]
     with torch.no_grad():  # warm-up, and the parity the comparisons rest on
         r_hf = hf(torch.cat([clean, corrupt])).logits[:, 0]
         r_ours = model(torch.cat([clean, corrupt]))
@@ -355,6 +374,7 @@ def main() -> None:
         print(f"(c) AtP done in {time.perf_counter() - t0:.0f}s")
 
     flags = [f"--pairs {args.pairs}", f"--pos {args.pos}", f"--repeats {args.repeats}"]
+    flags += [f"--shared-prompt {args.shared_prompt}"] * bool(args.shared_prompt)
     flags += ["--skip-reward-lens"] * args.skip_reward_lens + ["--skip-atp"] * args.skip_atp
     threads = os.environ.get("OMP_NUM_THREADS")
     prefix = f"OMP_NUM_THREADS={threads} " if threads else ""
@@ -366,14 +386,21 @@ def main() -> None:
         "(the FLOP ratio); the rest of a speed-up has to come from batching, which pays where a "
         "forward's fixed costs dominate (short sequences, GPUs), not for 64-token sequences on "
         "one CPU core, where a batch-1 forward already runs near the matmul rate. Per-position "
-        "grids also skip the positions before the patch (cached keys and values)."
+        "grids also skip the positions before the patch (cached keys and values). When clean "
+        "and corrupt share a prompt (--shared-prompt), every grid starts at the first position "
+        "where they differ: the prompt's activations are the same in both runs, so a patch "
+        "cannot change them (cells inside the prompt are exactly 0 without a forward); the "
+        "peers recompute the prompt for every cell."
     )
+    shared = (f"; both share their first {args.shared_prompt} tokens, a prompt, and differ in the "
+              f"last {args.pos - args.shared_prompt}, the responses" if args.shared_prompt else
+              "; unrelated sequences, nothing shared")
     body = f"""## Activation patching: tl_reward vs TransformerLens, reward-lens and AtP (issue 5)
 
 Command: `{prefix}python benchmarks/bench_patching.py {' '.join(flags)}`
 Llama-style reward model, {n_params / 1e6:.1f}M parameters ({model.cfg.n_layers} layers,
 {model.cfg.n_heads} heads), float32, cpu; {machine()}.
-{args.pairs} pairs of {args.pos} random tokens (clean and corrupt of the same length), denoising
+{args.pairs} pairs of {args.pos} random tokens (clean and corrupt of the same length{shared}), denoising
 (clean written into corrupt; effect = patched - corrupt reward). Max |reward difference|
 HookedRewardModel vs HF on these sequences: {parity:.1e}; clean - corrupt reward gaps
 {', '.join(f'{g:+.3f}' for g in gap.tolist())}.
@@ -391,7 +418,8 @@ Targets: >= 3x TransformerLens, >= 5x reward-lens, AtP >= 50x the exact grid.
     print(body)
     if not args.no_write:  # one section per problem size; the default size is "patching-cpu"
         default = (args.pairs, args.pos) == (parser.get_default("pairs"), parser.get_default("pos"))
-        write_section("patching-cpu" if default else f"patching-cpu-{args.pairs}x{args.pos}", body)
+        key = "patching-cpu" if default else f"patching-cpu-{args.pairs}x{args.pos}"
+        write_section(key + (f"-prompt{args.shared_prompt}" if args.shared_prompt else ""), body)
 
 
 if __name__ == "__main__":

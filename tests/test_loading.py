@@ -40,10 +40,38 @@ def test_parity_with_hf_each_sequence_alone(arch, gqa, num_labels):
         model = load_reward_model(hf, **kwargs)
         for side in ("right", "left"):
             tokens, mask = pad_batch(seqs, side)
-            with torch.no_grad():
-                out = model(tokens, attention_mask=mask)
-            out = out if num_labels > 1 else out[:, None]
-            torch.testing.assert_close(out, truth, atol=TOL, rtol=0, msg=f"{kwargs} {side}")
+            for fast in (True, False):  # last block at the scoring tokens only, or everywhere
+                model.fast_pooling = fast
+                with torch.no_grad():
+                    out = model(tokens, attention_mask=mask)
+                out = out if num_labels > 1 else out[:, None]
+                torch.testing.assert_close(out, truth, atol=TOL, rtol=0,
+                                           msg=f"{kwargs} {side} fast={fast}")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt_neox"])
+def test_anything_observing_the_last_block_gets_the_full_forward(arch):
+    """The reward runs the last block at the scoring tokens only, unless a hook, a cache or a
+    torch hook is on it: then every position is computed and seen, with the same reward."""
+    model = load_reward_model(make_hf_model(arch, gqa=arch != "gpt_neox"))
+    tokens, mask = pad_batch(ragged_sequences(seed=2), "right")
+    last = model.cfg.n_layers - 1
+    seen = []
+    with torch.no_grad():
+        fast = model(tokens, attention_mask=mask)
+        assert model._reward_needs_scoring_tokens_only()
+        hooked = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[
+            (f"blocks.{last}.mlp.hook_post", lambda a, hook: seen.append(a.shape) or a)])
+        cached, cache = model.run_with_cache(tokens, attention_mask=mask)
+        handle = model.ln_final.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert not model._reward_needs_scoring_tokens_only()
+        torch_hooked = model(tokens, attention_mask=mask)
+        handle.remove()
+    assert seen[0][:2] == tokens.shape and seen[1][:2] == tokens.shape
+    assert cache[f"blocks.{last}.hook_resid_post"].shape[:2] == tokens.shape
+    for other in (hooked, cached, torch_hooked):
+        torch.testing.assert_close(other, fast, atol=1e-5, rtol=0)
+    assert model._reward_needs_scoring_tokens_only()  # nothing left behind
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

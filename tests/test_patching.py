@@ -329,3 +329,55 @@ def test_planted_residual_patching_tracks_where_the_information_is(planted, circ
     only(0, col_edit)
     reader = _circuit(circuit)["neuron" if circuit == "trigger" else "head"].layer
     only(reader, torch.full_like(col_edit, col_score) if circuit == "trigger" else col_edit)
+
+
+def _shared_prompt_pairs(n=3, prompt=6, response=4, seed=0):
+    """Preference pairs: one prompt each, two different responses (and one identical pair)."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randint(3, 97, (n, prompt), generator=g)
+    clean = torch.cat([p, torch.randint(3, 97, (n, response), generator=g)], 1)
+    corrupt = torch.cat([p, torch.randint(3, 97, (n, response), generator=g)], 1)
+    corrupt[-1] = clean[-1]
+    return clean, corrupt
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("hook,per,tl_fn,perm", TL_CASES, ids=[f"{h}-{p}" for h, p, _, _ in TL_CASES])
+def test_shared_prompts_equal_transformer_lens_and_skip_the_prefix(arch, hook, per, tl_fn, perm):
+    """Pairs sharing their prompt: the patch starts where the runs differ; the cells in the
+    prompt (and every cell of an identical pair) are exactly 0, and TransformerLens agrees."""
+    model = load_reward_model(make_hf_model(arch, gqa=arch == "llama"))
+    clean, corrupt = _shared_prompt_pairs()
+    ours = activation_patch(model, clean, corrupt, hook=hook, per=per, progress=False)
+    full = activation_patch(model, clean, corrupt, hook=hook, per=per, use_kv_cache=False,
+                            progress=False)
+    for i in range(len(clean)):
+        _, clean_cache = model.run_with_cache(clean[i : i + 1])
+        with torch.no_grad():
+            ref = tl_fn(model, corrupt[i : i + 1], clean_cache, lambda out: out[0])
+            base = model(corrupt[i : i + 1])[0]
+        ref = ref.permute(*perm) if perm else ref
+        torch.testing.assert_close(ours.effects[..., i], ref - base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.effects, full.effects, atol=1e-5, rtol=0)
+    assert bool((ours.effects[..., -1] == 0).all())  # the identical pair: never run
+    if per.endswith("_pos"):
+        assert bool((ours.effects[..., :6, :] == 0).all())  # the shared prompt's cells
+    assert ours.stats.flops < 0.7 * full.stats.flops
+
+
+def test_shared_prefix_respects_padding_and_alignment():
+    """Equal padding and equal tokens at equal positions are shared; the same tokens at
+    shifted positions (row 1) are not, nor is anything after the padding differs."""
+    from tl_reward.patching import _position_map, _run, _shared_prefix
+
+    model = load_reward_model(make_hf_model("gpt2"))
+    a, a_m = pad_batch([[0, 0, 5, 6, 7, 8], [5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 9, 10]], "right")
+    b, b_m = pad_batch([[0, 0, 5, 6, 9, 9], [6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 9, 10]], "right")
+    a_m[0, :2] = 0  # row 0: both left-padded by 2, then 5 6 shared
+    b_m[0, :2] = 0
+    ta, tb = _run(model, a, a_m, set()), _run(model, b, b_m, set())
+    shared = _shared_prefix(ta, tb, _position_map(ta, tb, "align_end"))
+    assert shared.tolist() == [4, 0, 6]
+    b_m[0, 1] = 1  # padded differently from position 1 on: only position 0 is shared
+    tb = _run(model, b, b_m, set())
+    assert int(_shared_prefix(ta, tb, _position_map(ta, tb, "align_end"))[0]) == 1

@@ -78,6 +78,11 @@ class HookedRewardModel(HookedTransformer):
 
     Build one with :func:`tl_reward.load_reward_model`. Every TransformerLens trunk hook keeps its
     name; ``run_with_cache``, ``run_with_hooks`` and ``ActivationCache`` methods work unchanged.
+
+    The pooled reward needs the last block at the scoring tokens only: while nothing observes the
+    last block or the final norm (no TransformerLens hook, cache or torch hook on them), it runs
+    there alone (keys and values still projected everywhere), the same reward for less work. Any
+    hook there, or ``fast_pooling = False``, gives the full forward.
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class HookedRewardModel(HookedTransformer):
             tuple(label_names) if label_names is not None else tuple(f"reward_{i}" for i in range(n))
         )
         self.reward_head = RewardHead()
+        self.fast_pooling = True
         self.register_buffer("objective_weights", None, persistent=False)
         self.setup()
         self.set_objective(objective)
@@ -285,6 +291,11 @@ class HookedRewardModel(HookedTransformer):
                 attention_mask = None  # no padding: skip TransformerLens's mask bookkeeping
         elif attention_mask is not None:
             attention_mask = attention_mask.to(device=input.device, dtype=torch.long)
+        if (self.fast_pooling and return_type == "reward" and start_at_layer is None
+                and stop_at_layer is None
+                and past_kv_cache is None and shortformer_pos_embed is None
+                and self._reward_needs_scoring_tokens_only()):
+            return self._forward_to_scoring_tokens(tokens, attention_mask, pool_index)
         resid = super().forward(
             input,
             return_type=None,
@@ -303,11 +314,92 @@ class HookedRewardModel(HookedTransformer):
         if pool_index is None:
             pool_index = self.pooled_index(tokens, attention_mask, shape=tuple(normed.shape[:2]))
         batch_index = torch.arange(normed.shape[0], device=normed.device)
-        pooled = self.reward_head.hook_pooled(normed[batch_index, pool_index.to(normed.device)])
+        return self._head(normed[batch_index, pool_index.to(normed.device)], return_type)
+
+    def _head(self, normed: Float[Tensor, "batch d_model"], return_type: ReturnType) -> Tensor | None:
+        """The reward head on the normalised residual at the scoring tokens."""
+        pooled = self.reward_head.hook_pooled(normed)
         rewards = self.reward_head.hook_reward(pooled @ self.W_R + self.b_R)
         if return_type is None:
             return None
         return self._reduce(rewards)
+
+    # ------------------------------------------------------------------ the fast path
+    def _reward_needs_scoring_tokens_only(self) -> bool:
+        """Whether the reward can be computed with the last block run at the scoring tokens only:
+        a standard attention block (no positional tricks that depend on the query's index) and
+        nothing observing the last block or the final norm (no hooks of any kind on them: a
+        cache or a hook there sees every position, so it gets the full forward)."""
+        cfg = self.cfg
+        if (cfg.positional_embedding_type not in ("standard", "rotary") or cfg.use_attn_in
+                or cfg.use_split_qkv_input or cfg.use_attn_result or cfg.attn_only
+                or getattr(cfg, "clip_qkv", None) is not None
+                or getattr(cfg, "use_logn_attn", False) or getattr(cfg, "use_dynamic_ntk_rope", False)
+                or cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM",
+                                                 "Olmo3ForCausalLM")):
+            return False
+        nn_hooks = torch.nn.modules.module
+        if (nn_hooks._global_forward_hooks or nn_hooks._global_forward_pre_hooks
+                or nn_hooks._global_backward_hooks or nn_hooks._global_backward_pre_hooks):
+            return False
+        for part in (self.blocks[-1], self.ln_final):
+            for m in part.modules():
+                if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                        or m._backward_pre_hooks):
+                    return False
+        return True
+
+    def _forward_to_scoring_tokens(
+        self, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None,
+        pool_index: Int[Tensor, "batch"] | None,
+    ) -> Tensor:
+        """The pooled reward with the last block run where the reward is read.
+
+        Blocks before the last run as usual. The last block's keys and values are projected at
+        the positions before each row's scoring token; its queries, attention and MLP then run at
+        the scoring token alone, through TransformerLens's key-value cache (rows whose scoring
+        token comes earlier get their keys left-padded and masked, the way TransformerLens runs
+        left-padded batches, so rotary positions come out the same). The same function as the
+        full forward: checked against it and against HF in the tests.
+        """
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+        last = self.cfg.n_layers - 1
+        x = super().forward(tokens, return_type=None, padding_side="right", stop_at_layer=last,
+                            attention_mask=attention_mask)
+        batch, n_pos, _ = x.shape
+        if pool_index is None:
+            pool_index = self.pooled_index(tokens, attention_mask, shape=(batch, n_pos))
+        pool_index = pool_index.to(x.device)
+        rows = torch.arange(batch, device=x.device)
+        n_past = int(pool_index.max())
+        query = x[rows, pool_index][:, None]  # [batch, 1, d_model]
+        block = self.blocks[last]
+        normed = block.ln1(x[:, :n_past])
+        _, k, v = block.attn.calculate_qkv_matrices(normed[:, :1], normed, normed)
+        real = (attention_mask[:, :n_past] if attention_mask is not None
+                else torch.ones(batch, n_past, dtype=torch.long, device=x.device))
+        if bool((pool_index == n_past).all()):
+            mask = attention_mask[:, : n_past + 1] if attention_mask is not None else None
+        else:  # right-align each row's past so that every query sits at position n_past
+            src = torch.arange(n_past, device=x.device)[None] - (n_past - pool_index)[:, None]
+            keep = src >= 0
+            src = src.clamp(min=0)
+            k = k.gather(1, src[:, :, None, None].expand(-1, -1, *k.shape[2:]))
+            v = v.gather(1, src[:, :, None, None].expand(-1, -1, *v.shape[2:]))
+            real = torch.where(keep, real.gather(1, src), 0)
+            mask = torch.cat([real, torch.ones(batch, 1, dtype=real.dtype, device=x.device)], 1)
+        empty = torch.empty(0, device=x.device)
+        entries = [TransformerLensKeyValueCacheEntry(past_keys=empty, past_values=empty, frozen=True)
+                   for _ in range(last)]
+        entries.append(TransformerLensKeyValueCacheEntry(past_keys=k, past_values=v, frozen=True))
+        cache = TransformerLensKeyValueCache(entries=entries, previous_attention_mask=real,
+                                             frozen=True)
+        out = super().forward(query, return_type=None, padding_side="right", start_at_layer=last,
+                              stop_at_layer=self.cfg.n_layers, attention_mask=mask,
+                              past_kv_cache=cache)
+        return self._head(self.ln_final(out)[:, 0], "reward")
 
     # ------------------------------------------------------------------ texts
     def tokenize(self, texts: Sequence[Text]) -> list[list[int]]:

@@ -10,6 +10,10 @@ How a grid is computed (every number exact, no approximation):
 - a patch at position ``p`` cannot change positions before ``p`` (causal attention), so those
   positions are not recomputed: their keys and values come from the cached run through
   TransformerLens's key-value cache, and only positions ``>= p`` are run;
+- likewise, where the source run has the same tokens at the same positions as the target (a
+  preference pair's shared prompt), every activation there is the same in both runs: a patch
+  starts at the first position where they differ, and a cell patching only the shared prefix
+  has an effect of exactly 0 without being run;
 - many cells (pairs x positions x heads ...) go into one forward as rows of a batch, at most
   ``max_rows`` to bound memory, sorted by patched position: a forward starts at the earliest
   position it patches, and rows at nearby positions share a forward when that wastes less than
@@ -329,7 +333,9 @@ def activation_patch(
             (``"-3"``) with ``align_end``, absolute target positions with a map.
         layers: restrict to these layers (default all).
         max_rows: rows (cells x pairs) per forward; bounds memory.
-        use_kv_cache: reuse cached keys/values of the positions before a patched position.
+        use_kv_cache: reuse cached keys/values of the positions before a patched position
+            (and skip the clean and corrupt runs' shared prefix); ``False`` recomputes every
+            position of every patched forward (the reference the fast path is tested against).
     """
     choose("hook", hook, HOOKS)
     hook_name, kind = HOOKS[hook]
@@ -409,13 +415,23 @@ def activation_patch(
 
     rows = _grid_rows(target.pooled, pos_map, rel_t, n_units_axis, with_pos,
                       relative=isinstance(positions, str))  # the same cells in every layer
-    start_of = rows.pos if (with_pos and use_kv_cache) else torch.zeros_like(rows.pos)
+    if use_kv_cache:
+        # a patch can only change positions from the first one where the runs differ on
+        shared = _shared_prefix(target, source, pos_map)[rows.pair]
+        start_of = torch.maximum(rows.pos, shared) if with_pos else shared
+        unchanged = (rows.pos < shared) if with_pos else (shared > target.pooled[rows.pair])
+        rows, same = rows.split(~unchanged)
+        start_of = start_of[~unchanged]
+    else:
+        start_of, same = torch.zeros_like(rows.pos), None
     order = torch.argsort(start_of, stable=True)
     chunks = _chunks(start_of[order], n_t, max_rows, _overhead_rows(target.tokens.device))
     for li, layer in enumerate(tqdm(layers, desc=f"patching {hook} per {per}",
                                     disable=not progress, leave=False)):
         view = effects[li].reshape(n_units_axis, len(rel_t), n_pairs)
         view[rows.zero_unit, rows.zero_pos, rows.zero_pair] = 0.0  # after the scoring token
+        if same is not None:  # the patch writes what the target run already has there
+            view[same.unit, same.rel, same.pair] = 0.0
         for chunk in chunks:
             sel = order[chunk.to(order.device)]
             start = int(start_of[sel[0]])  # every row of the chunk patches there or later
@@ -457,6 +473,34 @@ class _Rows:
     zero_unit: Tensor
     zero_pos: Tensor
     zero_pair: Tensor
+
+    def split(self, keep: Tensor) -> tuple["_Rows", "_Rows"]:
+        """The rows where ``keep`` holds (with the zero cells), and the others as rows."""
+        def part(m):
+            return (self.unit[m], self.rel[m], self.pair[m], self.pos[m])
+        return (_Rows(*part(keep), self.zero_unit, self.zero_pos, self.zero_pair),
+                _Rows(*part(~keep), *(self.zero_unit[:0],) * 3))
+
+
+def _shared_prefix(target: _Run, source: _Run | None, pos_map: Tensor) -> Int[Tensor, "pair"]:
+    """Per pair, how many leading target positions the source run has identically: same
+    tokens at the same positions (padding in both where either pads), so under causal attention
+    every activation there is the same function of the same inputs and patching changes nothing.
+    Preference pairs sharing their prompt share it."""
+    n_pairs, n_t = target.tokens.shape
+    if source is None:
+        return torch.zeros(n_pairs, dtype=torch.long, device=target.tokens.device)
+    n = min(n_t, source.tokens.shape[1])
+
+    def real(run):
+        m = run.mask[:, :n] if run.mask is not None else torch.ones_like(run.tokens[:, :n])
+        return m.bool()
+
+    t_real, s_real = real(target), real(source)
+    pos = torch.arange(n, device=pos_map.device)
+    same_token = (target.tokens[:, :n] == source.tokens[:, :n]) & (pos_map[:, :n] == pos)
+    same = (t_real == s_real) & (~t_real | same_token)
+    return same.long().cumprod(1).sum(1)
 
 
 def _grid_rows(pooled, pos_map, rel_t, n_units: int, with_pos: bool, relative: bool) -> _Rows:
