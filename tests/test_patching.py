@@ -381,3 +381,27 @@ def test_shared_prefix_respects_padding_and_alignment():
     b_m[0, 1] = 1  # padded differently from position 1 on: only position 0 is shared
     tb = _run(model, b, b_m, set())
     assert int(_shared_prefix(ta, tb, _position_map(ta, tb, "align_end"))[0]) == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt_neox"])
+def test_ragged_batches_equal_each_pair_alone_on_the_full_forward(arch):
+    """Pairs of different lengths in one right-padded batch (the last block then runs at scoring
+    tokens in different positions) equal TransformerLens's patching of each pair alone, with the
+    model's full forward (``fast_pooling=False``) as the reference."""
+    model = load_reward_model(make_hf_model(arch, gqa=arch != "gpt_neox"))
+    g = torch.Generator().manual_seed(5)
+    lengths = [9, 5, 7]
+    clean_seqs = [torch.randint(3, 97, (n,), generator=g).tolist() for n in lengths]
+    corrupt_seqs = [torch.randint(3, 97, (n,), generator=g).tolist() for n in lengths]
+    clean, c_mask = pad_batch(clean_seqs, "right")
+    corrupt, r_mask = pad_batch(corrupt_seqs, "right")
+    ours = activation_patch(model, clean, corrupt, hook="z", per="head", clean_mask=c_mask,
+                            corrupt_mask=r_mask, progress=False)
+    model.fast_pooling = False
+    for i, (c, r) in enumerate(zip(clean_seqs, corrupt_seqs, strict=True)):
+        c, r = torch.tensor([c]), torch.tensor([r])
+        _, clean_cache = model.run_with_cache(c)
+        with torch.no_grad():
+            ref = tlp.get_act_patch_attn_head_out_all_pos(model, r, clean_cache, lambda out: out[0])
+            base = model(r)[0]
+        torch.testing.assert_close(ours.effects[..., i], ref - base, atol=1e-5, rtol=0)

@@ -325,18 +325,25 @@ class HookedRewardModel(HookedTransformer):
         return self._reduce(rewards)
 
     # ------------------------------------------------------------------ the fast path
+    def _scoring_path_supported(self) -> bool:
+        """Whether this architecture's last block can run at the scoring tokens alone through the
+        key-value cache: standard attention, nothing that depends on a query's index."""
+        cfg = self.cfg
+        return not (
+            cfg.positional_embedding_type not in ("standard", "rotary") or cfg.use_attn_in
+            or cfg.use_split_qkv_input or cfg.use_attn_result or cfg.attn_only
+            or getattr(cfg, "clip_qkv", None) is not None
+            or getattr(cfg, "use_logn_attn", False) or getattr(cfg, "use_dynamic_ntk_rope", False)
+            or cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM",
+                                             "Olmo3ForCausalLM")
+        )
+
     def _reward_needs_scoring_tokens_only(self) -> bool:
         """Whether the reward can be computed with the last block run at the scoring tokens only:
-        a standard attention block (no positional tricks that depend on the query's index) and
-        nothing observing the last block or the final norm (no hooks of any kind on them: a
-        cache or a hook there sees every position, so it gets the full forward)."""
-        cfg = self.cfg
-        if (cfg.positional_embedding_type not in ("standard", "rotary") or cfg.use_attn_in
-                or cfg.use_split_qkv_input or cfg.use_attn_result or cfg.attn_only
-                or getattr(cfg, "clip_qkv", None) is not None
-                or getattr(cfg, "use_logn_attn", False) or getattr(cfg, "use_dynamic_ntk_rope", False)
-                or cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM",
-                                                 "Olmo3ForCausalLM")):
+        a supported architecture and nothing observing the last block or the final norm (no hooks
+        of any kind on them: a cache or a hook there sees every position, so it gets the full
+        forward)."""
+        if not self._scoring_path_supported():
             return False
         nn_hooks = torch.nn.modules.module
         if (nn_hooks._global_forward_hooks or nn_hooks._global_forward_pre_hooks
@@ -353,31 +360,48 @@ class HookedRewardModel(HookedTransformer):
         self, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None,
         pool_index: Int[Tensor, "batch"] | None,
     ) -> Tensor:
-        """The pooled reward with the last block run where the reward is read.
+        """The pooled reward with the last block run where the reward is read (blocks before it
+        as usual; see :meth:`_last_block_at_scoring_tokens`)."""
+        last = self.cfg.n_layers - 1
+        x = super().forward(tokens, return_type=None, padding_side="right", stop_at_layer=last,
+                            attention_mask=attention_mask)
+        if pool_index is None:
+            pool_index = self.pooled_index(tokens, attention_mask, shape=tuple(x.shape[:2]))
+        return self._last_block_at_scoring_tokens(x, attention_mask, pool_index)
 
-        Blocks before the last run as usual. The last block's keys and values are projected at
-        the positions before each row's scoring token; its queries, attention and MLP then run at
-        the scoring token alone, through TransformerLens's key-value cache (rows whose scoring
-        token comes earlier get their keys left-padded and masked, the way TransformerLens runs
-        left-padded batches, so rotary positions come out the same). The same function as the
-        full forward: checked against it and against HF in the tests.
+    def _last_block_at_scoring_tokens(
+        self,
+        x: Float[Tensor, "batch new_pos d_model"],
+        attention_mask: Int[Tensor, "batch pos"] | None,
+        pool_index: Int[Tensor, "batch"],
+        past: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """The reward from the last block's input, the block run at the scoring tokens only.
+
+        ``x`` holds the last block's input at positions ``start ..`` (``start`` = the length of
+        ``past``, the last layer's keys and values of the earlier positions as TransformerLens's
+        key-value cache stores them). The block's keys and values are projected at the positions
+        before each row's scoring token; its queries, attention and MLP then run at the scoring
+        token alone, through TransformerLens's key-value cache. Rows whose scoring token comes
+        earlier get their keys left-padded and masked, the way TransformerLens runs left-padded
+        batches, so rotary positions come out the same. The same function as the full forward
+        (checked against it, and against HF, in the tests).
         """
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
         last = self.cfg.n_layers - 1
-        x = super().forward(tokens, return_type=None, padding_side="right", stop_at_layer=last,
-                            attention_mask=attention_mask)
-        batch, n_pos, _ = x.shape
-        if pool_index is None:
-            pool_index = self.pooled_index(tokens, attention_mask, shape=(batch, n_pos))
+        batch = x.shape[0]
+        start = past[0].shape[1] if past is not None else 0
         pool_index = pool_index.to(x.device)
         rows = torch.arange(batch, device=x.device)
         n_past = int(pool_index.max())
-        query = x[rows, pool_index][:, None]  # [batch, 1, d_model]
+        query = x[rows, pool_index - start][:, None]  # [batch, 1, d_model]
         block = self.blocks[last]
-        normed = block.ln1(x[:, :n_past])
+        normed = block.ln1(x[:, : n_past - start])
         _, k, v = block.attn.calculate_qkv_matrices(normed[:, :1], normed, normed)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
         real = (attention_mask[:, :n_past] if attention_mask is not None
                 else torch.ones(batch, n_past, dtype=torch.long, device=x.device))
         if bool((pool_index == n_past).all()):

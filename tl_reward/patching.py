@@ -19,9 +19,9 @@ How a grid is computed (every number exact, no approximation):
   position it patches, and rows at nearby positions share a forward when that wastes less than
   a forward's fixed cost (a small dynamic programme);
 - positions after the scoring token are never run, and patches there have an effect of exactly
-  0; when the rows of a forward share their scoring position, the last block runs at that
-  position alone (its keys and values for the earlier positions come from its own projections:
-  queries, attention and MLP are only needed where the reward is read).
+  0; the last block runs at each row's scoring token alone (its keys and values for the
+  earlier positions come from its own projections: queries, attention and MLP are only needed
+  where the reward is read).
 """
 
 import time
@@ -590,15 +590,6 @@ def _chunks(starts: Tensor, n_t: int, max_rows: int, overhead: int) -> list[Tens
     return sorted(chunks, key=lambda c: int(c[0]))
 
 
-def _last_block_at_pooled_only(model: HookedRewardModel) -> bool:
-    """Whether the last block can be run at the scoring token alone, its keys and values for the
-    earlier positions computed by the attention's own projection (architectures tl_reward loads)."""
-    cfg = model.cfg
-    return (cfg.positional_embedding_type in ("standard", "rotary") and not cfg.use_attn_in
-            and not cfg.use_split_qkv_input and getattr(cfg, "clip_qkv", None) is None
-            and not cfg.attn_only and cfg.n_layers > 1)
-
-
 def _patched_forward(model, target: _Run, repl: Tensor, layer: int, hook_name: str, kind: str,
                      start: int, pairs: Tensor, units: Tensor | None, poss: Tensor | None,
                      pos_map: Tensor) -> tuple[Float[Tensor, "batch"], float]:
@@ -606,9 +597,10 @@ def _patched_forward(model, target: _Run, repl: Tensor, layer: int, hook_name: s
     the matmul FLOPs it took.
 
     Positions after the last scoring token of these rows are not run (they cannot change a
-    reward). When every row scores at the same position, the last block runs at that position
-    alone: its keys and values for the earlier positions come from its attention's projections,
-    the rest of the block (queries, attention, MLP) is needed at the scoring token only.
+    reward). The last block runs at each row's scoring token alone
+    (:meth:`HookedRewardModel._last_block_at_scoring_tokens`): its keys and values for the
+    earlier positions come from its attention's projections, the rest of the block (queries,
+    attention, MLP) is needed at the scoring token only.
     """
     cfg = model.cfg
     last = cfg.n_layers - 1
@@ -642,8 +634,7 @@ def _patched_forward(model, target: _Run, repl: Tensor, layer: int, hook_name: s
     mask = target.mask[pairs, :end] if target.mask is not None else None
     kv = _kv_prefix(model, target, layer, pairs, start) if start > 0 else None
     hooks = [(f"blocks.{layer}.{hook_name}", patch)]
-    split = (layer < last and n_new > 1 and bool((pooled == end - 1).all())
-             and _last_block_at_pooled_only(model))
+    split = layer < last and n_new > 1 and model._scoring_path_supported()
     with torch.no_grad():
         if not split:
             out = model.run_with_hooks(resid, attention_mask=mask, start_at_layer=layer,
@@ -651,22 +642,11 @@ def _patched_forward(model, target: _Run, repl: Tensor, layer: int, hook_name: s
             return out, len(pairs) * (cfg.n_layers - layer) * _layer_flops(model, n_new, end)
         x = model.run_with_hooks(resid, attention_mask=mask, start_at_layer=layer,
                                  stop_at_layer=last, past_kv_cache=kv, fwd_hooks=hooks)
-        block = model.blocks[last]
-        normed = block.ln1(x[:, :-1])
-        _, k, v = block.attn.calculate_qkv_matrices(normed[:, :1], normed, normed)
+        past = None
         if start > 0:
             prefix = _kv_prefix(model, target, last, pairs, start)[last]
-            k, v = torch.cat([prefix.past_keys, k], 1), torch.cat([prefix.past_values, v], 1)
-        entries = [TransformerLensKeyValueCacheEntry(past_keys=torch.empty(0),
-                                                     past_values=torch.empty(0), frozen=True)
-                   for _ in range(last)]
-        entries.append(TransformerLensKeyValueCacheEntry(past_keys=k, past_values=v, frozen=True))
-        prev = (mask[:, :-1] if mask is not None
-                else torch.ones(len(pairs), end - 1, dtype=torch.long, device=x.device))
-        cache = TransformerLensKeyValueCache(entries=entries, previous_attention_mask=prev,
-                                             frozen=True)
-        out = model(x[:, -1:], attention_mask=mask, start_at_layer=last, past_kv_cache=cache,
-                    pool_index=torch.zeros_like(pooled))
+            past = (prefix.past_keys, prefix.past_values)
+        out = model._last_block_at_scoring_tokens(x, mask, pooled, past)
     n_kv_heads = cfg.n_key_value_heads or cfg.n_heads
     kv_flops = 2 * (n_new - 1) * cfg.d_model * cfg.d_head * 2 * n_kv_heads
     flops = (last - layer) * _layer_flops(model, n_new, end) + kv_flops + _layer_flops(model, 1, end)
