@@ -405,3 +405,34 @@ def test_ragged_batches_equal_each_pair_alone_on_the_full_forward(arch):
             ref = tlp.get_act_patch_attn_head_out_all_pos(model, r, clean_cache, lambda out: out[0])
             base = model(r)[0]
         torch.testing.assert_close(ours.effects[..., i], ref - base, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "gpt_neox"])
+@pytest.mark.parametrize("hook,per", [("mlp_post", "neuron"), ("resid_post", "layer_pos")])
+def test_block_outputs_written_directly_equal_hooked_runs(arch, hook, per):
+    """Patches of a block's output skip the block: checked against the patch made by a hook in a
+    full forward, in every layer (neurons: a few of each layer; Gemma-2's post-MLP norm makes
+    its neurons take the ordinary path)."""
+    model = load_reward_model(make_hf_model(arch, gqa=arch != "gpt2" and arch != "gpt_neox"))
+    clean, corrupt = _shared_prompt_pairs(n=2, prompt=3, response=4, seed=6)
+    res = activation_patch(model, clean, corrupt, hook=hook, per=per, progress=False)
+    name = "mlp.hook_post" if hook == "mlp_post" else "hook_resid_post"
+    _, cc = model.run_with_cache(clean)
+    model.fast_pooling = False
+    n_pos = clean.shape[1]
+    for layer in range(model.cfg.n_layers):
+        units = [0, 5, model.cfg.d_mlp - 1] if hook == "mlp_post" else [-1, -3, 3 - n_pos, 1]
+        for u in units:
+            def patch(act, hook, u=u, layer=layer):
+                act = act.clone()
+                src = cc[f"blocks.{layer}.{name}"]
+                if per == "neuron":
+                    act[:, :, u] = src[:, :, u]
+                else:
+                    act[:, u] = src[:, u]
+                return act
+
+            with torch.no_grad():
+                manual = model.run_with_hooks(corrupt, fwd_hooks=[(f"blocks.{layer}.{name}", patch)])
+            got = res.effects[layer, u] if per == "neuron" else res.effects[layer, u % n_pos]
+            torch.testing.assert_close(got, manual - res.corrupt_reward, atol=1e-5, rtol=0)

@@ -6,7 +6,9 @@ How a grid is computed (every number exact, no approximation):
   input and every layer's keys and values; the source run (or zeros, or a reference mean) gives
   the replacement activations, aligned to the target's positions;
 - each patched forward starts at the patched layer from the cached residual
-  (``HookedTransformer.forward(start_at_layer=...)``);
+  (``HookedTransformer.forward(start_at_layer=...)``); a patch of what a block adds to the
+  residual stream (``resid_post``, ``mlp_out``, MLP neurons of an MLP that ends in its output
+  matrix) is written into the cached residual directly and the run starts at the next block;
 - a patch at position ``p`` cannot change positions before ``p`` (causal attention), so those
   positions are not recomputed: their keys and values come from the cached run through
   TransformerLens's key-value cache, and only positions ``>= p`` are run;
@@ -355,6 +357,8 @@ def activation_patch(
 
     act_names = {f"blocks.{l}.{hook_name}" for l in layers}
     base_names = {f"blocks.{l}.hook_resid_pre" for l in layers}
+    if _at_block_output(model, hook_name):
+        base_names |= {f"blocks.{l}.hook_resid_post" for l in layers}
     base_names |= {f"blocks.{l}.attn.hook_{x}" for l in range(cfg.n_layers) for x in "kv"}
     target_is_clean = mode != "denoise"
     t_tokens, t_mask = (clean_t, clean_m) if target_is_clean else (corrupt_t, corrupt_m)
@@ -594,7 +598,9 @@ def _patched_forward(model, target: _Run, repl: Tensor, layer: int, hook_name: s
                      start: int, pairs: Tensor, units: Tensor | None, poss: Tensor | None,
                      pos_map: Tensor) -> tuple[Float[Tensor, "batch"], float]:
     """Rewards of ``len(pairs)`` patched rows, run from ``layer`` and position ``start`` on, and
-    the matmul FLOPs it took.
+    the matmul FLOPs it took. A patch of the block's output (``resid_post``, ``mlp_out``, MLP
+    neurons where the MLP ends linearly) is written into the cached residual and the run starts
+    at the next block.
 
     Positions after the last scoring token of these rows are not run (they cannot change a
     reward). The last block runs at each row's scoring token alone
@@ -630,10 +636,55 @@ def _patched_forward(model, target: _Run, repl: Tensor, layer: int, hook_name: s
                 sel = sel & unit_sel.reshape(len(pairs), 1, act.shape[2], *([1] * (act.ndim - 3)))
         return torch.where(sel, new_values, act)
 
-    resid = target.cache[f"blocks.{layer}.hook_resid_pre"][pairs, start:end]
     mask = target.mask[pairs, :end] if target.mask is not None else None
+    if _at_block_output(model, hook_name):
+        # the patch only changes what the block adds to the residual stream: write the block's
+        # output directly and start at the next block
+        cached = target.cache[f"blocks.{layer}.{hook_name}"][pairs, start:end]
+        resid = target.cache[f"blocks.{layer}.hook_resid_post"][pairs, start:end]
+        flops = 0.0
+        with torch.no_grad():
+            if hook_name == "hook_resid_post":
+                resid = patch(resid, None)
+            elif hook_name == "hook_mlp_out":
+                resid = resid + (patch(cached, None) - cached)
+            else:  # mlp.hook_post: the MLP's output is linear in it
+                resid = resid + (patch(cached, None) - cached) @ model.blocks[layer].mlp.W_out
+                flops = 2.0 * len(pairs) * n_new * cfg.d_mlp * cfg.d_model
+            if layer == last:
+                out = model._head(model.ln_final(resid[rows, pooled - start][:, None])[:, 0],
+                                  "reward")
+                return out, flops
+        out, rest = _run_blocks(model, target, layer + 1, resid, mask, pairs, start, end, [])
+        return out, flops + rest
+    resid = target.cache[f"blocks.{layer}.hook_resid_pre"][pairs, start:end]
+    return _run_blocks(model, target, layer, resid, mask, pairs, start, end,
+                       [(f"blocks.{layer}.{hook_name}", patch)])
+
+
+def _at_block_output(model: HookedRewardModel, hook_name: str) -> bool:
+    """Whether a patch at this hook changes only the block's output, additively: then the
+    patched residual is written directly and the block itself is not rerun."""
+    if hook_name in ("hook_resid_post", "hook_mlp_out"):
+        return True  # resid_post = resid_mid (or resid_pre + attn_out) + mlp_out in every block
+    if hook_name != "mlp.hook_post":
+        return False
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+    from transformer_lens.components.mlps.mlp import MLP
+
+    return (not model.cfg.use_normalization_before_and_after  # no norm after the MLP
+            and all(type(b.mlp) in (MLP, GatedMLP) for b in model.blocks))
+
+
+def _run_blocks(model, target: _Run, layer: int, resid: Tensor, mask: Tensor | None,
+                pairs: Tensor, start: int, end: int, hooks: list) -> tuple[Tensor, float]:
+    """Rewards from block ``layer``'s input at positions ``start:end`` (earlier positions from
+    the target run's keys and values), with ``hooks``, and the matmul FLOPs it took."""
+    cfg = model.cfg
+    last = cfg.n_layers - 1
+    pooled = target.pooled[pairs]
+    n_new = end - start
     kv = _kv_prefix(model, target, layer, pairs, start) if start > 0 else None
-    hooks = [(f"blocks.{layer}.{hook_name}", patch)]
     split = layer < last and n_new > 1 and model._scoring_path_supported()
     with torch.no_grad():
         if not split:
