@@ -8,7 +8,9 @@ How a grid is computed (every number exact, no approximation):
 - each patched forward starts at the patched layer from the cached residual
   (``HookedTransformer.forward(start_at_layer=...)``); a patch of what a block adds to the
   residual stream (``resid_post``, ``mlp_out``, MLP neurons of an MLP that ends in its output
-  matrix) is written into the cached residual directly and the run starts at the next block;
+  matrix) is written into the cached residual directly, and a patch of the attention's output
+  (``attn_out``, head ``z``) reruns only the block's MLP, before the run goes on at the next
+  block;
 - a patch at position ``p`` cannot change positions before ``p`` (causal attention), so those
   positions are not recomputed: their keys and values come from the cached run through
   TransformerLens's key-value cache, and only positions ``>= p`` are run;
@@ -357,8 +359,11 @@ def activation_patch(
 
     act_names = {f"blocks.{l}.{hook_name}" for l in layers}
     base_names = {f"blocks.{l}.hook_resid_pre" for l in layers}
-    if _at_block_output(model, hook_name):
-        base_names |= {f"blocks.{l}.hook_resid_post" for l in layers}
+    shortcut = _shortcut(model, hook_name)
+    if shortcut is not None:  # what the patched block's output is computed from
+        base_names |= {f"blocks.{l}.hook_{x}" for l in layers
+                       for x in ("resid_post", "attn_out", "resid_mid")
+                       if x != "resid_mid" or not (cfg.parallel_attn_mlp or shortcut == "output")}
     base_names |= {f"blocks.{l}.attn.hook_{x}" for l in range(cfg.n_layers) for x in "kv"}
     target_is_clean = mode != "denoise"
     t_tokens, t_mask = (clean_t, clean_m) if target_is_clean else (corrupt_t, corrupt_m)
@@ -598,9 +603,9 @@ def _patched_forward(model, target: _Run, repl: Tensor, layer: int, hook_name: s
                      start: int, pairs: Tensor, units: Tensor | None, poss: Tensor | None,
                      pos_map: Tensor) -> tuple[Float[Tensor, "batch"], float]:
     """Rewards of ``len(pairs)`` patched rows, run from ``layer`` and position ``start`` on, and
-    the matmul FLOPs it took. A patch of the block's output (``resid_post``, ``mlp_out``, MLP
-    neurons where the MLP ends linearly) is written into the cached residual and the run starts
-    at the next block.
+    the matmul FLOPs it took. Where the patch only changes the block's output or its attention's
+    output (:func:`_shortcut`), the patched residual is computed from the cached run and the
+    run starts at the next block.
 
     Positions after the last scoring token of these rows are not run (they cannot change a
     reward). The last block runs at each row's scoring token alone
@@ -637,43 +642,77 @@ def _patched_forward(model, target: _Run, repl: Tensor, layer: int, hook_name: s
         return torch.where(sel, new_values, act)
 
     mask = target.mask[pairs, :end] if target.mask is not None else None
-    if _at_block_output(model, hook_name):
-        # the patch only changes what the block adds to the residual stream: write the block's
-        # output directly and start at the next block
-        cached = target.cache[f"blocks.{layer}.{hook_name}"][pairs, start:end]
-        resid = target.cache[f"blocks.{layer}.hook_resid_post"][pairs, start:end]
-        flops = 0.0
-        with torch.no_grad():
+    shortcut = _shortcut(model, hook_name)
+    if shortcut is None:
+        resid = target.cache[f"blocks.{layer}.hook_resid_pre"][pairs, start:end]
+        return _run_blocks(model, target, layer, resid, mask, pairs, start, end,
+                           [(f"blocks.{layer}.{hook_name}", patch)])
+
+    def cached(name: str) -> Tensor:
+        return target.cache[f"blocks.{layer}.{name}"][pairs, start:end]
+
+    block = model.blocks[layer]
+    flops = 0.0
+    with torch.no_grad():
+        if shortcut == "output":  # the patch only changes what the block adds to the residual
+            resid = cached("hook_resid_post")
             if hook_name == "hook_resid_post":
                 resid = patch(resid, None)
             elif hook_name == "hook_mlp_out":
-                resid = resid + (patch(cached, None) - cached)
+                resid = resid + (patch(cached(hook_name), None) - cached(hook_name))
             else:  # mlp.hook_post: the MLP's output is linear in it
-                resid = resid + (patch(cached, None) - cached) @ model.blocks[layer].mlp.W_out
-                flops = 2.0 * len(pairs) * n_new * cfg.d_mlp * cfg.d_model
-            if layer == last:
-                out = model._head(model.ln_final(resid[rows, pooled - start][:, None])[:, 0],
-                                  "reward")
-                return out, flops
-        out, rest = _run_blocks(model, target, layer + 1, resid, mask, pairs, start, end, [])
-        return out, flops + rest
-    resid = target.cache[f"blocks.{layer}.hook_resid_pre"][pairs, start:end]
-    return _run_blocks(model, target, layer, resid, mask, pairs, start, end,
-                       [(f"blocks.{layer}.{hook_name}", patch)])
+                act = cached(hook_name)
+                resid = resid + (patch(act, None) - act) @ block.mlp.W_out
+                flops += 2.0 * len(pairs) * n_new * cfg.d_mlp * cfg.d_model
+        else:  # "attention": the patch only changes the attention's output
+            if hook_name == "hook_attn_out":
+                delta = patch(cached(hook_name), None) - cached(hook_name)
+            else:  # attn.hook_z: the attention's output is linear in it
+                z = cached(hook_name)
+                delta = (patch(z, None) - z).flatten(2) @ block.attn.W_O.flatten(0, 1)
+                flops += 2.0 * len(pairs) * n_new * cfg.n_heads * cfg.d_head * cfg.d_model
+            if cfg.parallel_attn_mlp:  # attention and MLP both read resid_pre
+                resid = cached("hook_resid_post") + delta
+            else:  # the MLP reads resid_mid: rerun it (at the scoring token in the last block)
+                mid = cached("hook_resid_mid") + delta
+                if layer == last:
+                    mid = mid[rows, pooled - start][:, None]
+                resid = mid + block.apply_mlp(block.ln2(mid))
+                flops += (2.0 * mid.shape[0] * mid.shape[1] * cfg.d_model * cfg.d_mlp
+                          * (3 if cfg.gated_mlp else 2))
+        if layer == last:
+            if resid.shape[1] > 1:
+                resid = resid[rows, pooled - start][:, None]
+            return model._head(model.ln_final(resid)[:, 0], "reward"), flops
+    out, rest = _run_blocks(model, target, layer + 1, resid, mask, pairs, start, end, [])
+    return out, flops + rest
 
 
-def _at_block_output(model: HookedRewardModel, hook_name: str) -> bool:
-    """Whether a patch at this hook changes only the block's output, additively: then the
-    patched residual is written directly and the block itself is not rerun."""
-    if hook_name in ("hook_resid_post", "hook_mlp_out"):
-        return True  # resid_post = resid_mid (or resid_pre + attn_out) + mlp_out in every block
-    if hook_name != "mlp.hook_post":
-        return False
+def _shortcut(model: HookedRewardModel, hook_name: str) -> str | None:
+    """How much of the patched block can be skipped, exactly.
+
+    ``"output"``: the patch changes only what the block adds to the residual stream
+    (``resid_post``, ``mlp_out``; MLP neurons where the MLP ends in its output matrix): the
+    patched residual is written directly, the block is not rerun. ``"attention"``: the patch
+    changes only the attention's output (``attn_out``; head ``z`` where no norm follows the
+    output matrix): the attention is not rerun, only the MLP on the changed ``resid_mid``.
+    ``None``: the block is rerun with the patch as a hook.
+    """
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
     from transformer_lens.components.mlps.mlp import MLP
 
-    return (not model.cfg.use_normalization_before_and_after  # no norm after the MLP
-            and all(type(b.mlp) in (MLP, GatedMLP) for b in model.blocks))
+    cfg = model.cfg
+    if cfg.attn_only or (cfg.original_architecture or "").startswith("Olmo"):
+        return None  # no MLP, or post-norm blocks: not the additive layout below
+    linear_mlp = all(type(b.mlp) in (MLP, GatedMLP) for b in model.blocks)
+    no_post_norm = not cfg.use_normalization_before_and_after
+    if hook_name in ("hook_resid_post", "hook_mlp_out") or (
+            hook_name == "mlp.hook_post" and linear_mlp and no_post_norm):
+        return "output"  # resid_post = resid_mid (or resid_pre + attn_out) + mlp_out
+    if hook_name == "hook_attn_out" or (
+            hook_name == "attn.hook_z" and no_post_norm and not cfg.use_attn_result):
+        return "attention"
+    return None
 
 
 def _run_blocks(model, target: _Run, layer: int, resid: Tensor, mask: Tensor | None,
