@@ -359,6 +359,8 @@ def test_shared_prompts_equal_transformer_lens_and_skip_the_prefix(arch, hook, p
         ref = ref.permute(*perm) if perm else ref
         torch.testing.assert_close(ours.effects[..., i], ref - base, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.effects, full.effects, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.normalized[..., :-1], full.normalized[..., :-1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours.clean_reward, full.clean_reward, atol=1e-5, rtol=0)
     assert bool((ours.effects[..., -1] == 0).all())  # the identical pair: never run
     if per.endswith("_pos"):
         assert bool((ours.effects[..., :6, :] == 0).all())  # the shared prompt's cells
@@ -436,3 +438,25 @@ def test_block_outputs_written_directly_equal_hooked_runs(arch, hook, per):
                 manual = model.run_with_hooks(corrupt, fwd_hooks=[(f"blocks.{layer}.{name}", patch)])
             got = res.effects[layer, u] if per == "neuron" else res.effects[layer, u % n_pos]
             torch.testing.assert_close(got, manual - res.corrupt_reward, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+@pytest.mark.parametrize("mode", ["denoise", "noise"])
+def test_shared_prompts_with_left_padding_equal_the_full_computation(arch, mode):
+    """Left-padded pairs sharing a prompt: the source run starts after the prompt on the target's
+    keys and values (absolute and rotary positions from the mask), equal to recomputing it all."""
+    model = load_reward_model(make_hf_model(arch, gqa=arch == "qwen3"))
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 3, 6)]
+    clean_seqs = [p + torch.randint(3, 97, (4,), generator=g).tolist() for p in prompts]
+    corrupt_seqs = [p + torch.randint(3, 97, (4,), generator=g).tolist() for p in prompts]
+    clean, c_mask = pad_batch(clean_seqs, "left")
+    corrupt, r_mask = pad_batch(corrupt_seqs, "left")
+    kw = dict(clean_mask=c_mask, corrupt_mask=r_mask, mode=mode, progress=False)
+    for hook, per in [("resid_pre", "layer_pos"), ("z", "head"), ("mlp_out", "layer")]:
+        fast = activation_patch(model, clean, corrupt, hook=hook, per=per, **kw)
+        full = activation_patch(model, clean, corrupt, hook=hook, per=per, use_kv_cache=False, **kw)
+        torch.testing.assert_close(fast.effects, full.effects, atol=1e-5, rtol=0, equal_nan=True)
+        torch.testing.assert_close(fast.clean_reward, full.clean_reward, atol=1e-5, rtol=0)
+        torch.testing.assert_close(fast.corrupt_reward, full.corrupt_reward, atol=1e-5, rtol=0)
+        assert fast.stats.flops < full.stats.flops

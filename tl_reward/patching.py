@@ -16,8 +16,9 @@ How a grid is computed (every number exact, no approximation):
   TransformerLens's key-value cache, and only positions ``>= p`` are run;
 - likewise, where the source run has the same tokens at the same positions as the target (a
   preference pair's shared prompt), every activation there is the same in both runs: a patch
-  starts at the first position where they differ, and a cell patching only the shared prefix
-  has an effect of exactly 0 without being run;
+  starts at the first position where they differ, a cell patching only the shared prefix
+  has an effect of exactly 0 without being run, and the source run itself starts after the
+  prefix (on the target run's keys and values);
 - many cells (pairs x positions x heads ...) go into one forward as rows of a batch, at most
   ``max_rows`` to bound memory, sorted by patched position: a forward starts at the earliest
   position it patches, and rows at nearby positions share a forward when that wastes less than
@@ -210,6 +211,36 @@ def _run(model: HookedRewardModel, tokens, mask, names) -> _Run:
     return _Run(tokens, mask, pooled, reward, cache)
 
 
+def _common_prefix(model, target: _Run, tokens: Tensor, mask: Tensor | None, positions) -> int:
+    """How many leading positions every pair's other run shares with the target run (and may
+    take from it), short of every scoring token."""
+    if tokens.shape != target.tokens.shape:
+        return 0
+    other = _Run(tokens, mask, model.pooled_index(tokens, mask), target.reward, {})
+    shared = _shared_prefix(target, other, _position_map(target, other, positions))
+    return int(torch.minimum(shared, torch.minimum(target.pooled, other.pooled)).min())
+
+
+def _run_after(model, tokens, mask, names, target: _Run, start: int) -> _Run:
+    """:func:`_run` of a sequence whose first ``start`` positions are the target run's: those
+    positions' activations are the target's (same tokens, same positions, causal attention), the
+    rest runs on the target's keys and values."""
+    pooled = model.pooled_index(tokens, mask)
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    kv = _kv_prefix(model, target, 0, rows, start)
+    new_mask = mask[:, start:] if mask is not None else torch.ones_like(tokens[:, start:])
+    with torch.no_grad():
+        reward, cache = model.run_with_cache(
+            tokens[:, start:], attention_mask=new_mask, past_kv_cache=kv, pool_index=pooled - start,
+            names_filter=lambda n: n in names, return_cache_object=False,
+        )
+    full = {n: torch.cat([target.cache[n][:, :, :start] if n.endswith("hook_pattern")
+                          else target.cache[n][:, :start], act],
+                         2 if n.endswith("hook_pattern") else 1)
+            for n, act in cache.items()}
+    return _Run(tokens, mask, pooled, reward, full)
+
+
 def _post_qk_norm_keys(model: HookedRewardModel, layer: int, k: Tensor) -> Tensor:
     """Keys as TransformerLens's key-value cache stores them (after Qwen3's k-norm, pre-rotary)."""
     attn = model.blocks[layer].attn
@@ -371,7 +402,9 @@ def activation_patch(
     other = None
     if corrupt_t is not None:
         o_tokens, o_mask = (corrupt_t, corrupt_m) if target_is_clean else (clean_t, clean_m)
-        other = _run(model, o_tokens, o_mask, act_names)
+        start = _common_prefix(model, target, o_tokens, o_mask, positions) if use_kv_cache else 0
+        other = (_run_after(model, o_tokens, o_mask, act_names, target, start) if start > 0
+                 else _run(model, o_tokens, o_mask, act_names))
     clean_run, corrupt_run = (target, other) if target_is_clean else (other, target)
     source = other if mode in ("denoise", "noise") else None
     pos_map = _position_map(target, source, positions)
