@@ -81,9 +81,15 @@ def forward_flops(model, n_rows: int, n_pos: int, scoring_only: bool = False) ->
                      + _layer_flops(model, 1, n_pos))
 
 
+SHARED_PROMPT = 0  # --shared-prompt: the source run starts after it
+
+
 def our_flops(model, result, n_pos: int) -> float:
-    """``stats.flops`` (the patched forwards) plus the clean and corrupt cached runs."""
-    return result.stats.flops + forward_flops(model, 2 * result.effects.shape[-1], n_pos)
+    """``stats.flops`` (the patched forwards) plus the target run and the source run (which
+    starts after a shared prompt)."""
+    n_pairs = result.effects.shape[-1]
+    source = n_pairs * model.cfg.n_layers * _layer_flops(model, n_pos - SHARED_PROMPT, n_pos)
+    return result.stats.flops + forward_flops(model, n_pairs, n_pos) + source
 
 
 def checked(what: str, err: float, tol: float = 1e-4) -> str:
@@ -345,6 +351,8 @@ def main() -> None:
     if not 0 <= args.shared_prompt < args.pos:
         parser.error(f"--shared-prompt must lie in [0, --pos), got {args.shared_prompt}")
     corrupt[:, : args.shared_prompt] = clean[:, : args.shared_prompt]
+    global SHARED_PROMPT
+    SHARED_PROMPT = args.shared_prompt
     with torch.no_grad():  # warm-up, and the parity the comparisons rest on
         r_hf = hf(torch.cat([clean, corrupt])).logits[:, 0]
         r_ours = model(torch.cat([clean, corrupt]))
@@ -407,8 +415,8 @@ HookedRewardModel vs HF on these sequences: {parity:.1e}; clean - corrupt reward
 Measured float32 matmul rate (2048^3 `torch.mm`): {rate / 1e9:.1f} GFLOP/s. Seconds: median of
 {n_ours} interleaved runs for tl_reward, {n_peer} for the peers and for the exact grid AtP is
 compared with. GFLOP: matmul FLOPs the method runs (tl_reward: `PatchResult.stats.flops` plus its
-clean and corrupt cached runs; peers: their forwards x one forward's FLOPs). FLOP ratio: the peer's
-FLOPs over ours, the speed-up at equal FLOP rate (what skipping work buys; the rest is efficiency).
+clean and corrupt cached runs, the source run from the end of the shared prompt; peers: their
+forwards x one forward's FLOPs). FLOP ratio: the peer's FLOPs over ours, the speed-up at equal FLOP rate (what skipping work buys; the rest is efficiency).
 Targets: >= 3x TransformerLens, >= 5x reward-lens, AtP >= 50x the exact grid.
 
 {table.markdown()}
