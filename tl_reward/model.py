@@ -19,6 +19,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.hook_points import HookPoint
 
 from .errors import InvalidInputError, ObjectiveError
@@ -387,9 +389,6 @@ class HookedRewardModel(HookedTransformer):
         batches, so rotary positions come out the same. The same function as the full forward
         (checked against it, and against HF, in the tests).
         """
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-
         last = self.cfg.n_layers - 1
         batch = x.shape[0]
         start = past[0].shape[1] if past is not None else 0
