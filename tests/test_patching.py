@@ -23,13 +23,8 @@ def _pairs(n=3, length=9, seed=0):
     return torch.randint(3, 97, (n, length), generator=g), torch.randint(3, 97, (n, length), generator=g)
 
 
-@pytest.mark.parametrize("arch,gqa", [("llama", True), ("gpt2", False), ("qwen3", True), ("gemma2", True),
-                                      ("mistral", True), ("gpt_neox", False)])
-@pytest.mark.parametrize("hook,per,tl_fn,perm", TL_CASES, ids=[f"{h}-{p}" for h, p, _, _ in TL_CASES])
-def test_equals_transformer_lens_patching(arch, gqa, hook, per, tl_fn, perm):
-    model = load_reward_model(make_hf_model(arch, gqa))
-    clean, corrupt = _pairs()
-    ours = activation_patch(model, clean, corrupt, hook=hook, per=per, progress=False)
+def _assert_equals_transformer_lens(model, clean, corrupt, ours, tl_fn, perm):
+    """Our effects, pair by pair, against TransformerLens's patching of that pair alone."""
     for i in range(len(clean)):
         _, clean_cache = model.run_with_cache(clean[i : i + 1])
         with torch.no_grad():
@@ -37,6 +32,16 @@ def test_equals_transformer_lens_patching(arch, gqa, hook, per, tl_fn, perm):
             base = model(corrupt[i : i + 1])[0]
         ref = ref.permute(*perm) if perm else ref
         torch.testing.assert_close(ours.effects[..., i], ref - base, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch,gqa", [("llama", True), ("gpt2", False), ("qwen3", True), ("gemma2", True),
+                                      ("mistral", True), ("gpt_neox", False)])
+@pytest.mark.parametrize("hook,per,tl_fn,perm", TL_CASES, ids=[f"{h}-{p}" for h, p, _, _ in TL_CASES])
+def test_equals_transformer_lens_patching(arch, gqa, hook, per, tl_fn, perm):
+    model = load_reward_model(make_hf_model(arch, gqa))
+    clean, corrupt = _pairs()
+    ours = activation_patch(model, clean, corrupt, hook=hook, per=per, progress=False)
+    _assert_equals_transformer_lens(model, clean, corrupt, ours, tl_fn, perm)
 
 
 @pytest.mark.parametrize("use_kv_cache", [True, False])
@@ -351,13 +356,7 @@ def test_shared_prompts_equal_transformer_lens_and_skip_the_prefix(arch, hook, p
     ours = activation_patch(model, clean, corrupt, hook=hook, per=per, progress=False)
     full = activation_patch(model, clean, corrupt, hook=hook, per=per, use_kv_cache=False,
                             progress=False)
-    for i in range(len(clean)):
-        _, clean_cache = model.run_with_cache(clean[i : i + 1])
-        with torch.no_grad():
-            ref = tl_fn(model, corrupt[i : i + 1], clean_cache, lambda out: out[0])
-            base = model(corrupt[i : i + 1])[0]
-        ref = ref.permute(*perm) if perm else ref
-        torch.testing.assert_close(ours.effects[..., i], ref - base, atol=1e-5, rtol=0)
+    _assert_equals_transformer_lens(model, clean, corrupt, ours, tl_fn, perm)
     torch.testing.assert_close(ours.effects, full.effects, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.normalized[..., :-1], full.normalized[..., :-1], atol=1e-4, rtol=0)
     torch.testing.assert_close(ours.clean_reward, full.clean_reward, atol=1e-5, rtol=0)
