@@ -153,6 +153,28 @@ def test_reward_hooks_and_head_read_consistently():
     assert stack.shape[0] == model.cfg.n_layers + 1
 
 
+@pytest.mark.parametrize("arch,gqa", CASES)
+def test_weights_are_stored_in_the_layout_their_matmuls_read(arch, gqa):
+    """TransformerLens reshapes W_Q/W_K/W_V/W_O and a gated MLP's weights for F.linear in every
+    forward; stored in nn.Linear's layout, those reshapes are views (no copy of the weights per
+    forward), and the layout survives loading, folding, a dtype change and a copy."""
+    import copy
+
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+
+    model = load_reward_model(make_hf_model(arch, gqa), fold_ln=True)
+    for m in (model, copy.deepcopy(model).to(torch.float64)):
+        for block in m.blocks:
+            attn = block.attn
+            for w in (attn.W_Q, attn._parameters.get("_W_K", attn.W_K),
+                      attn._parameters.get("_W_V", attn.W_V)):
+                assert w.permute(0, 2, 1).is_contiguous(), (arch, w.stride())
+            assert attn.W_O.permute(2, 0, 1).is_contiguous(), (arch, attn.W_O.stride())
+            if isinstance(block.mlp, GatedMLP):
+                for w in (block.mlp.W_gate, block.mlp.W_in, block.mlp.W_out):
+                    assert w.T.is_contiguous(), (arch, w.stride())
+
+
 def test_fold_ln_folds_the_head_and_keeps_rewards():
     hf = make_hf_model("llama")
     raw = load_reward_model(hf)

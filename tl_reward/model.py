@@ -113,6 +113,37 @@ class HookedRewardModel(HookedTransformer):
         self.register_buffer("objective_weights", None, persistent=False)
         self.setup()
         self.set_objective(objective)
+        self._use_linear_layout()
+
+    def _use_linear_layout(self) -> None:
+        """Store the projection weights in the memory layout their matmuls read.
+
+        TransformerLens reshapes ``W_Q/W_K/W_V`` ([head, d_model, d_head]) to
+        ``[(head d_head), d_model]``, ``W_O`` to ``[d_model, (head d_head)]`` and a gated MLP's
+        weights to their transposes before each ``F.linear``; in its default (contiguous) layout
+        every one of those is a copy of the weight, in every forward (a quarter of a forward's
+        time on a CPU). Here each parameter keeps its shape and values but is stored so that the
+        reshape is a view (``nn.Linear``'s layout, as in the HF model). Loading copies into the
+        parameters in place and moving them keeps strides, so the layout survives both.
+        """
+        from transformer_lens.components.mlps.gated_mlp import GatedMLP
+
+        def store(param: Tensor, order: tuple[int, ...]) -> None:
+            # memory order ``order`` (outermost first), same shape and values
+            inverse = tuple(order.index(i) for i in range(param.ndim))
+            param.data = param.data.permute(order).contiguous().permute(inverse)
+
+        for block in self.blocks:
+            for name in ("W_Q", "W_K", "W_V", "_W_K", "_W_V"):
+                w = block.attn._parameters.get(name)
+                if w is not None and w.ndim == 3:  # [head, d_model, d_head] -> (head, d_head, d_model)
+                    store(w, (0, 2, 1))
+            w = block.attn._parameters.get("W_O")
+            if w is not None and w.ndim == 3:  # [head, d_head, d_model] -> (d_model, head, d_head)
+                store(w, (2, 0, 1))
+            if isinstance(block.mlp, GatedMLP):  # [in, out] -> (out, in)
+                for name in ("W_gate", "W_in", "W_out"):
+                    store(block.mlp._parameters[name], (1, 0))
 
     # ------------------------------------------------------------------ the head
     @property
