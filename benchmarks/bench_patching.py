@@ -36,7 +36,7 @@ from _results import machine, write_section
 from bench_forward import build
 from scipy.stats import spearmanr
 
-from tl_reward import activation_patch, load_reward_model
+from tl_reward import activation_patch, activation_patch_grids, load_reward_model
 from tl_reward.patching import _layer_flops
 
 VOCAB = 8192
@@ -84,12 +84,14 @@ def forward_flops(model, n_rows: int, n_pos: int, scoring_only: bool = False) ->
 SHARED_PROMPT = 0  # --shared-prompt: the source run starts after it
 
 
-def our_flops(model, result, n_pos: int) -> float:
-    """``stats.flops`` (the patched forwards) plus the target run and the source run (which
-    starts after a shared prompt)."""
-    n_pairs = result.effects.shape[-1]
+def our_flops(model, results, n_pos: int) -> float:
+    """``stats.flops`` of each grid (the patched forwards) plus the target run and the source
+    run (which starts after a shared prompt), which the grids of one call share."""
+    results = results if isinstance(results, list) else [results]
+    n_pairs = results[0].effects.shape[-1]
     source = n_pairs * model.cfg.n_layers * _layer_flops(model, n_pos - SHARED_PROMPT, n_pos)
-    return result.stats.flops + forward_flops(model, n_pairs, n_pos) + source
+    return (sum(r.stats.flops for r in results) + forward_flops(model, n_pairs, n_pos)
+            + source)
 
 
 def checked(what: str, err: float, tol: float = 1e-4) -> str:
@@ -228,9 +230,9 @@ def compare_reward_lens(hf, model, clean, corrupt, table: Table, n_ours: int, n_
                     for c, r in zip(clean_txt, corrupt_txt, strict=True)]
         return run
 
-    def ours_components():
-        return tuple(activation_patch(model, clean, corrupt, hook=h, per="layer", progress=False)
-                     for h in ("attn_out", "mlp_out"))
+    def ours_components():  # one call: the two grids share the clean and corrupt runs
+        return activation_patch_grids(model, clean, corrupt,
+                                      [("attn_out", "layer"), ("mlp_out", "layer")], progress=False)
 
     runs = {
         "ours comp": (ours_components, n_ours),
@@ -257,8 +259,8 @@ def compare_reward_lens(hf, model, clean, corrupt, table: Table, n_ours: int, n_
     g1 = f"attn_out + mlp_out per layer ({2 * cfg.n_layers} components)"
     table.add(g1, f"reward-lens {version} `patch_all_components`", med["rl comp"],
               forward_flops(model, comp_fwd, n_pos), f"{comp_fwd} forwards of batch 1", peer=True)
-    table.add(g1, "tl_reward `activation_patch` x2", med["ours comp"],
-              our_flops(model, attn, n_pos) + our_flops(model, mlp, n_pos),
+    table.add(g1, "tl_reward `activation_patch_grids`", med["ours comp"],
+              our_flops(model, out["ours comp"], n_pos),
               checked("max per-pair diff", err_comp))
     g2 = f"z per head ({cfg.n_layers * cfg.n_heads} heads)"
     table.add(g2, f"reward-lens {version} `patch_all_heads`", med["rl head"],

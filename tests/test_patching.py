@@ -5,7 +5,7 @@ import torch
 import transformer_lens.patching as tlp
 from helpers import make_hf_model, pad_batch, ragged_sequences
 
-from tl_reward import activation_patch, errors, load_reward_model
+from tl_reward import activation_patch, activation_patch_grids, errors, load_reward_model
 
 TL_CASES = [
     ("resid_pre", "layer_pos", tlp.get_act_patch_resid_pre, None),
@@ -70,6 +70,42 @@ def test_cells_at_different_positions_share_a_forward_exactly():
     torch.testing.assert_close(shared.effects, alone.effects, atol=1e-5, rtol=0, equal_nan=True)
     assert alone.stats.n_forwards == alone.stats.n_rows
     assert shared.stats.n_forwards * 4 <= alone.stats.n_forwards
+
+
+GRIDS = [("attn_out", "layer"), ("mlp_out", "layer"), ("z", "head"), ("resid_pre", "layer_pos"),
+         ("mlp_post", "neuron")]
+
+
+@pytest.mark.parametrize("mode", ["denoise", "noise", "zero", "mean"])
+def test_grids_share_the_runs_and_equal_one_grid_at_a_time(mode, monkeypatch):
+    model = load_reward_model(make_hf_model("llama", gqa=True))
+    clean, corrupt = _pairs(n=3, length=9)
+    corrupt[:, :4] = clean[:, :4]  # a shared prompt: the source run starts after it
+    kw = dict(mode=mode, progress=False,
+              reference=_pairs(n=4, length=7, seed=5)[0] if mode == "mean" else None)
+    alone = [activation_patch(model, clean, corrupt, hook=h, per=p, **kw) for h, p in GRIDS]
+    calls = []
+    run_with_cache = model.run_with_cache
+    monkeypatch.setattr(model, "run_with_cache",
+                        lambda *a, **k: calls.append(1) or run_with_cache(*a, **k))
+    together = activation_patch_grids(model, clean, corrupt, GRIDS, **kw)
+    assert len(calls) == 2 + (mode == "mean")  # target, source (and reference) runs, once
+    assert [(r.hook, r.per) for r in together] == GRIDS
+    for one, many in zip(alone, together, strict=True):
+        assert (one.axes, one.axis_labels, one.mode) == (many.axes, many.axis_labels, many.mode)
+        torch.testing.assert_close(many.effects, one.effects, atol=1e-6, rtol=0, equal_nan=True)
+        torch.testing.assert_close(many.normalized, one.normalized, atol=1e-5, rtol=0, equal_nan=True)
+        assert (one.stats.n_forwards, one.stats.n_rows) == (many.stats.n_forwards, many.stats.n_rows)
+
+
+@pytest.mark.parametrize("grids,match", [([], "non-empty"), ([("attn_out",)], "non-empty"), (["attn_out"], "non-empty"),
+                                         ([("attn_out", "head")], "head"),
+                                         ([("z", "head"), ("mlp", "layer")], "mlp")])
+def test_bad_grids(grids, match):
+    model = load_reward_model(make_hf_model("llama"))
+    clean, corrupt = _pairs(n=2, length=5)
+    with pytest.raises(errors.TLRewardError, match=match):
+        activation_patch_grids(model, clean, corrupt, grids, progress=False)
 
 
 def test_forward_partition_covers_every_row_once_and_trades_waste_for_forwards():

@@ -27,6 +27,7 @@ from .model import HookedRewardModel as HookedRewardModel
 from .model import PairScores as PairScores
 from .patching import PatchResult as PatchResult
 from .patching import activation_patch as activation_patch
+from .patching import activation_patch_grids as activation_patch_grids
 from .path_patching import path_patch as path_patch
 from .probes import ProbeReport as ProbeReport
 from .probes import localise_probe as localise_probe

@@ -25,7 +25,7 @@ from ._readout import choose
 from .attribution import AttributionResult, pair_reward_attribution
 from .errors import InvalidInputError
 from .model import HookedRewardModel, Text
-from .patching import PatchResult, activation_patch
+from .patching import PatchResult, activation_patch_grids
 
 # attribution level -> the (hook, per) patch grids whose flat labels it shares
 LEVEL_PATCHES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -252,7 +252,7 @@ def compare_attribution_and_patching(
     Attribution: :func:`pair_reward_attribution` at ``level`` (margin contributions). Patching:
     denoising chosen (clean) into rejected (corrupt) over the matching grid (``head``: ``z`` per
     head; ``component``: ``attn_out`` and ``mlp_out`` per layer; ``neuron``: ``mlp_post`` per
-    neuron), exactly (``estimator="exact"``, :func:`activation_patch`) or by attribution
+    neuron), exactly (``estimator="exact"``, :func:`activation_patch_grids`) or by attribution
     patching (``estimator="atp"``, :func:`tl_reward.atp.attribution_patch`). Other keyword
     arguments go to :func:`agreement_report`.
     """
@@ -272,6 +272,6 @@ def compare_attribution_and_patching(
                                 mode="denoise", **kw)
         patches = [atp.as_patch_result(h, per) for h, per in grids]
     else:
-        patches = [activation_patch(model, chosen, rejected, hook=h, per=per, mode="denoise",
-                                    max_rows=max_rows, **kw) for h, per in grids]
+        patches = activation_patch_grids(model, chosen, rejected, grids, mode="denoise",
+                                         max_rows=max_rows, **kw)
     return agreement_report(attribution, patches, **report_kwargs)

@@ -352,14 +352,14 @@ def activation_patch(
     """Exact activation patching of a reward model over a grid of cells.
 
     Args:
-        clean, corrupt: the two runs of each pair (token ids with masks, or texts); for a
-            preference pair, clean = chosen and corrupt = rejected. ``corrupt`` may be omitted
-            for ``zero`` and ``mean`` ablation.
         hook: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``, ``z``,
             ``q``, ``k``, ``v`` (per key/value head under grouped-query attention), ``pattern``,
             ``mlp_post`` (MLP neurons).
         per: ``layer``, ``layer_pos``, ``head``, ``head_pos`` (head hooks), ``neuron``
             (``mlp_post``).
+        clean, corrupt: the two runs of each pair (token ids with masks, or texts); for a
+            preference pair, clean = chosen and corrupt = rejected. ``corrupt`` may be omitted
+            for ``zero`` and ``mean`` ablation.
         mode: ``denoise`` (clean into corrupt), ``noise`` (corrupt into clean), ``zero`` or
             ``mean`` ablation of the clean run (``mean``: over ``reference``'s real tokens).
         positions: ``"align_end"`` lines the scoring tokens up (sequences of different lengths
@@ -371,11 +371,61 @@ def activation_patch(
         use_kv_cache: reuse cached keys/values of the positions before a patched position
             (and skip the clean and corrupt runs' shared prefix); ``False`` recomputes every
             position of every patched forward (the reference the fast path is tested against).
+
+    Several grids on the same pairs (``attn_out`` and ``mlp_out`` per layer, say) share the
+    clean and corrupt runs under :func:`activation_patch_grids`.
     """
-    choose("hook", hook, HOOKS)
-    hook_name, kind = HOOKS[hook]
-    choose("per", per, PERS[kind])
+    return activation_patch_grids(
+        model, clean, corrupt, [(hook, per)], mode=mode, clean_mask=clean_mask,
+        corrupt_mask=corrupt_mask, positions=positions, reference=reference,
+        reference_mask=reference_mask, layers=layers, max_rows=max_rows,
+        use_kv_cache=use_kv_cache, progress=progress,
+    )[0]
+
+
+def activation_patch_grids(
+    model: HookedRewardModel,
+    clean: Int[Tensor, "pair pos"] | Sequence[Text],
+    corrupt: Int[Tensor, "_pair _pos"] | Sequence[Text] | None = None,
+    grids: Sequence[Sequence[str]] = (("attn_out", "layer"), ("mlp_out", "layer")),
+    *,
+    mode: str = "denoise",
+    clean_mask: Int[Tensor, "pair pos"] | None = None,
+    corrupt_mask: Int[Tensor, "_pair _pos"] | None = None,
+    positions: str | Tensor = "align_end",
+    reference: Int[Tensor, "batch _pos"] | Sequence[Text] | None = None,
+    reference_mask: Int[Tensor, "batch _pos"] | None = None,
+    layers: Sequence[int] | None = None,
+    max_rows: int = 64,
+    use_kv_cache: bool = True,
+    progress: bool = True,
+) -> list[PatchResult]:
+    """:func:`activation_patch` of several ``(hook, per)`` grids on the same pairs, one
+    :class:`PatchResult` each, in order: the clean and corrupt runs (and a ``mean`` reference)
+    are run once for all of them. The default is reward-lens's and the seed's component grid,
+    ``attn_out`` and ``mlp_out`` of every layer; TransformerLens's ``get_act_patch_block_every``
+    is ``[("resid_pre", "layer_pos"), ("attn_out", "layer_pos"), ("mlp_out", "layer_pos")]``.
+    The shared runs' time is counted in the first result's ``stats.seconds``.
+
+    Args:
+        grids: ``(hook, per)`` pairs, as ``hook`` and ``per`` of :func:`activation_patch`.
+        Other arguments: as in :func:`activation_patch`.
+    """
+    grids = [tuple(g) for g in grids]
+    if not grids or any(len(g) != 2 for g in grids):
+        raise InvalidInputError(
+            f"grids must be a non-empty list of (hook, per) pairs such as ('attn_out', 'layer'), "
+            f"got {grids!r}"
+        )
+    for hook, per in grids:
+        choose("hook", hook, HOOKS)
+        choose("per", per, PERS[HOOKS[hook][1]])
     choose("mode", mode, MODES)
+    kinds = {HOOKS[hook][1] for hook, _ in grids}
+    if mode == "mean" and "pattern" in kinds:
+        raise InvalidInputError("mean ablation of attention patterns is not defined; use zero or z")
+    if mode == "mean" and reference is None:
+        raise InvalidInputError("mode='mean' needs reference= inputs to average over")
     if max_rows < 1:
         raise InvalidInputError(f"max_rows must be >= 1, got {max_rows}")
     started = time.perf_counter()
@@ -388,13 +438,15 @@ def activation_patch(
     clean_t, clean_m, corrupt_t, corrupt_m = _pair_tokens(model, clean, corrupt, clean_mask,
                                                           corrupt_mask, mode)
 
-    act_names = {f"blocks.{l}.{hook_name}" for l in layers}
+    hook_names = {HOOKS[hook][0] for hook, _ in grids}
+    act_names = {f"blocks.{l}.{h}" for l in layers for h in hook_names}
     base_names = {f"blocks.{l}.hook_resid_pre" for l in layers}
-    shortcut = _shortcut(model, hook_name)
-    if shortcut is not None:  # what the patched block's output is computed from
-        base_names |= {f"blocks.{l}.hook_{x}" for l in layers
-                       for x in ("resid_post", "attn_out", "resid_mid")
-                       if x != "resid_mid" or not (cfg.parallel_attn_mlp or shortcut == "output")}
+    for hook_name in hook_names:
+        shortcut = _shortcut(model, hook_name)
+        if shortcut is not None:  # what the patched block's output is computed from
+            base_names |= {f"blocks.{l}.hook_{x}" for l in layers
+                           for x in ("resid_post", "attn_out", "resid_mid")
+                           if x != "resid_mid" or not (cfg.parallel_attn_mlp or shortcut == "output")}
     base_names |= {f"blocks.{l}.attn.hook_{x}" for l in range(cfg.n_layers) for x in "kv"}
     target_is_clean = mode != "denoise"
     t_tokens, t_mask = (clean_t, clean_m) if target_is_clean else (corrupt_t, corrupt_m)
@@ -408,7 +460,7 @@ def activation_patch(
     clean_run, corrupt_run = (target, other) if target_is_clean else (other, target)
     source = other if mode in ("denoise", "noise") else None
     pos_map = _position_map(target, source, positions)
-    if kind == "pattern" and source is not None and (
+    if "pattern" in kinds and source is not None and (
         source.tokens.shape != target.tokens.shape or bool((source.pooled != target.pooled).any())
         or bool((pos_map != torch.arange(pos_map.shape[1], device=pos_map.device)).any())
     ):
@@ -416,11 +468,38 @@ def activation_patch(
             "pattern patching needs clean and corrupt runs with identical token layouts "
             "(same lengths and padding); patch z, q, k or v instead"
         )
+    if mode == "mean":
+        ref_t, ref_m = as_tokens(model, reference, reference_mask)
+        source = _run(model, ref_t, ref_m, act_names)  # averaged in _replacements
 
-    replacements = _replacements(model, mode, hook_name, kind, layers, source, reference,
-                                 reference_mask, target, pos_map)
+    clean_r = clean_run.reward
+    corrupt_r = corrupt_run.reward if corrupt_run is not None else None
+    results = []
+    for hook, per in grids:
+        effects, axes, labels, stats = _patch_grid(model, target, source, mode, hook, per, layers,
+                                                   pos_map, positions, max_rows, use_kv_cache,
+                                                   progress, started)
+        started = time.perf_counter()  # the shared runs count in the first grid's seconds
+        if corrupt_r is None:
+            normalized = torch.full_like(effects, float("nan"))
+        else:
+            sign = 1.0 if mode == "denoise" else -1.0
+            normalized = sign * effects / (clean_r - corrupt_r)
+        results.append(PatchResult(
+            effects=effects, normalized=normalized, clean_reward=clean_r, corrupt_reward=corrupt_r,
+            axes=axes, axis_labels=labels, hook=hook, per=per, mode=mode, stats=stats,
+        ))
+    return results
 
-    # --- the grid
+
+def _patch_grid(model, target: _Run, source: _Run | None, mode: str, hook: str, per: str,
+                layers: list[int], pos_map: Tensor, positions, max_rows: int,
+                use_kv_cache: bool, progress: bool, started: float):
+    """Effects ``[layer, *unit, *pos, pair]`` of one grid, its axes, labels and stats."""
+    from tqdm.auto import tqdm
+
+    hook_name, kind = HOOKS[hook]
+    replacements = _replacements(mode, hook_name, kind, layers, source, target, pos_map)
     n_pairs, n_t = target.tokens.shape
     with_pos = per.endswith("_pos")
     if with_pos and isinstance(positions, str):
@@ -453,13 +532,12 @@ def activation_patch(
     n_units_axis = max(n_units, 1)
     rel_t = torch.tensor(rel if with_pos else [0], device=target.pooled.device)
     n_forwards, n_rows, flops = 0, 0, 0.0
-    from tqdm.auto import tqdm
-
     rows = _grid_rows(target.pooled, pos_map, rel_t, n_units_axis, with_pos,
                       relative=isinstance(positions, str))  # the same cells in every layer
     if use_kv_cache:
         # a patch can only change positions from the first one where the runs differ on
-        shared = _shared_prefix(target, source, pos_map)[rows.pair]
+        shared = _shared_prefix(target, source if mode in ("denoise", "noise") else None,
+                                pos_map)[rows.pair]
         start_of = torch.maximum(rows.pos, shared) if with_pos else shared
         unchanged = (rows.pos < shared) if with_pos else (shared > target.pooled[rows.pair])
         rows, same = rows.split(~unchanged)
@@ -487,20 +565,8 @@ def activation_patch(
             n_rows += len(sel)
             flops += cost
         effects[li] = view.reshape(effects[li].shape)
-
-    clean_r = clean_run.reward
-    corrupt_r = corrupt_run.reward if corrupt_run is not None else None
-    if corrupt_r is None:
-        normalized = torch.full_like(effects, float("nan"))
-    else:
-        gap = clean_r - corrupt_r
-        sign = 1.0 if mode == "denoise" else -1.0
-        normalized = sign * effects / gap
-    return PatchResult(
-        effects=effects, normalized=normalized, clean_reward=clean_r, corrupt_reward=corrupt_r,
-        axes=tuple(axes), axis_labels=tuple(labels), hook=hook, per=per, mode=mode,
-        stats=PatchStats(n_forwards, n_rows, flops, time.perf_counter() - started),
-    )
+    stats = PatchStats(n_forwards, n_rows, flops, time.perf_counter() - started)
+    return effects, tuple(axes), tuple(labels), stats
 
 
 @dataclass(frozen=True)
@@ -564,25 +630,20 @@ def _grid_rows(pooled, pos_map, rel_t, n_units: int, with_pos: bool, relative: b
     return _Rows(u, r, pair, p[r, pair], zu, zr, zpair)
 
 
-def _replacements(model, mode, hook_name, kind, layers, source, reference, reference_mask,
-                  target, pos_map) -> dict[int, Tensor]:
-    """Per layer, the activation to write at each target position (aligned to the target)."""
+def _replacements(mode, hook_name, kind, layers, source, target,
+                  pos_map) -> dict[int, Tensor]:
+    """Per layer, the activation to write at each target position (aligned to the target);
+    ``mean``: ``source`` is the reference run, averaged over its real tokens."""
     names = [f"blocks.{l}.{hook_name}" for l in layers]
     if mode in ("denoise", "noise"):
         return {l: _aligned(source.cache[n], pos_map, kind) for l, n in zip(layers, names, strict=True)}
     if mode == "zero":
         return {l: torch.zeros_like(target.cache[n]) for l, n in zip(layers, names, strict=True)}
-    if kind == "pattern":
-        raise InvalidInputError("mean ablation of attention patterns is not defined; use zero or z")
-    if reference is None:
-        raise InvalidInputError("mode='mean' needs reference= inputs to average over")
-    ref_t, ref_m = as_tokens(model, reference, reference_mask)
-    ref = _run(model, ref_t, ref_m, set(names))
-    real = (ref.mask.bool() if ref.mask is not None
-            else torch.ones(ref_t.shape, dtype=torch.bool, device=ref_t.device))
+    real = (source.mask.bool() if source.mask is not None
+            else torch.ones(source.tokens.shape, dtype=torch.bool, device=source.tokens.device))
     out = {}
     for l, n in zip(layers, names, strict=True):
-        mean = ref.cache[n][real].mean(0)  # over every real token of the reference set
+        mean = source.cache[n][real].mean(0)  # over every real token of the reference set
         out[l] = mean.expand_as(target.cache[n]).clone()
     return out
 

@@ -559,13 +559,12 @@ def localise_probe(
         found["attribution"] = (attribution.values.detach().cpu().float(), list(attribution.labels))
     grids = LOCAL_GRIDS[level]
     if "patching" in methods:
-        from .patching import activation_patch
+        from .patching import activation_patch_grids
 
         vals, labs = [], []
-        for hook, per in grids:
-            res = activation_patch(model, pert_t, base_t, hook=hook, per=per, mode="denoise",
-                                   clean_mask=pert_m, corrupt_mask=base_m, max_rows=max_rows,
-                                   progress=progress)
+        for res in activation_patch_grids(model, pert_t, base_t, grids, mode="denoise",
+                                          clean_mask=pert_m, corrupt_mask=base_m,
+                                          max_rows=max_rows, progress=progress):
             v, lab = res.flat()
             vals.append(v.detach().cpu().float())
             labs += lab
