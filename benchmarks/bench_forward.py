@@ -93,15 +93,20 @@ def main() -> None:
     )
     threads = os.environ.get("OMP_NUM_THREADS")
     prefix = f"OMP_NUM_THREADS={threads} " if threads else ""
+    shape = "" if (args.batch, args.pos) == (16, 128) else f" --batch {args.batch} --pos {args.pos}"
     body = f"""## Forward cost: HookedRewardModel vs the HF reward model (issue 2)
 
-Command: `{prefix}python benchmarks/bench_forward.py --device {args.device} --repeats {args.repeats}`
+Command: `{prefix}python benchmarks/bench_forward.py --device {args.device} --repeats {args.repeats}{shape}`
 Llama-style reward model, {n_params / 1e6:.1f}M parameters, batch {args.batch} x {args.pos} tokens,
 float32, {args.device}; {machine()}. Median of {args.repeats} interleaved runs.
 Max |reward difference| to HF on this batch: {err:.1e} (every position: {err_full:.1e}).
 HookedRewardModel's reward runs the last block at the scoring token only (keys and values at every
 position) while nothing hooks the last block or the final norm; with a hook or cache there it
 runs every position (the `fast_pooling=False` row), which is what a plain HookedTransformer does.
+HookedRewardModel also stores its projection weights in `nn.Linear`'s layout, so that
+TransformerLens's reshapes of them in every forward are views; the plain HookedTransformer has
+TransformerLens's default layout and copies them in every forward (a fixed cost per forward,
+which shows at small batches).
 
 | forward | median ms | ratio to HF |
 |---|---|---|
@@ -109,7 +114,8 @@ runs every position (the `fast_pooling=False` row), which is what a plain Hooked
 """
     print(body)
     if not args.no_write:
-        write_section(f"forward-{args.device}", body)
+        key = f"forward-{args.device}" + (f"-{args.batch}x{args.pos}" if shape else "")
+        write_section(key, body)
 
 
 if __name__ == "__main__":

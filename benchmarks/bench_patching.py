@@ -176,8 +176,10 @@ def compare_transformer_lens(model, clean, corrupt, table: Table, n_ours: int, n
               our_flops(model, ours_head, n_pos), checked("max diff of pair means", err_head))
     notes.append(
         "TransformerLens runs on the same HookedRewardModel, under `torch.no_grad()` (so its "
-        "forwards with a hook below the last block get the model's scoring-token path, see "
-        "forward-cpu: a faster baseline than a plain HookedTransformer), with the metric "
+        "forwards with a hook below the last block get the model's scoring-token path, and "
+        "every forward the weight layout that spares TransformerLens's per-forward weight "
+        "copies, see forward-cpu: a faster baseline than a plain HookedTransformer), with the "
+        "metric "
         "`reward.mean()` over the batch of pairs (one call on all pairs; its timing includes the "
         "clean cache and the corrupt baseline). Check: tl_reward's per-pair effects averaged over "
         "pairs against TransformerLens's metric minus the corrupt baseline."
@@ -278,7 +280,9 @@ def compare_reward_lens(hf, model, clean, corrupt, table: Table, n_ours: int, n_
         "It patches a component at every position at once (no per-position grid), one pair at a "
         "time at batch size 1, and aligns clean and corrupt from the left (same lengths here, so "
         "the alignment does not matter); `patch_all_heads` adds the (source - target) per-head "
-        "difference to o_proj's input, which equals replacing `z`."
+        "difference to o_proj's input, which equals replacing `z`. tl_reward's component row "
+        "is one `activation_patch_grids` call: its attn_out and mlp_out grids share the clean and "
+        "corrupt runs, as `patch_all_components` shares its two cached runs."
     )
 
 
