@@ -93,12 +93,13 @@ def main() -> None:
     )
     threads = os.environ.get("OMP_NUM_THREADS")
     prefix = f"OMP_NUM_THREADS={threads} " if threads else ""
+    where = machine() + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
     shape = "" if (args.batch, args.pos) == (16, 128) else f" --batch {args.batch} --pos {args.pos}"
     body = f"""## Forward cost: HookedRewardModel vs the HF reward model (issue 2)
 
 Command: `{prefix}python benchmarks/bench_forward.py --device {args.device} --repeats {args.repeats}{shape}`
 Llama-style reward model, {n_params / 1e6:.1f}M parameters, batch {args.batch} x {args.pos} tokens,
-float32, {args.device}; {machine()}. Median of {args.repeats} interleaved runs.
+float32, {args.device}; {where}. Median of {args.repeats} interleaved runs.
 Max |reward difference| to HF on this batch: {err:.1e} (every position: {err_full:.1e}).
 HookedRewardModel's reward runs the last block at the scoring token only (keys and values at every
 position) while nothing hooks the last block or the final norm; with a hook or cache there it

@@ -40,18 +40,27 @@ from tl_reward import activation_patch, activation_patch_grids, load_reward_mode
 from tl_reward.patching import _layer_flops
 
 VOCAB = 8192
+DEVICE = "cpu"  # --device
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work, so that wall time measures it (no-op on the CPU)."""
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------- helpers
 def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
     """Measured float32 matmul rate of this machine (FLOP/s, median of ``repeats``)."""
     gen = torch.Generator().manual_seed(1)
-    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+    a, b = (torch.randn(n, n, generator=gen).to(DEVICE) for _ in range(2))
     torch.mm(a, b)  # warm-up
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         torch.mm(a, b)
+        sync()
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times)
 
@@ -63,8 +72,10 @@ def interleaved(runs: dict[str, tuple[Callable, int]]) -> tuple[dict[str, float]
     for r in range(max(n for _, n in runs.values())):
         for name, (fn, n) in runs.items():
             if r < n:
+                sync()
                 start = time.perf_counter()
                 out[name] = fn()
+                sync()
                 times[name].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}, out
 
@@ -251,10 +262,10 @@ def compare_reward_lens(hf, model, clean, corrupt, table: Table, n_ours: int, n_
     ours_comp = torch.stack([attn.effects, mlp.effects], 1).reshape(2 * cfg.n_layers, n_pairs)
     names = out["rl comp"][0].component_names
     assert names[:2] == ["attn_L0", "mlp_L0"], names[:4]
-    err_comp = float((rl_comp - ours_comp.double()).abs().max())
+    err_comp = float((rl_comp - ours_comp.double().cpu()).abs().max())
     rl_head = torch.tensor([list(r.patch_effects) for r in out["rl head"]], dtype=torch.float64).T
     ours_head = out["ours head"].effects.reshape(cfg.n_layers * cfg.n_heads, n_pairs)
-    err_head = float((rl_head - ours_head.double()).abs().max())
+    err_head = float((rl_head - ours_head.double().cpu()).abs().max())
 
     comp_fwd = (2 + 2 * cfg.n_layers) * n_pairs  # 2 cached runs + 1 per component, per pair
     head_fwd = (4 + cfg.n_layers * cfg.n_heads) * n_pairs  # 2 scores + 2 captures + 1 per head
@@ -308,15 +319,14 @@ def compare_atp(model, clean, corrupt, table: Table, n_ours: int, n_peer: int,
     exact, atp = out["exact"], out["atp"]
     est = atp.as_patch_result("z", "head_pos").effects
     keep = ~torch.isnan(exact.effects)
-    rho_cells = spearmanr(exact.effects[keep].numpy(), est[keep].numpy()).statistic
+    rho_cells = spearmanr(exact.effects[keep].cpu(), est[keep].cpu()).statistic
     est_mean = atp.as_patch_result("z", "head_pos").mean_effect
-    rho_mean = spearmanr(exact.mean_effect.flatten().numpy(), est_mean.flatten().numpy()).statistic
+    rho_mean = spearmanr(exact.mean_effect.flatten().cpu(), est_mean.flatten().cpu()).statistic
     check = (f"Spearman rho {rho_cells:.3f} over {int(keep.sum())} cells x pairs, "
              f"{rho_mean:.3f} on pair means")
     if head_result is not None:
         est_head = atp.as_patch_result("z", "head").effects
-        rho_head = spearmanr(head_result.effects.flatten().numpy(),
-                             est_head.flatten().numpy()).statistic
+        rho_head = spearmanr(head_result.effects.flatten().cpu(), est_head.flatten().cpu()).statistic
         check += f"; per head (all positions) {rho_head:.3f}"
     g = f"z head x pos ({cfg.n_layers}x{cfg.n_heads}x{n_pos})"
     table.add(g, "tl_reward exact `activation_patch`", med["exact"], our_flops(model, exact, n_pos),
@@ -328,6 +338,17 @@ def compare_atp(model, clean, corrupt, table: Table, n_ours: int, n_peer: int,
         "(scipy) between estimates and exact effects. Random weights: the effects are small and "
         "the ranking is a property of this model, not of trained reward models."
     )
+
+
+GPU_NOTE = (
+    "On the GPU a forward of this size is bound by its number of operations (kernel launches and "
+    "TransformerLens's Python per block), not by FLOPs (see the % of the matmul rate): a method's "
+    "time follows the number of forwards it runs. tl_reward runs many cells in one forward as "
+    "rows of a batch (at most `max_rows`), so its per-head and per-position grids run few "
+    "forwards; the per-layer component grid has one cell per pair, layer and grid, so it runs "
+    "a forward per layer and grid from the patched layer on, and its speed-up stays near the "
+    "FLOP ratio."
+)
 
 
 # ---------------------------------------------------------------------------------- main
@@ -343,8 +364,10 @@ def main() -> None:
     parser.add_argument("--skip-reward-lens", action="store_true")
     parser.add_argument("--skip-atp", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
-    device = "cpu"
+    global DEVICE
+    DEVICE = device = args.device
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -357,6 +380,7 @@ def main() -> None:
     if not 0 <= args.shared_prompt < args.pos:
         parser.error(f"--shared-prompt must lie in [0, --pos), got {args.shared_prompt}")
     corrupt[:, : args.shared_prompt] = clean[:, : args.shared_prompt]
+    clean, corrupt = clean.to(device), corrupt.to(device)
     global SHARED_PROMPT
     SHARED_PROMPT = args.shared_prompt
     with torch.no_grad():  # warm-up, and the parity the comparisons rest on
@@ -366,7 +390,8 @@ def main() -> None:
     gap = (r_ours[: args.pairs] - r_ours[args.pairs:])
 
     rate = matmul_rate()
-    print(f"matmul rate: {rate / 1e9:.1f} GFLOP/s; {machine()}")
+    where = machine() + (f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else "")
+    print(f"matmul rate: {rate / 1e9:.1f} GFLOP/s; {where}")
     table = Table(rate)
     notes: list[str] = []
     n_ours, n_peer = max(3, args.repeats), args.repeats
@@ -387,11 +412,13 @@ def main() -> None:
         compare_atp(model, clean, corrupt, table, n_ours, n_peer, notes, head_result=res["head"])
         print(f"(c) AtP done in {time.perf_counter() - t0:.0f}s")
 
-    flags = [f"--pairs {args.pairs}", f"--pos {args.pos}", f"--repeats {args.repeats}"]
+    flags = [f"--device {device}"] * (device != "cpu") + [f"--pairs {args.pairs}", f"--pos {args.pos}", f"--repeats {args.repeats}"]
     flags += [f"--shared-prompt {args.shared_prompt}"] * bool(args.shared_prompt)
     flags += ["--skip-reward-lens"] * args.skip_reward_lens + ["--skip-atp"] * args.skip_atp
     threads = os.environ.get("OMP_NUM_THREADS")
     prefix = f"OMP_NUM_THREADS={threads} " if threads else ""
+    if device.startswith("cuda"):
+        notes.append(GPU_NOTE)
     notes.append(
         "What bounds the all-position grids (per layer, per head): patching a component at every "
         "position reruns every position from the patched layer on. tl_reward skips the layers "
@@ -399,7 +426,7 @@ def main() -> None:
         "the scoring token, which is about half of one forward per cell on this 6-layer model "
         "(the FLOP ratio); the rest of a speed-up has to come from batching, which pays where a "
         "forward's fixed costs dominate (short sequences, GPUs), not for 64-token sequences on "
-        "one CPU core, where a batch-1 forward already runs near the matmul rate. Per-position "
+        "a CPU core, where a batch-1 forward already runs near the matmul rate. Per-position "
         "grids also skip the positions before the patch (cached keys and values). When clean "
         "and corrupt share a prompt (--shared-prompt), every grid starts at the first position "
         "where they differ: the prompt's activations are the same in both runs, so a patch "
@@ -413,7 +440,7 @@ def main() -> None:
 
 Command: `{prefix}python benchmarks/bench_patching.py {' '.join(flags)}`
 Llama-style reward model, {n_params / 1e6:.1f}M parameters ({model.cfg.n_layers} layers,
-{model.cfg.n_heads} heads), float32, cpu; {machine()}.
+{model.cfg.n_heads} heads), float32, {device}; {where}.
 {args.pairs} pairs of {args.pos} random tokens (clean and corrupt of the same length{shared}), denoising
 (clean written into corrupt; effect = patched - corrupt reward). Max |reward difference|
 HookedRewardModel vs HF on these sequences: {parity:.1e}; clean - corrupt reward gaps
@@ -430,9 +457,10 @@ Targets: >= 3x TransformerLens, >= 5x reward-lens, AtP >= 50x the exact grid.
 {chr(10).join(f'- {n}' for n in notes)}
 """
     print(body)
-    if not args.no_write:  # one section per problem size; the default size is "patching-cpu"
+    if not args.no_write:  # one section per device and problem size ("patching-cpu": default)
         default = (args.pairs, args.pos) == (parser.get_default("pairs"), parser.get_default("pos"))
-        key = "patching-cpu" if default else f"patching-cpu-{args.pairs}x{args.pos}"
+        kind = torch.device(device).type
+        key = f"patching-{kind}" if default else f"patching-{kind}-{args.pairs}x{args.pos}"
         write_section(key + (f"-prompt{args.shared_prompt}" if args.shared_prompt else ""), body)
 
 
