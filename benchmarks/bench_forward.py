@@ -19,11 +19,16 @@ from transformer_lens import HookedTransformer
 
 from tl_reward import load_reward_model
 
+# --scale: (hidden, MLP, layers, heads, key-value heads, vocabulary)
+SCALES = {"small": (512, 1536, 6, 8, 8, 8192),  # 24.6M parameters: the CPU benchmarks
+          "large": (2048, 5632, 16, 16, 4, 32000)}  # 0.8B, grouped-query attention: GPU only
 
-def build(device: str) -> T.PreTrainedModel:
+
+def build(device: str, scale: str = "small") -> T.PreTrainedModel:
+    hidden, mlp, layers, heads, kv_heads, vocab = SCALES[scale]
     config = T.LlamaConfig(
-        vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
-        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
         pad_token_id=0, num_labels=1,
     )
     torch.manual_seed(0)
@@ -43,13 +48,14 @@ def timed(fn, device: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--scale", default="small", choices=SCALES)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--pos", type=int, default=128)
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
 
-    hf = build(args.device)
+    hf = build(args.device, args.scale)
     n_params = sum(p.numel() for p in hf.parameters())
     model = load_reward_model(hf)
     # A plain HookedTransformer with the same trunk and head: the cost TransformerLens itself has.
@@ -95,6 +101,7 @@ def main() -> None:
     prefix = f"OMP_NUM_THREADS={threads} " if threads else ""
     where = machine() + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
     shape = "" if (args.batch, args.pos) == (16, 128) else f" --batch {args.batch} --pos {args.pos}"
+    shape += f" --scale {args.scale}" * (args.scale != "small")
     body = f"""## Forward cost: HookedRewardModel vs the HF reward model (issue 2)
 
 Command: `{prefix}python benchmarks/bench_forward.py --device {args.device} --repeats {args.repeats}{shape}`
@@ -115,7 +122,9 @@ which shows at small batches).
 """
     print(body)
     if not args.no_write:
-        key = f"forward-{args.device}" + (f"-{args.batch}x{args.pos}" if shape else "")
+        key = f"forward-{args.device}" + (f"-{args.batch}x{args.pos}"
+                                          if (args.batch, args.pos) != (16, 128) else "")
+        key += f"-{args.scale}" * (args.scale != "small")
         write_section(key, body)
 
 

@@ -33,7 +33,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens's patching draws a
 
 import torch
 from _results import machine, write_section
-from bench_forward import build
+from bench_forward import SCALES, build
 from scipy.stats import spearmanr
 
 from tl_reward import activation_patch, activation_patch_grids, load_reward_model
@@ -341,13 +341,11 @@ def compare_atp(model, clean, corrupt, table: Table, n_ours: int, n_peer: int,
 
 
 GPU_NOTE = (
-    "On the GPU a forward of this size is bound by its number of operations (kernel launches and "
-    "TransformerLens's Python per block), not by FLOPs (see the % of the matmul rate): a method's "
-    "time follows the number of forwards it runs. tl_reward runs many cells in one forward as "
-    "rows of a batch (at most `max_rows`), so its per-head and per-position grids run few "
-    "forwards; the per-layer component grid has one cell per pair, layer and grid, so it runs "
-    "a forward per layer and grid from the patched layer on, and its speed-up stays near the "
-    "FLOP ratio."
+    "On the GPU a forward of a few hundred tokens leaves the device mostly idle (see the % of the "
+    "matmul rate): a method's time follows the number of forwards it runs more than its FLOPs. "
+    "tl_reward runs many cells in one forward as rows of a batch (at most `max_rows`): the cells "
+    "of a per-position or per-head grid, and in the per-layer component grid the rows of every "
+    "layer, which join one forward at the block after their patch (2 forwards per grid here)."
 )
 
 
@@ -365,13 +363,15 @@ def main() -> None:
     parser.add_argument("--skip-atp", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--scale", default="small", choices=SCALES,
+                        help="small: 24.6M parameters; large: 0.8B (for a GPU)")
     args = parser.parse_args()
     global DEVICE
     DEVICE = device = args.device
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        hf = build(device)
+        hf = build(device, args.scale)
         n_params = sum(p.numel() for p in hf.parameters())
         model = load_reward_model(hf)
     gen = torch.Generator().manual_seed(0)
@@ -412,7 +412,8 @@ def main() -> None:
         compare_atp(model, clean, corrupt, table, n_ours, n_peer, notes, head_result=res["head"])
         print(f"(c) AtP done in {time.perf_counter() - t0:.0f}s")
 
-    flags = [f"--device {device}"] * (device != "cpu") + [f"--pairs {args.pairs}", f"--pos {args.pos}", f"--repeats {args.repeats}"]
+    flags = [f"--device {device}"] * (device != "cpu") + [f"--scale {args.scale}"] * (
+        args.scale != "small") + [f"--pairs {args.pairs}", f"--pos {args.pos}", f"--repeats {args.repeats}"]
     flags += [f"--shared-prompt {args.shared_prompt}"] * bool(args.shared_prompt)
     flags += ["--skip-reward-lens"] * args.skip_reward_lens + ["--skip-atp"] * args.skip_atp
     threads = os.environ.get("OMP_NUM_THREADS")
@@ -423,9 +424,9 @@ def main() -> None:
         "What bounds the all-position grids (per layer, per head): patching a component at every "
         "position reruns every position from the patched layer on. tl_reward skips the layers "
         "before it, the positions after the scoring token and the last block's work away from "
-        "the scoring token, which is about half of one forward per cell on this 6-layer model "
-        "(the FLOP ratio); the rest of a speed-up has to come from batching, which pays where a "
-        "forward's fixed costs dominate (short sequences, GPUs), not for 64-token sequences on "
+        "the scoring token, which is about half of one forward per cell on this "
+        f"{model.cfg.n_layers}-layer model (the FLOP ratio); the rest of a speed-up has to come "
+        "from batching, which pays where a forward's fixed costs dominate (short sequences, GPUs), not for 64-token sequences on "
         "a CPU core, where a batch-1 forward already runs near the matmul rate. Per-position "
         "grids also skip the positions before the patch (cached keys and values). When clean "
         "and corrupt share a prompt (--shared-prompt), every grid starts at the first position "
@@ -461,7 +462,8 @@ Targets: >= 3x TransformerLens, >= 5x reward-lens, AtP >= 50x the exact grid.
         default = (args.pairs, args.pos) == (parser.get_default("pairs"), parser.get_default("pos"))
         kind = torch.device(device).type
         key = f"patching-{kind}" if default else f"patching-{kind}-{args.pairs}x{args.pos}"
-        write_section(key + (f"-prompt{args.shared_prompt}" if args.shared_prompt else ""), body)
+        key += f"-prompt{args.shared_prompt}" if args.shared_prompt else ""
+        write_section(key + (f"-{args.scale}" if args.scale != "small" else ""), body)
 
 
 if __name__ == "__main__":

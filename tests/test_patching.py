@@ -3,7 +3,7 @@
 import pytest
 import torch
 import transformer_lens.patching as tlp
-from helpers import make_hf_model, pad_batch, ragged_sequences
+from helpers import make_config, make_hf_model, pad_batch, ragged_sequences, randomize_
 
 from tl_reward import activation_patch, activation_patch_grids, errors, load_reward_model
 
@@ -106,6 +106,59 @@ def test_bad_grids(grids, match):
     clean, corrupt = _pairs(n=2, length=5)
     with pytest.raises(errors.TLRewardError, match=match):
         activation_patch_grids(model, clean, corrupt, grids, progress=False)
+
+
+def _four_layers(arch: str):
+    import transformers as T
+
+    config = make_config(arch, gqa=arch != "gpt2")
+    setattr(config, "n_layer" if arch == "gpt2" else "num_hidden_layers", 4)
+    torch.manual_seed(0)
+    hf = T.AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+    return load_reward_model(randomize_(hf, 0).eval())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("pairs", ["unrelated", "shared prompt", "ragged"])
+def test_rows_of_several_layers_in_one_forward_equal_hooked_runs(arch, pairs):
+    """A patch between blocks lets the rows of every layer share one forward, each joining at the
+    block after its patch (4 layers: rows join at three blocks); every cell against the patch
+    made by a hook in a full forward of that pair alone."""
+    from tl_reward.patching import HOOKS
+
+    model = _four_layers(arch)
+    g = torch.Generator().manual_seed(7)
+    lengths = [9, 6, 8] if pairs == "ragged" else [9, 9, 9]
+    clean = [torch.randint(3, 97, (n,), generator=g).tolist() for n in lengths]
+    corrupt = [torch.randint(3, 97, (n,), generator=g).tolist() for n in lengths]
+    if pairs == "shared prompt":
+        corrupt = [c[:4] + r[4:] for c, r in zip(clean, corrupt, strict=True)]
+    (c_tok, c_mask), (r_tok, r_mask) = pad_batch(clean, "right"), pad_batch(corrupt, "right")
+    grids = [("attn_out", "layer"), ("mlp_out", "layer"), ("resid_post", "layer"), ("z", "head")]
+    results = activation_patch_grids(model, c_tok, r_tok, grids, clean_mask=c_mask,
+                                     corrupt_mask=r_mask, progress=False)
+    if pairs == "unrelated":  # layers 0-2 in one forward, the last layer's block output alone
+        assert [r.stats.n_forwards for r in results] == [2, 2, 2, 2]
+    model.fast_pooling = False  # the reference: TransformerLens's own full forward
+    for i, (c, r) in enumerate(zip(clean, corrupt, strict=True)):
+        c, r = torch.tensor([c]), torch.tensor([r])
+        _, cache = model.run_with_cache(c)
+        with torch.no_grad():
+            base = model(r)[0]
+            for (hook, per), res in zip(grids, results, strict=True):
+                for layer in range(model.cfg.n_layers):
+                    name = f"blocks.{layer}.{HOOKS[hook][0]}"
+                    for unit in range(model.cfg.n_heads if per == "head" else 1):
+                        def put(act, hook, unit=unit, per=per, cache=cache):
+                            if per != "head":
+                                return cache[hook.name]
+                            act = act.clone()
+                            act[:, :, unit] = cache[hook.name][:, :, unit]
+                            return act
+                        ref = model.run_with_hooks(r, fwd_hooks=[(name, put)])[0] - base
+                        got = res.effects[layer, unit, i] if per == "head" else res.effects[layer, i]
+                        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0,
+                                                   msg=f"{hook} L{layer} unit {unit} pair {i}")
 
 
 def test_forward_partition_covers_every_row_once_and_trades_waste_for_forwards():

@@ -546,25 +546,35 @@ def _patch_grid(model, target: _Run, source: _Run | None, mode: str, hook: str, 
         start_of, same = torch.zeros_like(rows.pos), None
     order = torch.argsort(start_of, stable=True)
     chunks = _chunks(start_of[order], n_t, max_rows, _overhead_rows(target.tokens.device))
-    for li, layer in enumerate(tqdm(layers, desc=f"patching {hook} per {per}",
-                                    disable=not progress, leave=False)):
-        view = effects[li].reshape(n_units_axis, len(rel_t), n_pairs)
-        view[rows.zero_unit, rows.zero_pos, rows.zero_pair] = 0.0  # after the scoring token
-        if same is not None:  # the patch writes what the target run already has there
-            view[same.unit, same.rel, same.pair] = 0.0
-        for chunk in chunks:
-            sel = order[chunk.to(order.device)]
-            start = int(start_of[sel[0]])  # every row of the chunk patches there or later
-            out, cost = _patched_forward(
-                model, target, replacements[layer], layer, hook_name, kind, start,
-                rows.pair[sel], rows.unit[sel] if unit_axis else None,
-                rows.pos[sel] if with_pos else None, pos_map,
+    grid = effects.view(len(layers), n_units_axis, len(rel_t), n_pairs)
+    grid[:, rows.zero_unit, rows.zero_pos, rows.zero_pair] = 0.0  # after the scoring token
+    if same is not None:  # the patch writes what the target run already has there
+        grid[:, same.unit, same.rel, same.pair] = 0.0
+    # rows of several layers share a forward where the patch enters the residual stream
+    # between blocks: each layer's rows join the run at the block after their patch
+    per_forward = 1 if _shortcut(model, hook_name) is None else len(layers)
+    bar = tqdm(total=len(layers) * len(chunks), desc=f"patching {hook} per {per}",
+               disable=not progress, leave=False)
+    for chunk in chunks:
+        sel = order[chunk.to(order.device)]
+        start = int(start_of[sel[0]])  # every row of the chunk patches there or later
+        size = max(1, min(per_forward, max_rows // len(sel)))
+        for lo in range(0, len(layers), size):
+            group = list(range(lo, min(lo + size, len(layers))))  # indices into layers
+            out, cost, n_fwd = _patched_forward(
+                model, target, [replacements[layers[g]] for g in group],
+                [layers[g] for g in group], hook_name, kind, start, rows.pair[sel],
+                rows.unit[sel] if unit_axis else None, rows.pos[sel] if with_pos else None,
+                pos_map,
             )
-            view[rows.unit[sel], rows.rel[sel], rows.pair[sel]] = out - target.reward[rows.pair[sel]]
-            n_forwards += 1
-            n_rows += len(sel)
+            base = target.reward[rows.pair[sel]]
+            for g, o in zip(group, out, strict=True):
+                grid[g, rows.unit[sel], rows.rel[sel], rows.pair[sel]] = o - base
+            n_forwards += n_fwd
+            n_rows += len(sel) * len(group)
             flops += cost
-        effects[li] = view.reshape(effects[li].shape)
+            bar.update(len(group))
+    bar.close()
     stats = PatchStats(n_forwards, n_rows, flops, time.perf_counter() - started)
     return effects, tuple(axes), tuple(labels), stats
 
@@ -693,13 +703,17 @@ def _chunks(starts: Tensor, n_t: int, max_rows: int, overhead: int) -> list[Tens
     return sorted(chunks, key=lambda c: int(c[0]))
 
 
-def _patched_forward(model, target: _Run, repl: Tensor, layer: int, hook_name: str, kind: str,
-                     start: int, pairs: Tensor, units: Tensor | None, poss: Tensor | None,
-                     pos_map: Tensor) -> tuple[Float[Tensor, "batch"], float]:
-    """Rewards of ``len(pairs)`` patched rows, run from ``layer`` and position ``start`` on, and
-    the matmul FLOPs it took. Where the patch only changes the block's output or its attention's
-    output (:func:`_shortcut`), the patched residual is computed from the cached run and the
-    run starts at the next block.
+@torch.no_grad()
+def _patched_forward(model, target: _Run, repls: list[Tensor], layers: list[int], hook_name: str,
+                     kind: str, start: int, pairs: Tensor, units: Tensor | None,
+                     poss: Tensor | None, pos_map: Tensor
+                     ) -> tuple[Float[Tensor, "layer batch"], float, int]:
+    """Rewards of ``len(pairs)`` patched rows for each of ``layers`` (``repls``: each layer's
+    replacement activations), run from position ``start`` on, the matmul FLOPs it took and the
+    number of forwards. Several layers only where the patch changes a block's output or its
+    attention's output (:func:`_shortcut`): then each layer's patched residual is computed from
+    the cached run and its rows join one forward at the block after the patch. Otherwise one
+    layer, patched by a hook in a forward from that layer on.
 
     Positions after the last scoring token of these rows are not run (they cannot change a
     reward). The last block runs at each row's scoring token alone
@@ -707,10 +721,46 @@ def _patched_forward(model, target: _Run, repl: Tensor, layer: int, hook_name: s
     earlier positions come from its attention's projections, the rest of the block (queries,
     attention, MLP) is needed at the scoring token only.
     """
-    cfg = model.cfg
-    last = cfg.n_layers - 1
+    last = model.cfg.n_layers - 1
     pooled = target.pooled[pairs]
     end = int(pooled.max()) + 1
+    shortcut = _shortcut(model, hook_name)
+    if shortcut is None:
+        (layer,), (repl,) = layers, repls
+        patch = _patch_fn(repl, kind, start, end, pairs, units, poss, pos_map)
+        resid = target.cache[f"blocks.{layer}.hook_resid_pre"][pairs, start:end]
+        out, flops = _run_blocks(model, target, layer, resid, pairs, start, end,
+                                 [(f"blocks.{layer}.{hook_name}", patch)])
+        return out[None], flops, 1
+    outs: dict[int, Tensor] = {}
+    joins: list[tuple[int, int, Tensor]] = []  # (index in layers, next block, its input)
+    flops = 0.0
+    for i, (layer, repl) in enumerate(zip(layers, repls, strict=True)):
+        patch = _patch_fn(repl, kind, start, end, pairs, units, poss, pos_map)
+        resid, cost = _patched_block_output(model, target, layer, hook_name, shortcut, patch,
+                                            pairs, start, end)
+        flops += cost
+        if layer == last:  # the reward from the patched last block's output
+            outs[i] = model._head(model.ln_final(resid)[:, 0], "reward")
+        else:
+            joins.append((i, layer + 1, resid))
+    n_forwards = len(outs)
+    if joins:
+        joins.sort(key=lambda j: j[1])
+        (_, first, resid), rest = joins[0], joins[1:]
+        out, cost = _run_blocks(model, target, first, resid, pairs, start, end, [],
+                                [(block, r) for _, block, r in rest])
+        for (i, _, _), o in zip(joins, out.split(len(pairs)), strict=True):
+            outs[i] = o
+        flops += cost
+        n_forwards += 1
+    return torch.stack([outs[i] for i in range(len(layers))]), flops, n_forwards
+
+
+def _patch_fn(repl: Tensor, kind: str, start: int, end: int, pairs: Tensor, units: Tensor | None,
+              poss: Tensor | None, pos_map: Tensor):
+    """The patch of rows ``pairs`` (units ``units``, positions ``poss`` or every mapped
+    position) on an activation of positions ``start:end``: a TransformerLens hook function."""
     n_new = end - start
     rows = torch.arange(len(pairs), device=pairs.device)
     if poss is not None:
@@ -735,12 +785,18 @@ def _patched_forward(model, target: _Run, repl: Tensor, layer: int, hook_name: s
                 sel = sel & unit_sel.reshape(len(pairs), 1, act.shape[2], *([1] * (act.ndim - 3)))
         return torch.where(sel, new_values, act)
 
-    mask = target.mask[pairs, :end] if target.mask is not None else None
-    shortcut = _shortcut(model, hook_name)
-    if shortcut is None:
-        resid = target.cache[f"blocks.{layer}.hook_resid_pre"][pairs, start:end]
-        return _run_blocks(model, target, layer, resid, mask, pairs, start, end,
-                           [(f"blocks.{layer}.{hook_name}", patch)])
+    return patch
+
+
+def _patched_block_output(model, target: _Run, layer: int, hook_name: str, shortcut: str, patch,
+                          pairs: Tensor, start: int, end: int) -> tuple[Tensor, float]:
+    """Block ``layer``'s patched output at positions ``start:end`` (the last block's at each
+    row's scoring token alone: ``[rows, 1, d_model]``), from the cached run, and its FLOPs."""
+    cfg = model.cfg
+    last = cfg.n_layers - 1
+    n_new = end - start
+    pooled = target.pooled[pairs]
+    rows = torch.arange(len(pairs), device=pairs.device)
 
     def cached(name: str) -> Tensor:
         return target.cache[f"blocks.{layer}.{name}"][pairs, start:end]
@@ -774,12 +830,9 @@ def _patched_forward(model, target: _Run, repl: Tensor, layer: int, hook_name: s
                 resid = mid + block.apply_mlp(block.ln2(mid))
                 flops += (2.0 * mid.shape[0] * mid.shape[1] * cfg.d_model * cfg.d_mlp
                           * (3 if cfg.gated_mlp else 2))
-        if layer == last:
-            if resid.shape[1] > 1:
-                resid = resid[rows, pooled - start][:, None]
-            return model._head(model.ln_final(resid)[:, 0], "reward"), flops
-    out, rest = _run_blocks(model, target, layer + 1, resid, mask, pairs, start, end, [])
-    return out, flops + rest
+        if layer == last and resid.shape[1] > 1:
+            resid = resid[rows, pooled - start][:, None]
+    return resid, flops
 
 
 def _shortcut(model: HookedRewardModel, hook_name: str) -> str | None:
@@ -809,29 +862,53 @@ def _shortcut(model: HookedRewardModel, hook_name: str) -> str | None:
     return None
 
 
-def _run_blocks(model, target: _Run, layer: int, resid: Tensor, mask: Tensor | None,
-                pairs: Tensor, start: int, end: int, hooks: list) -> tuple[Tensor, float]:
+def _run_blocks(model, target: _Run, layer: int, resid: Tensor, pairs: Tensor, start: int,
+                end: int, hooks: list, joins: Sequence[tuple[int, Tensor]] = ()
+                ) -> tuple[Tensor, float]:
     """Rewards from block ``layer``'s input at positions ``start:end`` (earlier positions from
-    the target run's keys and values), with ``hooks``, and the matmul FLOPs it took."""
+    the target run's keys and values), with ``hooks``, and the matmul FLOPs it took.
+
+    ``joins``: ``(block, input)`` of further rows of the same ``pairs`` that enter at a later
+    block (ascending); their rewards follow the first rows' in that order.
+    """
     cfg = model.cfg
     last = cfg.n_layers - 1
-    pooled = target.pooled[pairs]
     n_new = end - start
-    kv = _kv_prefix(model, target, layer, pairs, start) if start > 0 else None
+    # the last block at the scoring tokens alone when the run starts below it (hooks are in
+    # the block it starts at)
     split = layer < last and n_new > 1 and model._scoring_path_supported()
+    x, rows = resid, pairs
+    flops = 0.0
+
+    def mask_of(r: Tensor) -> Tensor | None:
+        return target.mask[r, :end] if target.mask is not None else None
+
+    def kv_of(block: int, r: Tensor):
+        return _kv_prefix(model, target, block, r, start) if start > 0 else None
+
     with torch.no_grad():
-        if not split:
-            out = model.run_with_hooks(resid, attention_mask=mask, start_at_layer=layer,
-                                       past_kv_cache=kv, pool_index=pooled - start, fwd_hooks=hooks)
-            return out, len(pairs) * (cfg.n_layers - layer) * _layer_flops(model, n_new, end)
-        x = model.run_with_hooks(resid, attention_mask=mask, start_at_layer=layer,
-                                 stop_at_layer=last, past_kv_cache=kv, fwd_hooks=hooks)
+        k = layer
+        for stop in sorted({b for b, _ in joins}) + [last if split else cfg.n_layers]:
+            if stop > k:  # blocks k .. stop - 1 over the rows so far
+                x = model.run_with_hooks(x, attention_mask=mask_of(rows), start_at_layer=k,
+                                         stop_at_layer=stop if stop < cfg.n_layers else None,
+                                         past_kv_cache=kv_of(k, rows), fwd_hooks=hooks,
+                                         **({} if stop < cfg.n_layers
+                                            else {"pool_index": target.pooled[rows] - start}))
+                flops += len(rows) * (stop - k) * _layer_flops(model, n_new, end)
+                k = stop
+            joining = [r for b, r in joins if b == stop]
+            joins = [(b, r) for b, r in joins if b != stop]  # each joins once
+            if joining:
+                x = torch.cat([x, *joining])
+                rows = torch.cat([rows] + [pairs] * len(joining))
+        if not split:  # the last block ran everywhere: x is the reward
+            return x, flops
         past = None
         if start > 0:
-            prefix = _kv_prefix(model, target, last, pairs, start)[last]
+            prefix = _kv_prefix(model, target, last, rows, start)[last]
             past = (prefix.past_keys, prefix.past_values)
-        out = model._last_block_at_scoring_tokens(x, mask, pooled, past)
+        out = model._last_block_at_scoring_tokens(x, mask_of(rows), target.pooled[rows], past)
     n_kv_heads = cfg.n_key_value_heads or cfg.n_heads
     kv_flops = 2 * (n_new - 1) * cfg.d_model * cfg.d_head * 2 * n_kv_heads
-    flops = (last - layer) * _layer_flops(model, n_new, end) + kv_flops + _layer_flops(model, 1, end)
-    return out, len(pairs) * flops
+    return out, flops + len(rows) * (kv_flops + _layer_flops(model, 1, end))
