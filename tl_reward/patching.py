@@ -22,7 +22,9 @@ How a grid is computed (every number exact, no approximation):
 - many cells (pairs x positions x heads ...) go into one forward as rows of a batch, at most
   ``max_rows`` to bound memory, sorted by patched position: a forward starts at the earliest
   position it patches, and rows at nearby positions share a forward when that wastes less than
-  a forward's fixed cost (a small dynamic programme);
+  a forward's fixed cost (a small dynamic programme); where the patch enters the residual
+  stream between blocks (the shortcuts above), the rows of several layers share a forward too,
+  each layer's rows joining the run at the block after its patch;
 - positions after the scoring token are never run, and patches there have an effect of exactly
   0; the last block runs at each row's scoring token alone (its keys and values for the
   earlier positions come from its own projections: queries, attention and MLP are only needed
