@@ -21,25 +21,22 @@ import time
 from pathlib import Path
 
 import torch
-import transformer_lens.patching as tlp
 from _results import machine, write_section
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from helpers import ARCHS, GQA_ARCHS, make_hf_model, pad_batch, ragged_sequences  # noqa: E402
+from helpers import (  # noqa: E402
+    ARCHS,
+    GQA_ARCHS,
+    TL_CASES,
+    make_hf_model,
+    pad_batch,
+    ragged_sequences,
+)
 
 from tl_reward import activation_patch, activation_patch_grids, load_reward_model  # noqa: E402
 from tl_reward.atp import attribution_patch  # noqa: E402
 
 PARITY_TOL, PATCH_TOL = 1e-4, 1e-5
-TL_CASES = [
-    ("resid_pre", "layer_pos", tlp.get_act_patch_resid_pre, None),
-    ("attn_out", "layer_pos", tlp.get_act_patch_attn_out, None),
-    ("mlp_out", "layer_pos", tlp.get_act_patch_mlp_out, None),
-    ("z", "head", tlp.get_act_patch_attn_head_out_all_pos, None),
-    ("z", "head_pos", tlp.get_act_patch_attn_head_out_by_pos, (0, 2, 1)),
-    ("v", "head_pos", tlp.get_act_patch_attn_head_v_by_pos, (0, 2, 1)),
-    ("pattern", "head", tlp.get_act_patch_attn_head_pattern_all_pos, None),
-]
 PATCH_ARCHS = [("llama", True), ("qwen3", True), ("gemma2", True), ("gpt2", False),
                ("gpt_neox", False)]
 

@@ -1,6 +1,7 @@
 """Shared builders: tiny random HF reward models of every supported architecture."""
 
 import torch
+import transformer_lens.patching as tlp
 import transformers as T
 
 VOCAB = 97
@@ -120,3 +121,16 @@ def pad_batch(seqs: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Ten
 def hf_rewards_alone(hf_model, seqs: list[list[int]]) -> torch.Tensor:
     """The truth: each sequence run alone through the HF model, unpadded."""
     return torch.cat([hf_model(torch.tensor([s])).logits for s in seqs])
+
+
+# TransformerLens's patching functions our grids are checked against: (hook, per, function,
+# permutation of its output to our [layer, head, pos] order)
+TL_CASES = [
+    ("resid_pre", "layer_pos", tlp.get_act_patch_resid_pre, None),
+    ("attn_out", "layer_pos", tlp.get_act_patch_attn_out, None),
+    ("mlp_out", "layer_pos", tlp.get_act_patch_mlp_out, None),
+    ("z", "head", tlp.get_act_patch_attn_head_out_all_pos, None),
+    ("z", "head_pos", tlp.get_act_patch_attn_head_out_by_pos, (0, 2, 1)),
+    ("v", "head_pos", tlp.get_act_patch_attn_head_v_by_pos, (0, 2, 1)),
+    ("pattern", "head", tlp.get_act_patch_attn_head_pattern_all_pos, None),
+]

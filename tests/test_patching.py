@@ -3,19 +3,9 @@
 import pytest
 import torch
 import transformer_lens.patching as tlp
-from helpers import make_config, make_hf_model, pad_batch, ragged_sequences, randomize_
+from helpers import TL_CASES, make_config, make_hf_model, pad_batch, ragged_sequences, randomize_
 
 from tl_reward import activation_patch, activation_patch_grids, errors, load_reward_model
-
-TL_CASES = [
-    ("resid_pre", "layer_pos", tlp.get_act_patch_resid_pre, None),
-    ("attn_out", "layer_pos", tlp.get_act_patch_attn_out, None),
-    ("mlp_out", "layer_pos", tlp.get_act_patch_mlp_out, None),
-    ("z", "head", tlp.get_act_patch_attn_head_out_all_pos, None),
-    ("z", "head_pos", tlp.get_act_patch_attn_head_out_by_pos, (0, 2, 1)),
-    ("v", "head_pos", tlp.get_act_patch_attn_head_v_by_pos, (0, 2, 1)),
-    ("pattern", "head", tlp.get_act_patch_attn_head_pattern_all_pos, None),
-]
 
 
 def _pairs(n=3, length=9, seed=0):
