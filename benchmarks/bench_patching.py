@@ -51,7 +51,7 @@ def sync() -> None:
 
 # ---------------------------------------------------------------------------------- helpers
 def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
-    """Measured float32 matmul rate of this machine (FLOP/s, median of ``repeats``)."""
+    """Measured float32 matmul rate of this machine (FLOP/s, fastest of ``repeats``)."""
     gen = torch.Generator().manual_seed(1)
     a, b = (torch.randn(n, n, generator=gen).to(DEVICE) for _ in range(2))
     torch.mm(a, b)  # warm-up
@@ -62,7 +62,7 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
         torch.mm(a, b)
         sync()
         times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times)
+    return 2 * n**3 / min(times)
 
 
 def interleaved(runs: dict[str, tuple[Callable, int]]) -> tuple[dict[str, float], dict]:
@@ -110,31 +110,46 @@ def checked(what: str, err: float, tol: float = 1e-4) -> str:
 
 
 class Table:
-    """Rows of (grid, method, seconds, FLOPs); ratios are to the last row added with peer=True."""
+    """Rows of (grid, method, seconds, FLOPs); ratios are to the last row added with peer=True.
 
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.rows: list[str] = []
+    FLOP rates are shown against ``peak``: the highest matmul rate measured during the run (the
+    machine's speed drifts, so one measurement at the start can be exceeded later). A row with a
+    ``target`` speed-up also gets the FLOP rate at which its FLOPs would reach the target."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+        self.rows: list[tuple] = []
         self.peer: tuple[float, float | None] = (float("nan"), None)
 
+    def measure_peak(self) -> None:
+        self.peak = max(self.peak, matmul_rate())
+
     def add(self, grid: str, method: str, seconds: float, flops: float | None, check: str,
-            peer: bool = False) -> None:
-        gf = f"{flops / 1e9:.0f}" if flops is not None else ""
-        frac = f"{100 * flops / seconds / self.rate:.0f}%" if flops is not None else ""
+            peer: bool = False, target: float | None = None) -> None:
         if peer:
             self.peer = (seconds, flops)
-            ratio = bound = "1.0x"
-        else:
-            ratio = f"**{self.peer[0] / seconds:.1f}x**"
-            bound = (f"{self.peer[1] / flops:.1f}x" if flops and self.peer[1] is not None else "")
-        self.rows.append(f"| {grid} | {method} | {seconds:.2f} | {ratio} | {gf} | {bound} | {frac} "
-                         f"| {check} |")
-        print(self.rows[-1], flush=True)
+        self.rows.append((grid, method, seconds, flops, check, peer, target, self.peer))
+        print(self._format(self.rows[-1]), flush=True)
+
+    def _format(self, row: tuple) -> str:
+        grid, method, seconds, flops, check, peer, target, (peer_s, peer_flops) = row
+        gf = f"{flops / 1e9:.0f}" if flops is not None else ""
+        frac = f"{100 * flops / seconds / self.peak:.0f}%" if flops and self.peak else ""
+        ratio = "1.0x" if peer else f"**{peer_s / seconds:.1f}x**"
+        bound = ("1.0x" if peer else
+                 f"{peer_flops / flops:.1f}x" if flops and peer_flops is not None else "")
+        needs = ""
+        if target is not None and flops:
+            rate = target * flops / peer_s  # our FLOPs in peer_s / target seconds
+            needs = f">= {target:g}x: {rate / 1e9:.0f} GFLOP/s"
+            needs += f" ({100 * rate / self.peak:.0f}% of peak)" if self.peak else ""
+        return (f"| {grid} | {method} | {seconds:.2f} | {ratio} | {gf} | {bound} | {frac} "
+                f"| {needs} | {check} |")
 
     def markdown(self) -> str:
-        head = ("| grid | method | seconds | speed-up | GFLOP | FLOP ratio | % of matmul rate "
-                "| check |\n|---|---|---|---|---|---|---|---|")
-        return head + "\n" + "\n".join(self.rows)
+        head = ("| grid | method | seconds | speed-up | GFLOP | FLOP ratio | % of peak matmul rate "
+                "| FLOP rate the target needs | check |\n|---|---|---|---|---|---|---|---|---|")
+        return head + "\n" + "\n".join(self._format(r) for r in self.rows)
 
 
 # ---------------------------------------------------------------------------------- (a) TL
@@ -179,7 +194,8 @@ def compare_transformer_lens(model, clean, corrupt, table: Table, n_ours: int, n
     table.add(g1, "TransformerLens `get_act_patch_resid_pre`", med["tl resid"], tl_flops_resid,
               f"{cfg.n_layers * n_pos} forwards of batch {n_pairs}", peer=True)
     table.add(g1, "tl_reward `activation_patch`", med["ours resid"],
-              our_flops(model, ours_resid, n_pos), checked("max diff of pair means", err_resid))
+              our_flops(model, ours_resid, n_pos), checked("max diff of pair means", err_resid),
+              target=3)
     g2 = f"z layer x head ({cfg.n_layers}x{cfg.n_heads})"
     table.add(g2, "TransformerLens `get_act_patch_attn_head_out_all_pos`", med["tl head"],
               tl_flops_head, f"{cfg.n_layers * cfg.n_heads} forwards of batch {n_pairs}", peer=True)
@@ -274,12 +290,13 @@ def compare_reward_lens(hf, model, clean, corrupt, table: Table, n_ours: int, n_
               forward_flops(model, comp_fwd, n_pos), f"{comp_fwd} forwards of batch 1", peer=True)
     table.add(g1, "tl_reward `activation_patch_grids`", med["ours comp"],
               our_flops(model, out["ours comp"], n_pos),
-              checked("max per-pair diff", err_comp))
+              checked("max per-pair diff", err_comp), target=5)
     g2 = f"z per head ({cfg.n_layers * cfg.n_heads} heads)"
     table.add(g2, f"reward-lens {version} `patch_all_heads`", med["rl head"],
               forward_flops(model, head_fwd, n_pos), f"{head_fwd} forwards of batch 1", peer=True)
     table.add(g2, "tl_reward `activation_patch`", med["ours head"],
-              our_flops(model, out["ours head"], n_pos), checked("max per-pair diff", err_head))
+              our_flops(model, out["ours head"], n_pos), checked("max per-pair diff", err_head),
+              target=5)
     notes.append(
         f"reward-lens {version} wraps the same HF `LlamaForSequenceClassification` object "
         "(`reward_lens.legacy.RewardModel(model, tokenizer, LlamaAdapter(), device)`) with a local "
@@ -331,7 +348,8 @@ def compare_atp(model, clean, corrupt, table: Table, n_ours: int, n_peer: int,
     g = f"z head x pos ({cfg.n_layers}x{cfg.n_heads}x{n_pos})"
     table.add(g, "tl_reward exact `activation_patch`", med["exact"], our_flops(model, exact, n_pos),
               f"{exact.stats.n_forwards} forwards, {exact.stats.n_rows} rows", peer=True)
-    table.add(g, "tl_reward AtP `attribution_patch`", med["atp"], atp.stats.flops, check)
+    table.add(g, "tl_reward AtP `attribution_patch`", med["atp"], atp.stats.flops, check,
+              target=50)
     notes.append(
         "AtP: `attribution_patch(hooks=('z',))` (two forwards and one backward for all cells) "
         "against the exact head x position grid on the same pairs; Spearman rank correlation "
@@ -389,28 +407,31 @@ def main() -> None:
     parity = float((r_hf - r_ours).abs().max())
     gap = (r_ours[: args.pairs] - r_ours[args.pairs:])
 
-    rate = matmul_rate()
     where = machine() + (f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else "")
-    print(f"matmul rate: {rate / 1e9:.1f} GFLOP/s; {where}")
-    table = Table(rate)
+    table = Table()
+    table.measure_peak()
+    print(f"matmul rate: {table.peak / 1e9:.1f} GFLOP/s; {where}")
     notes: list[str] = []
     n_ours, n_peer = max(3, args.repeats), args.repeats
 
     t0 = time.perf_counter()
     res = compare_transformer_lens(model, clean, corrupt, table, n_ours, n_peer, notes)
     print(f"(a) TransformerLens done in {time.perf_counter() - t0:.0f}s")
+    table.measure_peak()
     if args.skip_reward_lens:
         notes.append("reward-lens section skipped (--skip-reward-lens).")
     else:
         t0 = time.perf_counter()
         compare_reward_lens(hf, model, clean, corrupt, table, n_ours, n_peer, notes)
         print(f"(b) reward-lens done in {time.perf_counter() - t0:.0f}s")
+        table.measure_peak()
     if args.skip_atp:
         notes.append("AtP section skipped (--skip-atp).")
     else:
         t0 = time.perf_counter()
         compare_atp(model, clean, corrupt, table, n_ours, n_peer, notes, head_result=res["head"])
         print(f"(c) AtP done in {time.perf_counter() - t0:.0f}s")
+        table.measure_peak()
 
     flags = [f"--device {device}"] * (device != "cpu") + [f"--scale {args.scale}"] * (
         args.scale != "small") + [f"--pairs {args.pairs}", f"--pos {args.pos}", f"--repeats {args.repeats}"]
@@ -422,13 +443,18 @@ def main() -> None:
         notes.append(GPU_NOTE)
     notes.append(
         "What bounds the all-position grids (per layer, per head): patching a component at every "
-        "position reruns every position from the patched layer on. tl_reward skips the layers "
-        "before it, the positions after the scoring token and the last block's work away from "
-        "the scoring token, which is about half of one forward per cell on this "
-        f"{model.cfg.n_layers}-layer model (the FLOP ratio); the rest of a speed-up has to come "
-        "from batching, which pays where a forward's fixed costs dominate (short sequences, GPUs), not for 64-token sequences on "
-        "a CPU core, where a batch-1 forward already runs near the matmul rate. Per-position "
-        "grids also skip the positions before the patch (cached keys and values). When clean "
+        "position changes every position from the patched layer on, so an exact method has to "
+        "recompute them. tl_reward recomputes only those: it skips the layers before the patch, "
+        "the positions after the scoring token and the last block's work away from the scoring "
+        "token, about half of one forward per cell on this "
+        f"{model.cfg.n_layers}-layer model (the FLOP ratio). The rest of a speed-up has to come "
+        "from running those FLOPs at a higher rate than the peer does: batching pays where a "
+        "forward's fixed costs dominate (short sequences, GPUs), not for 64-token sequences on a "
+        "CPU core, where a batch-1 forward already runs near the matmul rate. The column 'FLOP "
+        "rate the target needs' is the rate at which tl_reward's FLOPs would take the peer's "
+        "time divided by the target; above 100% of the peak, no implementation that runs those "
+        "FLOPs reaches the target on this machine. Per-position grids also skip the positions "
+        "before the patch (cached keys and values). When clean "
         "and corrupt share a prompt (--shared-prompt), every grid starts at the first position "
         "where they differ: the prompt's activations are the same in both runs, so a patch "
         "cannot change them (cells inside the prompt are exactly 0 without a forward); the "
@@ -446,7 +472,8 @@ Llama-style reward model, {n_params / 1e6:.1f}M parameters ({model.cfg.n_layers}
 (clean written into corrupt; effect = patched - corrupt reward). Max |reward difference|
 HookedRewardModel vs HF on these sequences: {parity:.1e}; clean - corrupt reward gaps
 {', '.join(f'{g:+.3f}' for g in gap.tolist())}.
-Measured float32 matmul rate (2048^3 `torch.mm`): {rate / 1e9:.1f} GFLOP/s. Seconds: median of
+Peak float32 matmul rate: {table.peak / 1e9:.1f} GFLOP/s (fastest 2048^3 `torch.mm` of 5, measured before
+and after each section; the highest). Seconds: median of
 {n_ours} interleaved runs for tl_reward, {n_peer} for the peers and for the exact grid AtP is
 compared with. GFLOP: matmul FLOPs the method runs (tl_reward: `PatchResult.stats.flops` plus its
 clean and corrupt cached runs, the source run from the end of the shared prompt; peers: their
