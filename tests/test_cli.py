@@ -70,19 +70,22 @@ def test_lens_last_read_out_is_the_margin(runner, pairs_file, tmp_path):
     assert lens["pairs_crystallised_here"].sum() == 24
 
 
-def test_patch_matches_the_api(runner, pairs_file, tmp_path):
+@pytest.mark.parametrize("mode", ["denoise", "mean"])
+def test_patch_matches_the_api(runner, pairs_file, tmp_path, mode):
+    """``--mode mean`` averages over the chosen and rejected texts of the pairs used."""
     import pandas as pd
 
     from tl_reward import activation_patch, organisms
 
     out = tmp_path / "cells.csv"
     res = invoke(runner, "patch", "longtail", "--pairs", pairs_file, "--max-pairs", 4,
-                 "--hook", "mlp_out", "--per", "layer", "--out", out)
+                 "--hook", "mlp_out", "--per", "layer", "--mode", mode, "--out", out)
     assert res.exit_code == 0, res.output
     data = organisms.dataset("longtail").sample(24, seed=0).sample(4, seed=0)
     model, _, _ = organisms.load("longtail")
+    reference = data.chosen_texts + data.rejected_texts if mode == "mean" else None
     api = activation_patch(model, data.chosen_texts, data.rejected_texts, hook="mlp_out",
-                           per="layer", progress=False)
+                           per="layer", mode=mode, reference=reference, progress=False)
     df = pd.read_csv(out)
     assert list(df["cell"]) == list(api.flat()[1])
     torch.testing.assert_close(torch.tensor(df["mean_effect"].values),

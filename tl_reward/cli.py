@@ -210,7 +210,8 @@ def patch(
     model: ModelArg, pairs: PairsOpt,
     hook: Annotated[str, typer.Option(help="resid_pre, attn_out, mlp_out, z, q, k, v, pattern, mlp_post, ...")] = "z",
     per: Annotated[str, typer.Option(help="layer, layer_pos, head, head_pos or neuron.")] = "head",
-    mode: Annotated[str, typer.Option(help="denoise, noise, zero or mean.")] = "denoise",
+    mode: Annotated[str, typer.Option(
+        help="denoise, noise, zero or mean (over the pairs' chosen and rejected texts).")] = "denoise",
     top: Annotated[int, typer.Option(min=1, help="Cells shown.")] = 10,
     out: OutOpt = None, device: DeviceOpt = None, dtype: DTypeOpt = DType.float32,
     batch_size: BatchOpt = 64, max_pairs: MaxPairsOpt = 16, seed: SeedOpt = 0,
@@ -224,11 +225,14 @@ def patch(
     _setup(seed)
     with _user_errors():
         rm, data = _model(model, device, dtype, objective), _pairs(pairs, max_pairs, seed)
+        # mean ablation: the mean over every chosen and rejected text of the pairs used
+        reference = data.chosen_texts + data.rejected_texts if mode == "mean" else None
         res = activation_patch(rm, data.chosen_texts, data.rejected_texts, hook=hook, per=per,
-                               mode=mode, max_rows=batch_size)
+                               mode=mode, reference=reference, max_rows=batch_size)
         df, s = res.cells(), res.stats
-        typer.echo(f"{mode} patching of {hook} per {per} on {len(data)} pairs: {len(df)} cells, "
-                   f"{s.n_forwards} forwards, {s.seconds:.2f} s")
+        ref = " (mean over their chosen and rejected texts)" if reference is not None else ""
+        typer.echo(f"{mode} patching of {hook} per {per} on {len(data)} pairs{ref}: {len(df)} "
+                   f"cells, {s.n_forwards} forwards, {s.seconds:.2f} s")
         typer.echo(res.top(top).to_string(index=False))
         _save_table(df, out)
 

@@ -427,7 +427,10 @@ def activation_patch_grids(
     if mode == "mean" and "pattern" in kinds:
         raise InvalidInputError("mean ablation of attention patterns is not defined; use zero or z")
     if mode == "mean" and reference is None:
-        raise InvalidInputError("mode='mean' needs reference= inputs to average over")
+        raise InvalidInputError(
+            "mode='mean' needs reference= inputs to average over (token ids or texts, e.g. the "
+            "chosen and rejected texts of your dataset)"
+        )
     if max_rows < 1:
         raise InvalidInputError(f"max_rows must be >= 1, got {max_rows}")
     started = time.perf_counter()
