@@ -162,6 +162,7 @@ def causal(tmp_path_factory):
     (["report", "longtail", "--pairs", "{pairs}", "--out", "{unwritable}"], "cannot write to"),
     (["score", "longtail", "--pairs", "{pairs}", "--out", "{tmp}/x.txt"], "must end in .csv or .json"),
     (["patch", "longtail", "--pairs", "{pairs}", "--hook", "zz"], "Did you mean 'z'?"),
+    (["score", "longtail", "--pairs", "{pairs}", "--device", "bogus"], "not a torch device"),
 ])
 def test_bad_inputs_one_line_error(runner, pairs_file, causal, tmp_path, args, message):
     blocker = tmp_path / "file"

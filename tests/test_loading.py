@@ -1,5 +1,7 @@
 """Conversion of HF reward models: parity with the HF model's own forward, and bad inputs."""
 
+import re
+
 import pytest
 import torch
 import transformers as T
@@ -338,6 +340,13 @@ def test_mask_shape_and_pair_counts(llama):
 def test_no_tokenizer_for_texts(llama):
     with pytest.raises(errors.InvalidInputError, match="no tokenizer"):
         llama.score(["hello"])
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:99"]
+                         + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_bad_device(device):
+    with pytest.raises(errors.DeviceError, match=re.escape(f"device={device!r}")):
+        load_reward_model(make_hf_model("llama"), device=device)
 
 
 def test_errors_are_also_builtins():

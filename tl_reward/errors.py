@@ -33,6 +33,10 @@ class InvalidInputError(TLRewardError, ValueError):
     """Bad tokens, masks or texts: empty, too long, out of the vocabulary, mismatched counts."""
 
 
+class DeviceError(TLRewardError, ValueError):
+    """A device that is not a torch device, or that this torch build or machine does not have."""
+
+
 class HookNameError(TLRewardError, KeyError):
     """A hook name that the model does not have."""
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformerConfig
 
 from ..errors import (
+    DeviceError,
     ModelSourceError,
     NotARewardModelError,
     UnsupportedArchitectureError,
@@ -84,6 +85,28 @@ def _score_head(hf_model: Any) -> nn.Linear:
     return score
 
 
+def _checked_device(device: str | torch.device) -> str:
+    """``device`` as a string, if it is a torch device this torch build and machine have."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(
+            f"device={device!r} is not a torch device; use e.g. 'cpu', 'cuda' or 'cuda:1'"
+        ) from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise DeviceError(
+                f"device={device!r}, but this machine or torch build ({torch.__version__}) has no "
+                "CUDA device; use device='cpu', or install a CUDA build of torch"
+            )
+        if dev.index is not None and dev.index >= n:
+            raise DeviceError(f"device={device!r}, but there are {n} CUDA devices: cuda:0..cuda:{n - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device={device!r}, but MPS is not available here; use device='cpu'")
+    return str(dev)
+
+
 def load_reward_model(
     model: Any,
     tokenizer: Any = None,
@@ -110,6 +133,8 @@ def load_reward_model(
         device, dtype: where and in what precision to build the model (default: the HF model's).
         n_ctx: longest sequence accepted (default: the HF context, capped at 4096).
     """
+    if device is not None:  # before any loading
+        device = _checked_device(device)
     if isinstance(model, str | os.PathLike):
         path = Path(model)
         if not path.is_dir():
@@ -155,7 +180,7 @@ def load_reward_model(
         original_architecture=adapter.original_architecture,
         model_name=Path(getattr(hf_config, "_name_or_path", "") or adapter.model_type).name,
         dtype=dtype or first_param.dtype,
-        device=str(device) if device is not None else str(first_param.device),
+        device=device if device is not None else str(first_param.device),
         init_weights=False,
         default_prepend_bos=False,
     )
