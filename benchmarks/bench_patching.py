@@ -37,7 +37,7 @@ from bench_forward import SCALES, build
 from scipy.stats import spearmanr
 
 from tl_reward import activation_patch, activation_patch_grids, load_reward_model
-from tl_reward.patching import _layer_flops
+from tl_reward.patching import _layer_flops, matmul_rate
 
 VOCAB = 8192
 DEVICE = "cpu"  # --device
@@ -50,21 +50,6 @@ def sync() -> None:
 
 
 # ---------------------------------------------------------------------------------- helpers
-def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
-    """Measured float32 matmul rate of this machine (FLOP/s, fastest of ``repeats``)."""
-    gen = torch.Generator().manual_seed(1)
-    a, b = (torch.randn(n, n, generator=gen).to(DEVICE) for _ in range(2))
-    torch.mm(a, b)  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        torch.mm(a, b)
-        sync()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / min(times)
-
-
 def interleaved(runs: dict[str, tuple[Callable, int]]) -> tuple[dict[str, float], dict]:
     """Run each ``fn`` ``n`` times, round-robin; median seconds and the last output of each."""
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -122,7 +107,7 @@ class Table:
         self.peer: tuple[float, float | None] = (float("nan"), None)
 
     def measure_peak(self) -> None:
-        self.peak = max(self.peak, matmul_rate())
+        self.peak = max(self.peak, matmul_rate(DEVICE, cached=False))
 
     def add(self, grid: str, method: str, seconds: float, flops: float | None, check: str,
             peer: bool = False, target: float | None = None) -> None:

@@ -92,6 +92,23 @@ def test_patch_matches_the_api(runner, pairs_file, tmp_path, mode):
                                api.mean_effect.double(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("command", ["score", "lens", "patch"])
+def test_half_precision_gives_the_float32_numbers_within_its_rounding(runner, pairs_file, tmp_path,
+                                                                       command):
+    import pandas as pd
+
+    tables = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.csv"
+        res = invoke(runner, command, "longtail", "--pairs", pairs_file, "--max-pairs", 8,
+                     "--dtype", dtype, "--out", out)
+        assert res.exit_code == 0, res.output
+        tables[dtype] = pd.read_csv(out).select_dtypes("float")
+    want, got = (torch.tensor(tables[d].values) for d in ("float32", "bfloat16"))
+    assert got.shape == want.shape and got.numel() > 0
+    torch.testing.assert_close(got, want, atol=0.05 * float(want.abs().max()), rtol=0)
+
+
 def test_report_writes_html_and_every_number(runner, pairs_file, tmp_path):
     res = invoke(runner, "report", "longtail", "--pairs", pairs_file, "--out", tmp_path / "r",
                  "--patch-pairs", 3)

@@ -269,6 +269,30 @@ def test_result_views():
     assert res.stats.n_forwards >= 1 and res.stats.flops > 0
 
 
+def test_stats_compare_the_rate_with_the_matmul_rate_where_it_ran(monkeypatch):
+    """Every causal tool's stats carry the model's device and dtype (float64 here, not the
+    default), and compare the achieved FLOP rate with the matmul rate measured there, once."""
+    import tl_reward.patching as P
+    from tl_reward import attribution_patch, path_patch
+
+    model = load_reward_model(make_hf_model("llama"), dtype=torch.float64)
+    clean, corrupt = _pairs()
+    results = [activation_patch(model, clean, corrupt, hook="z", per="head", progress=False),
+               attribution_patch(model, clean, corrupt, hooks=("z",), progress=False),
+               path_patch(model, clean, corrupt, senders="heads", receiver="L1.mlp", progress=False)]
+    monkeypatch.setattr(P, "_MATMUL_RATES", {})
+    measured = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: measured.append(a.dtype) or mm(a, b))
+    for res in results:
+        assert (res.stats.device, res.stats.dtype) == ("cpu", torch.float64)
+        fraction = res.stats.fraction_of_matmul_rate()
+        rate = P.matmul_rate("cpu", torch.float64)
+        assert fraction == pytest.approx(res.stats.flops / res.stats.seconds / rate)
+        assert 0 < fraction < 10
+    assert measured == [torch.float64] * 6  # one warm-up and 5 timed matmuls, measured once
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

@@ -49,22 +49,31 @@ def as_tokens(
     return model.pad(model.tokenize(list(tokens)))
 
 
+def readout_dtype(model: HookedRewardModel) -> torch.dtype:
+    """The dtype read-outs, attributions and patching effects are computed and reported in: the
+    model's, at least float32 (a half-precision model's activations are upcast first; differences
+    and sums of many small terms in half precision would round small effects away)."""
+    return torch.promote_types(model.cfg.dtype, torch.float32)
+
+
 def read_out(model: HookedRewardModel) -> tuple[Float[Tensor, "d_model k"], Float[Tensor, "k"]]:
-    """Effective read-out of the final-normalised-but-unweighted residual.
+    """Effective read-out of the final-normalised-but-unweighted residual, in
+    :func:`readout_dtype`.
 
     Columns are the scalar reward (one column) when the model has one, else every objective.
     ``ln_final``'s weight and bias (present when ``fold_ln`` was not used) are folded in here.
     """
+    dt = readout_dtype(model)
     if model.is_scalar:
-        weights = model.reward_direction[:, None]
-        bias = model.reward_bias[None]
+        weights = model.reward_direction[:, None].to(dt)
+        bias = model.reward_bias[None].to(dt)
     else:
-        weights, bias = model.W_R, model.b_R
+        weights, bias = model.W_R.to(dt), model.b_R.to(dt)
     ln = model.ln_final
     if getattr(ln, "b", None) is not None:
-        bias = bias + ln.b @ weights
+        bias = bias + ln.b.to(dt) @ weights
     if getattr(ln, "w", None) is not None:
-        weights = ln.w[:, None] * weights
+        weights = ln.w.to(dt)[:, None] * weights
     return weights, bias
 
 
@@ -96,11 +105,13 @@ def pooled_run(
     attention_mask: Tensor | None,
     names: Callable[[str], bool],
 ) -> PooledRun:
-    """Run once, cache only ``names`` (plus the final-norm scale), gather them at the pooled token.
+    """Run once, cache only ``names`` (plus the final-norm scale), gather them at the pooled token,
+    in :func:`readout_dtype`.
 
     Attention patterns keep their key axis (``[batch, head, 1, key_pos]``); values ``hook_v`` keep
     every position.
     """
+    dt = readout_dtype(model)
     pool_index = model.pooled_index(tokens, attention_mask)
 
     def wanted(name: str) -> bool:
@@ -113,11 +124,10 @@ def pooled_run(
     gathered = {}
     for name, act in raw.cache_dict.items():
         if name.endswith("hook_pattern"):
-            gathered[name] = act[rows, :, pool_index][:, :, None, :]
+            act = act[rows, :, pool_index][:, :, None, :]
         elif name.rsplit(".", 1)[-1] in _POSITIONAL and act.ndim >= 2 and act.shape[1] == tokens.shape[1]:
-            gathered[name] = act[rows, pool_index][:, None]
-        else:
-            gathered[name] = act
+            act = act[rows, pool_index][:, None]
+        gathered[name] = act.to(dt)
     return PooledRun(
         rewards=rewards,
         cache=ActivationCache(gathered, model),

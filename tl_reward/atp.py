@@ -34,7 +34,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ._readout import as_tokens, choose
+from ._readout import as_tokens, choose, readout_dtype
 from .errors import InvalidInputError
 from .model import HookedRewardModel, Text
 from .patching import (
@@ -247,7 +247,8 @@ def attribution_patch(
         + 3 * _layer_flops(model, n_t, n_t)  # forward + backward (about twice a forward)
     )
     stats = PatchStats(n_forwards=2 * len(chunks), n_rows=2 * n_pairs, flops=float(flops),
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, device=str(pooled.device),
+                       dtype=cfg.dtype)
     return AtPResult(
         estimates=estimates, pos_map=pos_map, target_pooled=pooled, clean_reward=clean_r,
         corrupt_reward=corrupt_r, hooks=hooks, layers=tuple(layers), mode=mode,
@@ -263,23 +264,24 @@ def _atp_rows(model, names, layers, s_tokens, s_mask, t_tokens, t_mask, position
     grads = torch.autograd.grad(target.reward.sum(), [target.cache[n] for n in acts])
     pos_map = _position_map(target, source, positions)
     n_pairs, n_t = target.tokens.shape
+    dt = readout_dtype(model)
     estimates: dict[str, Tensor] = {}
     with torch.no_grad():
         for name, grad in zip(acts, grads, strict=True):
             hook, layer = names[name]
             kind = HOOKS[hook][1]
-            act = target.cache[name].detach()
-            diff = _aligned(source.cache[name], pos_map, kind) - act
+            act = target.cache[name].detach().to(dt)
+            diff = _aligned(source.cache[name], pos_map, kind).to(dt) - act
             diff = diff * (pos_map >= 0).reshape(n_pairs, n_t, *([1] * (act.ndim - 2)))
-            term = diff * grad  # [pair, pos, (unit,) (d,)]
+            term = diff * grad.to(dt)  # [pair, pos, (unit,) (d,)]
             if kind in ("head", "resid"):  # over d_head / d_model
                 term = term.sum(-1)
             term = term.permute(*range(2, term.ndim), 1, 0)  # [(unit,) pos, pair]
             if hook not in estimates:
                 estimates[hook] = term.new_empty((len(layers), *term.shape))
             estimates[hook][layers.index(layer)] = term
-    return (estimates, pos_map, target.pooled, source.reward.detach(),
-            target.reward.detach())
+    return (estimates, pos_map, target.pooled, source.reward.detach().to(dt),
+            target.reward.detach().to(dt))
 
 
 def _forward(model: HookedRewardModel, tokens: Tensor, mask: Tensor | None,

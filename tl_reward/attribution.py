@@ -110,7 +110,7 @@ def _post_norm(model, cache, layer: int, which: str, u: Tensor) -> Tensor:
     if norm is None or not model.cfg.use_normalization_before_and_after:
         return u
     scale = cache[f"blocks.{layer}.{which}.hook_scale"][:, 0]  # [batch, 1]
-    return norm.w * u / scale
+    return norm.w.to(u.dtype) * u / scale
 
 
 def _attribute(model: HookedRewardModel, run, level: str, weights: Tensor) -> tuple[Tensor, list[str]]:
@@ -136,7 +136,7 @@ def _attribute(model: HookedRewardModel, run, level: str, weights: Tensor) -> tu
     for layer in range(model.cfg.n_layers):
         attn_total = comp[index[f"{layer}_attn_out"]]
         u_attn = _post_norm(model, cache, layer, "ln1_post", u)
-        W_O = model.blocks[layer].attn.W_O  # [head, d_head, d_model]
+        W_O = model.blocks[layer].attn.W_O.to(u.dtype)  # [head, d_head, d_model]
         if level in ("head", "head_source"):
             o = torch.einsum("hdm,bm->bhd", W_O, u_attn)  # [batch, head, d_head]
             if level == "head":
@@ -163,7 +163,8 @@ def _attribute(model: HookedRewardModel, run, level: str, weights: Tensor) -> tu
         if level == "neuron":
             u_mlp = _post_norm(model, cache, layer, "ln2_post", u)
             post = cache[f"blocks.{layer}.mlp.hook_post"][:, 0]  # [batch, d_mlp]
-            neurons = (post * (u_mlp @ model.blocks[layer].mlp.W_out.T)).T  # [d_mlp, batch]
+            W_out = model.blocks[layer].mlp.W_out.to(u.dtype)
+            neurons = (post * (u_mlp @ W_out.T)).T  # [d_mlp, batch]
             values += [neurons, (mlp_total - neurons.sum(0))[None]]
             out_labels += [f"L{layer}N{n}" for n in range(neurons.shape[0])]
             out_labels.append(f"L{layer}.mlp_bias")

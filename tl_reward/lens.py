@@ -10,7 +10,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ._readout import as_tokens, batches, choose, pooled_run, read_out
+from ._readout import as_tokens, batches, choose, pooled_run, read_out, readout_dtype
 from .errors import InvalidInputError
 from .model import HookedRewardModel, Text
 
@@ -146,11 +146,12 @@ def reward_lens(
             )  # [layer, batch, 1, d_model]
             if norm == "cached":
                 normed = run.cache.apply_ln_to_stack(stack, layer=None)
-                read = normed[:, :, 0] @ weights + bias
+                read = normed[:, :, 0].to(weights.dtype) @ weights + bias
             else:
                 normed = run.cache.apply_ln_to_stack(stack, layer=None, recompute_ln=True)
                 # the recomputed norm already applied ln_final's own weight and bias
-                read = normed[:, :, 0] @ _head(model) + _head_bias(model)
+                head = _head(model)
+                read = normed[:, :, 0].to(head.dtype) @ head + _head_bias(model)
         chunks.append(read)
     rewards = torch.cat(chunks, dim=1)
     if rewards.shape[-1] == 1:
@@ -160,11 +161,13 @@ def reward_lens(
 
 
 def _head(model: HookedRewardModel) -> Float[Tensor, "d_model k"]:
-    return model.reward_direction[:, None] if model.is_scalar else model.W_R
+    head = model.reward_direction[:, None] if model.is_scalar else model.W_R
+    return head.to(readout_dtype(model))
 
 
 def _head_bias(model: HookedRewardModel) -> Float[Tensor, "k"]:
-    return model.reward_bias[None] if model.is_scalar else model.b_R
+    bias = model.reward_bias[None] if model.is_scalar else model.b_R
+    return bias.to(readout_dtype(model))
 
 
 def pair_reward_lens(

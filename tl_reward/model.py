@@ -515,7 +515,8 @@ class HookedRewardModel(HookedTransformer):
         """Reward of each text: ``[n]`` for a scalar reward, ``[n, n_rewards]`` otherwise.
 
         Texts are sorted by length into batches of ``batch_size`` (right padding, attention
-        mask, HF pooling), with a progress bar unless ``progress=False``.
+        mask, HF pooling), with a progress bar unless ``progress=False``. In the model's dtype,
+        float32 at least.
         """
         from tqdm.auto import tqdm
 
@@ -538,8 +539,10 @@ class HookedRewardModel(HookedTransformer):
             tokens, mask = self.pad([ids[i] for i in batch])
             chunks.append(self(tokens, attention_mask=mask))
         sorted_rewards = torch.cat(chunks)
-        out = torch.empty_like(sorted_rewards)
-        out[torch.as_tensor(order, device=out.device)] = sorted_rewards
+        # float32 at least: a half-precision model's rewards, and the margins taken from them
+        out = torch.empty_like(sorted_rewards, dtype=torch.promote_types(sorted_rewards.dtype,
+                                                                         torch.float32))
+        out[torch.as_tensor(order, device=out.device)] = sorted_rewards.to(out.dtype)
         return out
 
     def score_pairs(

@@ -17,10 +17,17 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ._readout import as_tokens, choose
+from ._readout import as_tokens, choose, readout_dtype
 from .errors import InvalidInputError
 from .model import HookedRewardModel, Text
-from .patching import PatchResult, PatchStats, _aligned, _layer_flops, _position_map, _run
+from .patching import (
+    PatchResult,
+    PatchStats,
+    _aligned,
+    _layer_flops,
+    _position_map,
+    _run,
+)
 
 _RECEIVER = re.compile(r"^(reward|L(\d+)H(\d+)\.([qkv])|L(\d+)\.mlp)$")
 
@@ -146,7 +153,8 @@ def path_patch(
         indexing="ij",
     )
     sender_idx, pair_idx = sender_idx.flatten(), pair_idx.flatten()
-    flat = torch.empty(n_senders * n_pairs, device=resid.device)
+    dt = readout_dtype(model)
+    flat = torch.empty(n_senders * n_pairs, dtype=dt, device=resid.device)
     n_forwards = 0
     from tqdm.auto import tqdm
 
@@ -175,22 +183,25 @@ def path_patch(
                     pool_index=corrupt_run.pooled[p],
                 )
             n_forwards += 1
-    effects_known = (flat - corrupt_run.reward[pair_idx]).reshape(n_senders, n_pairs)
+    clean_r, corrupt_r = clean_run.reward.to(dt), corrupt_run.reward.to(dt)
+    effects_known = (flat - corrupt_r[pair_idx]).reshape(n_senders, n_pairs)
     if senders == "heads":
-        effects = torch.full((cfg.n_layers, cfg.n_heads, n_pairs), float("nan"), device=resid.device)
+        effects = torch.full((cfg.n_layers, cfg.n_heads, n_pairs), float("nan"), dtype=dt,
+                             device=resid.device)
         effects[: len(layers)] = effects_known.reshape(len(layers), cfg.n_heads, n_pairs)
         axes, labels = ("layer", "head"), (tuple(str(l) for l in range(cfg.n_layers)),
                                           tuple(str(h) for h in range(cfg.n_heads)))
     else:
-        effects = torch.full((cfg.n_layers, n_pairs), float("nan"), device=resid.device)
+        effects = torch.full((cfg.n_layers, n_pairs), float("nan"), dtype=dt, device=resid.device)
         effects[: len(layers)] = effects_known
         axes, labels = ("layer",), (tuple(str(l) for l in range(cfg.n_layers)),)
-    gap = clean_run.reward - corrupt_run.reward
+    gap = clean_r - corrupt_r
     flops = n_senders * n_pairs * (cfg.n_layers - r_layer) * _layer_flops(model, n_t, n_t)
     return PatchResult(
-        effects=effects, normalized=effects / gap, clean_reward=clean_run.reward,
-        corrupt_reward=corrupt_run.reward, axes=axes, axis_labels=labels,
+        effects=effects, normalized=effects / gap, clean_reward=clean_r,
+        corrupt_reward=corrupt_r, axes=axes, axis_labels=labels,
         hook=f"{'z' if senders == 'heads' else 'mlp_out'}->{receiver}",
         per="head" if senders == "heads" else "layer", mode="path",
-        stats=PatchStats(n_forwards, n_senders * n_pairs, flops, time.perf_counter() - started),
+        stats=PatchStats(n_forwards, n_senders * n_pairs, flops, time.perf_counter() - started,
+                         str(effects.device), cfg.dtype),
     )

@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from ._readout import as_tokens, batches, pooled_run
+from ._readout import as_tokens, batches, pooled_run, readout_dtype
 from .errors import InvalidInputError
 from .lens import LensResult, _head, _head_bias
 from .model import HookedRewardModel, Text
@@ -77,7 +77,7 @@ class TunedRewardLens(nn.Module):
         for t in self.translators:
             nn.init.zeros_(t.weight)
             nn.init.zeros_(t.bias)
-        self.to(device=model.cfg.device, dtype=model.cfg.dtype)
+        self.to(device=model.cfg.device, dtype=readout_dtype(model))  # float32 for a half model
         self.fit_report: TunedLensFit | None = None
 
     def read(
@@ -91,7 +91,8 @@ class TunedRewardLens(nn.Module):
         moved = [h + t(h) for h, t in zip(stack[:-1], self.translators, strict=True)]
         moved = torch.stack([*moved, stack[-1]])
         normed = model.ln_final(moved.reshape(-1, 1, moved.shape[-1])).reshape(moved.shape)
-        return (normed @ _head(model) + _head_bias(model))[..., 0]
+        head = _head(model)
+        return (normed.to(head.dtype) @ head + _head_bias(model))[..., 0]
 
     @classmethod
     def fit(

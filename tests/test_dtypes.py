@@ -1,0 +1,50 @@
+"""Models in half precision and in float64: every read-out tool runs, reports in float32 at least
+(float64 for a float64 model), and agrees with the same model in a reference precision within that
+precision's rounding."""
+
+import pytest
+import torch
+from helpers import make_hf_model
+
+import tl_reward
+from tl_reward import load_reward_model
+
+TOOLS = {
+    "patch z per head": lambda m, c, r: tl_reward.activation_patch(
+        m, c, r, hook="z", per="head", progress=False).effects,
+    "patch resid_pre per layer x position": lambda m, c, r: tl_reward.activation_patch(
+        m, c, r, hook="resid_pre", per="layer_pos", progress=False).effects,
+    "patch grids (components)": lambda m, c, r: torch.stack(
+        [g.effects for g in tl_reward.activation_patch_grids(m, c, r, progress=False)]),
+    "patch mean ablation": lambda m, c, r: tl_reward.activation_patch(
+        m, c, r, hook="mlp_out", per="layer", mode="mean", reference=c, progress=False).effects,
+    "path patching": lambda m, c, r: tl_reward.path_patch(
+        m, c, r, senders="heads", receiver="reward", progress=False).effects,
+    "attribution patching": lambda m, c, r: tl_reward.attribution_patch(
+        m, c, r, hooks=("z",), progress=False).as_patch_result("z", "head").effects,
+    "pair attribution per neuron": lambda m, c, r: tl_reward.pair_reward_attribution(
+        m, c, r, level="neuron", progress=False).values,
+    "attribution per head source": lambda m, c, r: tl_reward.direct_reward_attribution(
+        m, c, level="head_source", progress=False).values,
+    "reward lens": lambda m, c, r: tl_reward.reward_lens(m, c, progress=False).rewards,
+    "reward lens, recomputed norm": lambda m, c, r: tl_reward.reward_lens(
+        m, c, norm="recomputed", progress=False).rewards,
+}
+
+
+@pytest.mark.parametrize("dtype,reference,tol", [
+    (torch.bfloat16, torch.float64, 0.1),  # relative to the largest value: 8-bit mantissa
+    (torch.float16, torch.float64, 0.02),
+    (torch.float64, torch.float32, 1e-4),
+])
+def test_every_tool_in_each_precision(dtype, reference, tol):
+    hf = make_hf_model("llama", gqa=True)
+    g = torch.Generator().manual_seed(0)
+    clean, corrupt = (torch.randint(3, 97, (3, 9), generator=g) for _ in range(2))
+    corrupt[:, :4] = clean[:, :4]  # a shared prompt: the source run starts after it
+    model, ref_model = load_reward_model(hf, dtype=dtype), load_reward_model(hf, dtype=reference)
+    for name, tool in TOOLS.items():
+        got, want = tool(model, clean, corrupt), tool(ref_model, clean, corrupt)
+        assert got.dtype == torch.promote_types(dtype, torch.float32), name
+        err = (got.double() - want.double()).abs().nan_to_num().max()
+        assert err <= tol * want.double().abs().nan_to_num().max(), f"{name}: {err:.2e}"
