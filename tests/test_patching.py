@@ -269,6 +269,13 @@ def test_result_views():
     assert res.stats.n_forwards >= 1 and res.stats.flops > 0
 
 
+def test_matmul_rate_of_a_device_this_machine_lacks():
+    from tl_reward.patching import matmul_rate
+
+    with pytest.raises(errors.DeviceError, match="bogus"):
+        matmul_rate("bogus")
+
+
 def test_stats_compare_the_rate_with_the_matmul_rate_where_it_ran(monkeypatch):
     """Every causal tool's stats carry the model's device and dtype (float64 here, not the
     default), and compare the achieved FLOP rate with the matmul rate measured there, once."""
@@ -301,6 +308,8 @@ def test_stats_compare_the_rate_with_the_matmul_rate_where_it_ran(monkeypatch):
         (dict(mode="denoising"), "denoise"),
         (dict(layers=[5]), "layers"),
         (dict(max_rows=0), "max_rows"),
+        (dict(positions="align_start"), "align_end"),
+        (dict(positions="align_start", mode="zero"), "align_end"),  # not ignored without a source
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -41,6 +41,7 @@ from torch import Tensor
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
+from ._device import checked_device
 from ._readout import as_tokens, choose, readout_dtype
 from .errors import InvalidInputError
 from .model import HookedRewardModel, Text
@@ -73,7 +74,7 @@ def matmul_rate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
     """This machine's matmul rate in FLOP/s on ``device`` in ``dtype``: the fastest of 5 timed
     2048 x 2048 matmuls after a warm-up (about 0.5 s on a 2-core CPU). Measured once per device
     and dtype unless ``cached=False``."""
-    key = (str(torch.device(device)), dtype)
+    key = (checked_device(device), dtype)
     if not cached or key not in _MATMUL_RATES:
         n = 2048
         a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
@@ -318,11 +319,15 @@ def _position_map(target: _Run, source: _Run | None, positions) -> Tensor:
     real_t = (target.mask.bool() if target.mask is not None
               else torch.ones(n_pairs, n_t, dtype=torch.bool, device=target.tokens.device))
     pos = torch.arange(n_t, device=target.tokens.device).expand(n_pairs, n_t)
+    if isinstance(positions, str) and positions != "align_end":
+        raise InvalidInputError(
+            f"positions={positions!r}: use 'align_end' (the scoring tokens line up) or a "
+            "[pair, target_pos] tensor of source positions (-1 where a target position has none)"
+        )
     if source is None:  # zero / mean ablation: every real target position
         return torch.where(real_t, pos, -1)
     n_s = source.tokens.shape[1]
     if isinstance(positions, str):
-        choose("positions", positions, ("align_end",))
         src = pos + (source.pooled - target.pooled)[:, None]
     else:
         src = torch.as_tensor(positions, device=target.tokens.device).long()

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 from transformer_lens import HookedTransformerConfig
 
+from .._device import checked_device
 from ..errors import (
-    DeviceError,
     ModelSourceError,
     NotARewardModelError,
     UnsupportedArchitectureError,
@@ -85,28 +85,6 @@ def _score_head(hf_model: Any) -> nn.Linear:
     return score
 
 
-def _checked_device(device: str | torch.device) -> str:
-    """``device`` as a string, if it is a torch device this torch build and machine have."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DeviceError(
-            f"device={device!r} is not a torch device; use e.g. 'cpu', 'cuda' or 'cuda:1'"
-        ) from None
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise DeviceError(
-                f"device={device!r}, but this machine or torch build ({torch.__version__}) has no "
-                "CUDA device; use device='cpu', or install a CUDA build of torch"
-            )
-        if dev.index is not None and dev.index >= n:
-            raise DeviceError(f"device={device!r}, but there are {n} CUDA devices: cuda:0..cuda:{n - 1}")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError(f"device={device!r}, but MPS is not available here; use device='cpu'")
-    return str(dev)
-
-
 def load_reward_model(
     model: Any,
     tokenizer: Any = None,
@@ -134,7 +112,7 @@ def load_reward_model(
         n_ctx: longest sequence accepted (default: the HF context, capped at 4096).
     """
     if device is not None:  # before any loading
-        device = _checked_device(device)
+        device = checked_device(device)
     if isinstance(model, str | os.PathLike):
         path = Path(model)
         if not path.is_dir():
