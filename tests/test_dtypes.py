@@ -5,6 +5,7 @@ precision's rounding."""
 import pytest
 import torch
 from helpers import make_hf_model
+from test_sae import random_sae
 
 import tl_reward
 from tl_reward import load_reward_model
@@ -29,6 +30,13 @@ TOOLS = {
     "reward lens": lambda m, c, r: tl_reward.reward_lens(m, c, progress=False).rewards,
     "reward lens, recomputed norm": lambda m, c, r: tl_reward.reward_lens(
         m, c, norm="recomputed", progress=False).rewards,
+    # an SAE in the model's dtype (the same random weights in every precision)
+    "SAE attribution, direct": lambda m, c, r: tl_reward.sae_reward_attribution(
+        m, random_sae("blocks.1.hook_resid_post", d_in=m.cfg.d_model).to(m.cfg.dtype), c,
+        method="direct", progress=False).values,
+    "SAE attribution, gradient": lambda m, c, r: tl_reward.sae_reward_attribution(
+        m, random_sae("blocks.0.hook_resid_post", d_in=m.cfg.d_model).to(m.cfg.dtype), c,
+        method="gradient", progress=False).values,
 }
 
 

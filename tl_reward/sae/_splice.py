@@ -148,7 +148,8 @@ def decoder_dot(sae: SAE, u: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batc
     rescaling, JumpReLU, gated) without materialising a ``[d_sae, d_in]`` matrix.
     """
     with torch.enable_grad(), _disable_hooks(sae):
-        f = torch.zeros(u.shape[0], sae.cfg.d_sae, dtype=u.dtype, device=u.device, requires_grad=True)
+        f = torch.zeros(u.shape[0], sae.cfg.d_sae, dtype=sae.W_dec.dtype, device=u.device,
+                        requires_grad=True)
         out = sae.decode(f).reshape(u.shape[0], -1)
-        (grad,) = torch.autograd.grad((out * u.detach()).sum(), f)
-    return grad
+        (grad,) = torch.autograd.grad((out.to(u.dtype) * u.detach()).sum(), f)
+    return grad.to(u.dtype)  # in u's dtype (float32 for a half-precision SAE)

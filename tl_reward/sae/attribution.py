@@ -24,7 +24,7 @@ from jaxtyping import Float, Int
 from sae_lens import SAE
 from torch import Tensor
 
-from .._readout import as_tokens, batches, centers, choose, read_out
+from .._readout import as_tokens, batches, centers, choose, read_out, readout_dtype
 from ..errors import InvalidInputError
 from ..model import HookedRewardModel, Text
 from ._splice import (
@@ -226,36 +226,41 @@ def _attribute_chunk(model, sae, hook, method, tokens, mask):
             "SAE attribution needs a scalar reward; choose an objective with model.set_objective(...)"
         )
     acts, err, x = (store[n] for n in names)
+    dt = readout_dtype(model)  # sums of many small terms: float32 at least
     n = tokens.shape[0]
     where = positions_mask(acts, mask)
     masked = acts.detach() if where is None else acts.detach() * where
     max_act = masked.reshape(n, -1, acts.shape[-1]).amax(1).T  # [d_sae, batch]
-    b0 = decoder_bias(sae)
+    b0 = decoder_bias(sae).to(dt)
     if grad:
         g_acts, g_out = torch.autograd.grad(reward.sum(), [acts, err])
         with torch.no_grad():
-            feat = (masked * g_acts).reshape(n, -1, acts.shape[-1]).sum(1).T  # [d_sae, batch]
+            g_acts, g_out = g_acts.to(dt), g_out.to(dt)
+            feat = (masked.to(dt) * g_acts).reshape(n, -1, acts.shape[-1]).sum(1).T  # [d_sae, batch]
             w = positions_mask(err, mask)
             g_out = g_out if w is None else g_out * w
             g_flat = g_out.reshape(n, -1, b0.shape[0])  # [batch, pos, d_in]
-            error = (err.detach() * g_out).reshape(n, -1).sum(-1)
+            error = (err.detach().to(dt) * g_out).reshape(n, -1).sum(-1)
             bias_row = (g_flat @ b0).sum(1)
-            totals = (x.detach().reshape(n, -1) * g_flat.reshape(n, -1)).sum(-1)
+            totals = (x.detach().to(dt).reshape(n, -1) * g_flat.reshape(n, -1)).sum(-1)
         rows = [feat, error[None], bias_row[None]]
-        return torch.cat(rows), totals, reward.detach(), max_act
+        return torch.cat(rows), totals, reward.detach().to(dt), max_act.to(dt)
     with torch.no_grad():
         rows_ = torch.arange(n, device=tokens.device)
-        scale = store["ln_final.hook_scale"][rows_, pooled]  # [batch, 1]
+        scale = store["ln_final.hook_scale"][rows_, pooled].to(dt)  # [batch, 1]
         u = reward_readout(model, scale)  # reward = final_resid . u + bias
         bias = read_out(model)[1]
-        a = acts[rows_, pooled]  # [batch, d_sae]
+        a = acts[rows_, pooled].to(dt)  # [batch, d_sae]
         feat = (a * decoder_dot(sae, u)).T
-        error = (err[rows_, pooled] * u).sum(-1)
+        error = (err[rows_, pooled].to(dt) * u).sum(-1)
         bias_row = u @ b0
-        final = store["ln_final.hook_normalized"][rows_, pooled] * scale  # centred final residual
-        rest = ((final - x[rows_, pooled]) * u).sum(-1)
+        # the centred final residual
+        final = store["ln_final.hook_normalized"][rows_, pooled].to(dt) * scale
+        rest = ((final - x[rows_, pooled].to(dt)) * u).sum(-1)
+        reward = reward.to(dt)
         totals = reward - bias[0]
-    return torch.cat([feat, error[None], bias_row[None], rest[None]]), totals, reward, max_act
+    return (torch.cat([feat, error[None], bias_row[None], rest[None]]), totals, reward,
+            max_act.to(dt))
 
 
 def attribution_rows(model, saes, tokens, attention_mask, method, batch_size, progress) -> dict:
