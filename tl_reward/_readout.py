@@ -17,7 +17,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from .errors import HookNameError, InvalidInputError
-from .model import HookedRewardModel, Text
+from .model import HookedRewardModel, Text, readout_dtype
 
 
 def choose(name: str, value: str, options: Iterable[str]) -> str:
@@ -47,13 +47,6 @@ def as_tokens(
     if len(tokens) == 0:
         raise InvalidInputError("no texts given")
     return model.pad(model.tokenize(list(tokens)))
-
-
-def readout_dtype(model: HookedRewardModel) -> torch.dtype:
-    """The dtype read-outs, attributions and patching effects are computed and reported in: the
-    model's, at least float32 (a half-precision model's activations are upcast first; differences
-    and sums of many small terms in half precision would round small effects away)."""
-    return torch.promote_types(model.cfg.dtype, torch.float32)
 
 
 def read_out(model: HookedRewardModel) -> tuple[Float[Tensor, "d_model k"], Float[Tensor, "k"]]:

@@ -540,8 +540,7 @@ class HookedRewardModel(HookedTransformer):
             chunks.append(self(tokens, attention_mask=mask))
         sorted_rewards = torch.cat(chunks)
         # float32 at least: a half-precision model's rewards, and the margins taken from them
-        out = torch.empty_like(sorted_rewards, dtype=torch.promote_types(sorted_rewards.dtype,
-                                                                         torch.float32))
+        out = torch.empty_like(sorted_rewards, dtype=readout_dtype(self))
         out[torch.as_tensor(order, device=out.device)] = sorted_rewards.to(out.dtype)
         return out
 
@@ -563,6 +562,13 @@ class HookedRewardModel(HookedTransformer):
         both = self.score(list(chosen) + list(rejected), batch_size=batch_size, progress=progress)
         n = len(chosen)
         return PairScores(chosen=both[:n], rejected=both[n:], label_names=self.label_names)
+
+
+def readout_dtype(model: HookedRewardModel) -> torch.dtype:
+    """The dtype read-outs, attributions and patching effects are computed and reported in: the
+    model's, at least float32 (a half-precision model's activations are upcast first; differences
+    and sums of many small terms in half precision would round small effects away)."""
+    return torch.promote_types(model.cfg.dtype, torch.float32)
 
 
 @dataclass(frozen=True)
