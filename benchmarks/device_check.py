@@ -10,17 +10,23 @@ CI has no GPU, so this is run by hand where one is lent (its figures go to RESUL
   device (each pair alone; 1e-5) and against ``activation_patch`` on the CPU, for the suite's
   TransformerLens cases, on unrelated pairs and on pairs sharing a prompt;
 - ``activation_patch_grids`` against one grid at a time, and attribution patching against the
-  CPU.
+  CPU;
+- precision: the twelve read-out, attribution and patching tools of ``tests/test_dtypes.py`` on
+  models in bfloat16, float16 and float64 on the device, against the same model in a reference
+  precision on the device (the test's tolerances, relative to the largest value).
 
     python benchmarks/device_check.py --device cuda      # writes its section of RESULTS.md
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens's patching draws a bar per grid
+
+import torch  # noqa: E402
 from _results import machine, write_section
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
@@ -32,6 +38,7 @@ from helpers import (  # noqa: E402
     pad_batch,
     ragged_sequences,
 )
+from test_dtypes import PRECISIONS, precision_errors, precision_inputs  # noqa: E402
 
 from tl_reward import activation_patch, activation_patch_grids, load_reward_model  # noqa: E402
 from tl_reward.atp import attribution_patch  # noqa: E402
@@ -126,6 +133,35 @@ def grids_and_atp(device: str) -> list[str]:
             f"{err_atp:.1e}."]
 
 
+def precision(device: str) -> tuple[list[str], bool]:
+    """Every tool of tests/test_dtypes.py in each precision on the device, against the reference
+    precision on the device; the test's tolerance applies to its model (Llama, GQA), the other
+    architectures are reported against it."""
+    rows, ok = [], True
+    short = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64",
+             torch.float32: "float32"}
+    for arch, gqa in PATCH_ARCHS:
+        hf = make_hf_model(arch, gqa).to(device)
+        for dtype, reference, tol in PRECISIONS:
+            try:
+                errs = precision_errors(load_reward_model(hf, dtype=dtype),
+                                        load_reward_model(hf, dtype=reference),
+                                        *precision_inputs(device))
+            except Exception as exc:  # a crash is what this section is for
+                ok = False
+                rows.append(f"| {arch}{' (GQA)' if gqa else ''} | {short[dtype]} | "
+                            f"{short[reference]} | | {type(exc).__name__}: {exc} | FAIL |")
+                continue
+            name, worst = max(errs.items(), key=lambda kv: kv[1])
+            tested = arch == "llama"
+            ok &= worst <= tol or not tested
+            check = ("ok" if worst <= tol else "FAIL" if tested
+                     else f"above the test's {tol:g} (not its model)")
+            rows.append(f"| {arch}{' (GQA)' if gqa else ''} | {short[dtype]} | {short[reference]} "
+                        f"| {len(errs)} | {worst:.1e} ({name}) | {check} |")
+    return rows, ok
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -137,7 +173,8 @@ def main() -> None:
     par_rows, par_worst = parity(device)
     patch_rows, patch_worst = patching(device)
     extra = grids_and_atp(device)
-    ok = par_worst < PARITY_TOL and patch_worst < PATCH_TOL
+    prec_rows, prec_ok = precision(device)
+    ok = par_worst < PARITY_TOL and patch_worst < PATCH_TOL and prec_ok
     body = f"""## Correctness on {device} (issues 2 and 5)
 
 Command: `python benchmarks/device_check.py --device {device}` ({time.perf_counter() - started:.0f} s).
@@ -160,6 +197,18 @@ position; pattern per head), 3 pairs of 9 tokens, unrelated or sharing a 4-token
 {chr(10).join(patch_rows)}
 
 {chr(10).join(extra)}
+
+Precision: the tools of `tests/test_dtypes.py` (patching z per head, resid_pre per layer x
+position, the component grids, mean ablation, path patching, AtP, pair attribution per neuron,
+attribution per head source, the lens with cached and recomputed norm, SAE attribution direct and
+gradient) on a model in each precision on {device}, against the same model in the reference
+precision on {device}; outputs in float32 at least (checked); the largest error relative to the
+reference's largest value, and the tool it came from. The test's tolerance (bfloat16 0.1, float16
+0.02, float64 1e-4) holds for its model, Llama with GQA; other architectures are shown against it.
+
+| architecture | precision | reference | tools | worst relative error | check |
+|---|---|---|---|---|---|
+{chr(10).join(prec_rows)}
 """
     print(body)
     if not args.no_write:

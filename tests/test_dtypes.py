@@ -32,27 +32,48 @@ TOOLS = {
         m, c, norm="recomputed", progress=False).rewards,
     # an SAE in the model's dtype (the same random weights in every precision)
     "SAE attribution, direct": lambda m, c, r: tl_reward.sae_reward_attribution(
-        m, random_sae("blocks.1.hook_resid_post", d_in=m.cfg.d_model).to(m.cfg.dtype), c,
+        m, random_sae("blocks.1.hook_resid_post", d_in=m.cfg.d_model).to(m.W_E.device, m.cfg.dtype), c,
         method="direct", progress=False).values,
     "SAE attribution, gradient": lambda m, c, r: tl_reward.sae_reward_attribution(
-        m, random_sae("blocks.0.hook_resid_post", d_in=m.cfg.d_model).to(m.cfg.dtype), c,
+        m, random_sae("blocks.0.hook_resid_post", d_in=m.cfg.d_model).to(m.W_E.device, m.cfg.dtype), c,
         method="gradient", progress=False).values,
 }
 
 
-@pytest.mark.parametrize("dtype,reference,tol", [
-    (torch.bfloat16, torch.float64, 0.1),  # relative to the largest value: 8-bit mantissa
+# (precision, reference, tolerance relative to the largest reference value); also run on an
+# accelerator by benchmarks/device_check.py
+PRECISIONS = [
+    (torch.bfloat16, torch.float64, 0.1),  # 8-bit mantissa
     (torch.float16, torch.float64, 0.02),
     (torch.float64, torch.float32, 1e-4),
-])
-def test_every_tool_in_each_precision(dtype, reference, tol):
-    hf = make_hf_model("llama", gqa=True)
+]
+
+
+def precision_inputs(device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Three clean/corrupt pairs of 9 tokens sharing a 4-token prompt (the source run starts
+    after it)."""
     g = torch.Generator().manual_seed(0)
     clean, corrupt = (torch.randint(3, 97, (3, 9), generator=g) for _ in range(2))
-    corrupt[:, :4] = clean[:, :4]  # a shared prompt: the source run starts after it
-    model, ref_model = load_reward_model(hf, dtype=dtype), load_reward_model(hf, dtype=reference)
+    corrupt[:, :4] = clean[:, :4]
+    return clean.to(device), corrupt.to(device)
+
+
+def precision_errors(model, ref_model, clean, corrupt) -> dict[str, float]:
+    """Each tool's max |error| against the reference model, relative to the reference's largest
+    value; asserts each output's dtype (float32 at least)."""
+    out = {}
     for name, tool in TOOLS.items():
         got, want = tool(model, clean, corrupt), tool(ref_model, clean, corrupt)
-        assert got.dtype == torch.promote_types(dtype, torch.float32), name
-        err = (got.double() - want.double()).abs().nan_to_num().max()
-        assert err <= tol * want.double().abs().nan_to_num().max(), f"{name}: {err:.2e}"
+        assert got.dtype == torch.promote_types(model.cfg.dtype, torch.float32), name
+        err = float((got.double() - want.double()).abs().nan_to_num().max())
+        scale = float(want.double().abs().nan_to_num().max())
+        out[name] = err / scale if scale > 0 else err
+    return out
+
+
+@pytest.mark.parametrize("dtype,reference,tol", PRECISIONS)
+def test_every_tool_in_each_precision(dtype, reference, tol):
+    hf = make_hf_model("llama", gqa=True)
+    model, ref_model = load_reward_model(hf, dtype=dtype), load_reward_model(hf, dtype=reference)
+    for name, rel in precision_errors(model, ref_model, *precision_inputs()).items():
+        assert rel <= tol, f"{name}: {rel:.2e} of the largest value"
