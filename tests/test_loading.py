@@ -197,6 +197,54 @@ def test_hook_edit_on_pooled_changes_reward():
     torch.testing.assert_close(out, model.b_R[:1].expand(1), atol=1e-6, rtol=0)
 
 
+def test_hook_removal_keeps_transformer_lens_semantics():
+    """remove_all_hook_fns skips empty hook points; what stays and what goes is TransformerLens's
+    (context levels, permanent hooks, directions), checked against HookedTransformer's own method
+    on the same hooks."""
+    from transformer_lens import HookedTransformer
+
+    model = load_reward_model(make_hf_model("llama"))
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    fired: list[str] = []
+
+    def note(tag):
+        def hook(act, hook):
+            fired.append(tag)
+        return hook
+
+    def held():
+        return {(name, len(hp.fwd_hooks), len(hp.bwd_hooks)) for name, hp in model.hook_dict.items()
+                if hp.fwd_hooks or hp.bwd_hooks}
+
+    model.add_hook("blocks.0.hook_resid_pre", note("permanent"), is_permanent=True)
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", note("outer"))]):
+        with model.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", note("inner"))],
+                         bwd_hooks=[("blocks.0.hook_mlp_out", note("grad"))]):
+            assert len(held()) == 3
+        assert held() == {("blocks.0.hook_resid_pre", 1, 0), ("blocks.1.hook_resid_pre", 1, 0)}
+        model(tokens)
+    assert fired == ["permanent", "outer"]
+    assert held() == {("blocks.0.hook_resid_pre", 1, 0)}
+    model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_mlp_out", note("temporary"))])
+    assert fired[-2:] == ["permanent", "temporary"] and held() == {("blocks.0.hook_resid_pre", 1, 0)}
+
+    def setup():  # the same hooks before each removal
+        model.remove_all_hook_fns("both", including_permanent=True)
+        model.add_hook("blocks.0.hook_resid_pre", note("permanent"), is_permanent=True)
+        model.add_hook("blocks.1.hook_mlp_out", note("x"))
+        model.add_hook("blocks.1.hook_mlp_out", note("y"), dir="bwd")
+
+    for direction in ("fwd", "bwd", "both"):
+        for permanent in (False, True):
+            setup()
+            model.remove_all_hook_fns(direction, including_permanent=permanent)
+            ours = held()
+            setup()
+            HookedTransformer.remove_all_hook_fns(model, direction, including_permanent=permanent)
+            assert held() == ours, (direction, permanent)
+    assert ours == set()  # both directions, permanent hooks included
+
+
 def test_multi_objective_heads_and_objectives():
     hf = make_hf_model("llama", num_labels=3)
     seqs = ragged_sequences(seed=6)

@@ -145,6 +145,26 @@ class HookedRewardModel(HookedTransformer):
                 for name in ("W_gate", "W_in", "W_out"):
                     store(block.mlp._parameters[name], (1, 0))
 
+    def remove_all_hook_fns(
+        self,
+        direction: Literal["fwd", "bwd", "both"] = "both",
+        including_permanent: bool = False,
+        level: int | None = None,
+    ) -> None:
+        """TransformerLens's, visiting only the hook points that hold hooks.
+
+        TransformerLens calls this on leaving every ``hooks()`` context (``run_with_hooks``,
+        ``run_with_cache``) and reassigns both hook lists of every hook point, through
+        ``nn.Module.__setattr__``, also where they are empty: about 4 ms per call on a 6-layer
+        model on a CPU, 5-6% of a patching grid's time. Removing from an empty list changes
+        nothing, so those points are skipped; the rest is TransformerLens's ``remove_hooks``.
+        """
+        if direction not in ("fwd", "bwd", "both"):
+            raise ValueError(f"Invalid direction {direction}")
+        for hp in self.hook_points():
+            if hp.fwd_hooks or hp.bwd_hooks:
+                hp.remove_hooks(direction, including_permanent=including_permanent, level=level)
+
     # ------------------------------------------------------------------ the head
     @property
     def n_rewards(self) -> int:
