@@ -13,7 +13,9 @@ corrupt reward.
   (``reward_lens.legacy.ActivationPatcher``, one pair at a time at batch size 1), checked per
   pair; needs ``pip install reward-lens==2.0.1`` (not a dependency of tl_reward: skipped if absent);
 - (c) attribution patching (``tl_reward.attribution_patch``) vs the exact head x position grid:
-  wall time and Spearman rank correlation over cells.
+  wall time and Spearman rank correlation over cells;
+- (d) with (b): a plain forward's rate per row at batch 1, 4 and 16 against the peer's batch-1
+  forward, and from it the most any exact method can gain over reward-lens on this machine.
 
 FLOPs of each grid (``PatchResult.stats.flops``) are reported against the machine's measured
 float32 matmul rate. Peers run ``--repeats`` times, tl_reward at least 3 times, interleaved; the
@@ -343,6 +345,31 @@ def compare_atp(model, clean, corrupt, table: Table, n_ours: int, n_peer: int,
     )
 
 
+# ---------------------------------------------------------------------------------- (d) ceiling
+def batching_ceiling(hf, model, n_pos: int, repeats: int = 7) -> tuple[float, list[str]]:
+    """The fastest FLOP rate a plain forward of this model reaches here, at any batch size.
+
+    Times a full forward of ``n_pos`` random tokens, HF and HookedRewardModel (nothing hooked:
+    its last block at the scoring token), at batch 1, 4 and 16 (medians of ``repeats``
+    interleaved runs); returns the best matmul FLOP rate and table rows."""
+    gen = torch.Generator().manual_seed(1)
+    runs, flops = {}, {}
+    for batch in (1, 4, 16):
+        tokens = torch.randint(1, VOCAB, (batch, n_pos), generator=gen).to(DEVICE)
+        runs[("HF", batch)] = ((lambda t=tokens: hf(t).logits), repeats)
+        flops[("HF", batch)] = forward_flops(model, batch, n_pos)
+        runs[("HookedRewardModel", batch)] = ((lambda t=tokens: model(t)), repeats)
+        flops[("HookedRewardModel", batch)] = forward_flops(model, batch, n_pos, scoring_only=True)
+    with torch.no_grad():
+        for fn, _ in runs.values():  # warm-up
+            fn()
+        med, _ = interleaved(runs)
+    rate = {k: flops[k] / med[k] for k in runs}
+    rows = [f"| {name} | {batch} | {1e3 * med[(name, batch)] / batch:.1f} | "
+            f"{rate[(name, batch)] / 1e9:.0f} |" for name, batch in runs]
+    return max(rate.values()), rows
+
+
 GPU_NOTE = (
     "On the GPU a forward of a few hundred tokens leaves the device mostly idle (see the % of the "
     "matmul rate): a method's time follows the number of forwards it runs more than its FLOPs. "
@@ -418,6 +445,33 @@ def main() -> None:
         print(f"(c) AtP done in {time.perf_counter() - t0:.0f}s")
         table.measure_peak()
 
+    ceiling_note = ""
+    if not args.skip_reward_lens:
+        rate, ceiling_rows = batching_ceiling(hf, model, args.pos)
+        # tl_reward's two cached runs run their last block at every position (the cache hooks
+        # observe it); an exact method could run it at the scoring token alone
+        cfg = model.cfg
+        kv_heads = cfg.n_key_value_heads or cfg.n_heads
+        waste = sum(args.pairs * (_layer_flops(model, n_new, args.pos) - _layer_flops(model, 1, args.pos)
+                                  - 2 * (n_new - 1) * cfg.d_model * cfg.d_head * 2 * kv_heads)
+                    for n_new in (args.pos, args.pos - args.shared_prompt))
+        bounds = [(grid, peer_s, (flops - waste)) for grid, _, _, flops, _, _, target,
+                  (peer_s, _) in table.rows if target == 5 and flops]
+        ceiling_note = (
+            f"\n\nThe most an exact method can gain over reward-lens here. A plain forward of "
+            f"{args.pos} tokens (median of 7 interleaved runs, nothing hooked):\n\n| forward | "
+            "batch | ms per row | GFLOP/s |\n|---|---|---|---|\n" + "\n".join(ceiling_rows)
+            + "\n\nAn exact method runs at least tl_reward's FLOPs less the last block of its two "
+            "cached runs away from the scoring tokens (tl_reward recomputes what a patch changes "
+            "and nothing else, but runs that block everywhere: "
+            f"{waste / 1e9:.1f} GFLOP). Built on HF's or TransformerLens's forward it runs them "
+            f"at most at the fastest rate above, {rate / 1e9:.0f} GFLOP/s, so its speed-up over "
+            "reward-lens is at most the peer's seconds over (those FLOPs / that rate): " + "; ".join(
+                f"{grid}: {peer_s:.2f} s / ({need / 1e9:.1f} GFLOP / {rate / 1e9:.0f} GFLOP/s) = "
+                f"{peer_s * rate / need:.1f}x" for grid, peer_s, need in bounds)
+            + " (target 5x)."
+        )
+        print(ceiling_note)
     flags = [f"--device {device}"] * (device != "cpu") + [f"--scale {args.scale}"] * (
         args.scale != "small") + [f"--pairs {args.pairs}", f"--pos {args.pos}", f"--repeats {args.repeats}"]
     flags += [f"--shared-prompt {args.shared_prompt}"] * bool(args.shared_prompt)
@@ -467,7 +521,7 @@ Targets: >= 3x TransformerLens, >= 5x reward-lens, AtP >= 50x the exact grid.
 
 {table.markdown()}
 
-{chr(10).join(f'- {n}' for n in notes)}
+{chr(10).join(f'- {n}' for n in notes)}{ceiling_note}
 """
     print(body)
     if not args.no_write:  # one section per device and problem size ("patching-cpu": default)
