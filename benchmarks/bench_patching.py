@@ -39,7 +39,7 @@ from bench_forward import SCALES, build
 from scipy.stats import spearmanr
 
 from tl_reward import activation_patch, activation_patch_grids, load_reward_model
-from tl_reward.patching import _layer_flops, matmul_rate
+from tl_reward.patching import _layer_flops, _scoring_block_flops, matmul_rate
 
 VOCAB = 8192
 DEVICE = "cpu"  # --device
@@ -74,9 +74,8 @@ def forward_flops(model, n_rows: int, n_pos: int, scoring_only: bool = False) ->
     cfg = model.cfg
     if not scoring_only:
         return n_rows * cfg.n_layers * _layer_flops(model, n_pos, n_pos)
-    kv = 2 * (n_pos - 1) * cfg.d_model * cfg.d_head * 2 * (cfg.n_key_value_heads or cfg.n_heads)
-    return n_rows * ((cfg.n_layers - 1) * _layer_flops(model, n_pos, n_pos) + kv
-                     + _layer_flops(model, 1, n_pos))
+    return n_rows * ((cfg.n_layers - 1) * _layer_flops(model, n_pos, n_pos)
+                     + _scoring_block_flops(model, n_pos, n_pos))
 
 
 SHARED_PROMPT = 0  # --shared-prompt: the source run starts after it
@@ -450,10 +449,8 @@ def main() -> None:
         rate, ceiling_rows = batching_ceiling(hf, model, args.pos)
         # tl_reward's two cached runs run their last block at every position (the cache hooks
         # observe it); an exact method could run it at the scoring token alone
-        cfg = model.cfg
-        kv_heads = cfg.n_key_value_heads or cfg.n_heads
-        waste = sum(args.pairs * (_layer_flops(model, n_new, args.pos) - _layer_flops(model, 1, args.pos)
-                                  - 2 * (n_new - 1) * cfg.d_model * cfg.d_head * 2 * kv_heads)
+        waste = sum(args.pairs * (_layer_flops(model, n_new, args.pos)
+                                  - _scoring_block_flops(model, n_new, args.pos))
                     for n_new in (args.pos, args.pos - args.shared_prompt))
         bounds = [(grid, peer_s, (flops - waste)) for grid, _, _, flops, _, _, target,
                   (peer_s, _) in table.rows if target == 5 and flops]

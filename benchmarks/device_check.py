@@ -138,8 +138,10 @@ def precision(device: str) -> tuple[list[str], bool]:
     precision on the device; the test's tolerance applies to its model (Llama, GQA), the other
     architectures are reported against it."""
     rows, ok = [], True
-    short = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64",
-             torch.float32: "float32"}
+
+    def short(dtype: torch.dtype) -> str:
+        return str(dtype).removeprefix("torch.")
+
     for arch, gqa in PATCH_ARCHS:
         hf = make_hf_model(arch, gqa).to(device)
         for dtype, reference, tol in PRECISIONS:
@@ -149,15 +151,15 @@ def precision(device: str) -> tuple[list[str], bool]:
                                         *precision_inputs(device))
             except Exception as exc:  # a crash is what this section is for
                 ok = False
-                rows.append(f"| {arch}{' (GQA)' if gqa else ''} | {short[dtype]} | "
-                            f"{short[reference]} | | {type(exc).__name__}: {exc} | FAIL |")
+                rows.append(f"| {arch}{' (GQA)' if gqa else ''} | {short(dtype)} | "
+                            f"{short(reference)} | | {type(exc).__name__}: {exc} | FAIL |")
                 continue
             name, worst = max(errs.items(), key=lambda kv: kv[1])
             tested = arch == "llama"
             ok &= worst <= tol or not tested
             check = ("ok" if worst <= tol else "FAIL" if tested
                      else f"above the test's {tol:g} (not its model)")
-            rows.append(f"| {arch}{' (GQA)' if gqa else ''} | {short[dtype]} | {short[reference]} "
+            rows.append(f"| {arch}{' (GQA)' if gqa else ''} | {short(dtype)} | {short(reference)} "
                         f"| {len(errs)} | {worst:.1e} ({name}) | {check} |")
     return rows, ok
 

@@ -312,6 +312,15 @@ def _layer_flops(model: HookedRewardModel, n_new: int, n_kv: int) -> float:
     return float(dense + attention)
 
 
+def _scoring_block_flops(model: HookedRewardModel, n_new: int, n_kv: int) -> float:
+    """Matmul FLOPs of the last block run at one row's scoring token alone: keys and values of
+    the row's other ``n_new - 1`` new positions, the rest at the scoring token attending ``n_kv``."""
+    cfg = model.cfg
+    n_kv_heads = cfg.n_key_value_heads or cfg.n_heads
+    kv = 2 * (n_new - 1) * cfg.d_model * cfg.d_head * 2 * n_kv_heads
+    return float(kv + _layer_flops(model, 1, n_kv))
+
+
 # ---------------------------------------------------------------------------------- alignment
 def _position_map(target: _Run, source: _Run | None, positions) -> Tensor:
     """``[pair, target_pos]`` -> source position, or -1 where the target position has no source."""
@@ -955,6 +964,4 @@ def _run_blocks(model, target: _Run, layer: int, resid: Tensor, pairs: Tensor, s
             prefix = _kv_prefix(model, target, last, rows, start)[last]
             past = (prefix.past_keys, prefix.past_values)
         out = model._last_block_at_scoring_tokens(x, mask_of(rows), target.pooled[rows], past)
-    n_kv_heads = cfg.n_key_value_heads or cfg.n_heads
-    kv_flops = 2 * (n_new - 1) * cfg.d_model * cfg.d_head * 2 * n_kv_heads
-    return out, flops + len(rows) * (kv_flops + _layer_flops(model, 1, end))
+    return out, flops + len(rows) * _scoring_block_flops(model, n_new, end)
