@@ -20,6 +20,8 @@ from .attribution import pair_reward_attribution
 from .lens import pair_reward_lens
 from .patching import activation_patch
 
+TITLE = "tl_reward demo: the `longtail` organism (2-layer Llama reward model, plain ERM)"
+
 
 @dataclass(frozen=True)
 class DemoReport:
@@ -37,6 +39,7 @@ class DemoReport:
         fmt = {"float_format": lambda x: f"{x:+.3f}", "index": False}
         accuracy = self.accuracy.assign(accuracy=self.accuracy["accuracy"].map("{:.1%}".format))
         return "\n\n".join([
+            TITLE,
             "1. Pairwise accuracy by scenario (held-out, noise-free pairs)\n"
             + accuracy.to_string(**fmt),
             f"2. Reward lens: mean margin (chosen - rejected) after each layer, {self.n_pairs} "
@@ -97,7 +100,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--pairs must be at least 2, got {args.pairs}")
     torch.manual_seed(args.seed)
     transformers.utils.logging.disable_progress_bar()  # the weight-loading bar of a tiny model
-    print("tl_reward demo: the `longtail` organism (2-layer Llama reward model, plain ERM)\n")
     print(run_demo(args.pairs, seed=args.seed).render())
 
 

@@ -45,11 +45,26 @@ class Report:
         return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}"
                 f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
 
-    def write(self, out_dir: str | Path) -> tuple[Path, Path]:
-        """Write ``report.html`` and ``report.json`` into ``out_dir``; returns both paths."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        page, data = out / "report.html", out / "report.json"
+    def write(self, out: str | Path) -> tuple[Path, Path]:
+        """Write the page and the JSON of its numbers; returns both paths.
+
+        ``out`` ending in ``.html`` is the page itself, and the JSON goes beside it (same name,
+        ``.json``); any other ``out`` is a folder (created if needed) that receives
+        ``report.html`` and ``report.json``.
+        """
+        out = Path(out)
+        if out.suffix.lower() in (".html", ".htm"):
+            if out.is_dir():
+                raise InvalidInputError(f"{str(out)!r} is a folder; name a page or another folder")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            page, data = out, out.with_suffix(".json")
+        else:
+            if out.is_file():
+                raise InvalidInputError(
+                    f"{str(out)!r} is an existing file: name a folder, or a page ending in .html"
+                )
+            out.mkdir(parents=True, exist_ok=True)
+            page, data = out / "report.html", out / "report.json"
         page.write_text(self.to_html(), encoding="utf-8")
         data.write_text(json.dumps(_json_ready(self.numbers), indent=2, allow_nan=False),
                         encoding="utf-8")
