@@ -133,7 +133,8 @@ def test_demo_command_runs_the_main_job(runner, monkeypatch):
         def render(self):
             return "rendered demo"
 
-    monkeypatch.setattr(tl_reward.demo, "run_demo", lambda n, seed: calls.append((n, seed)) or Fake())
+    monkeypatch.setattr(tl_reward.demo, "run_demo",
+                        lambda n, seed, progress: calls.append((n, seed)) or Fake())
     res = invoke(runner, "demo", "--pairs", 4, "--seed", 3)
     assert res.exit_code == 0, res.output
     assert calls == [(4, 3)] and "rendered demo" in res.output

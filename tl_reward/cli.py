@@ -212,7 +212,7 @@ def demo(
 
     _setup(seed)
     with _user_errors():
-        typer.echo(run_demo(pairs, seed=seed).render())
+        typer.echo(run_demo(pairs, seed=seed, progress=True).render())
 
 
 @app.command()
