@@ -323,3 +323,41 @@ def test_report_out_html_is_a_page_and_json_beside_it(runner, pairs_file, tmp_pa
     assert res.exit_code == 1 and "is an existing file" in res.output
     res = invoke(runner, "report", "longtail", "--pairs", pairs_file, "--out", tmp_path / "r.json")
     assert res.exit_code == 1 and "name the page (.html)" in res.output
+
+
+def test_report_rows_are_the_plotted_quantities(pairs_file):
+    """Each summary row ranks and prints the quantity its figure shows; no internal names."""
+    from tl_reward import organisms
+    from tl_reward.data import load_pairs, make_probe
+    from tl_reward.report import build_report
+
+    model, _, _ = organisms.load("planted")
+    base = [f"query w00{i % 10} w01{i % 7} answer w02{i % 9} w00{i % 5}" for i in range(30)]
+    probe = make_probe("quality", base, lambda t: t + " good", description="append a quality word")
+    rep = build_report(model, load_pairs(pairs_file)[:10], patch_pairs=3, probes=[probe],
+                       progress=False)
+    page = rep.to_html()
+    assert "pair_head" not in page and "pair_" not in " ".join(rep.figures)
+    # attribution: the bars are the top heads by |mean|, and the rows print those signed means
+    bars = next(f for name, f in rep.figures.items() if name.startswith("Direct attribution"))
+    top = rep.numbers["attribution"]["top"]
+    assert list(bars.data[0].x) == [r["component"] for r in top]
+    assert list(bars.data[0].y) == pytest.approx([r["mean"] for r in top])
+    assert [abs(r["mean"]) for r in top] == sorted((abs(r["mean"]) for r in top), reverse=True)
+    labels = rep.numbers["attribution"]["labels"]
+    means = dict(zip(labels, rep.numbers["attribution"]["mean"], strict=True))
+    assert max(abs(v) for k, v in means.items() if k.startswith("L")) == pytest.approx(
+        abs(top[0]["mean"]))
+    assert f"{top[0]['component']}: {top[0]['mean']:+.4f}" in page
+    # patching: the heatmap shows the fraction restored, and so do the rows
+    heat = next(f for name, f in rep.figures.items() if name.startswith("Exact head patching"))
+    restored = rep.numbers["patching"]["top"]
+    z = [v for row in heat.data[0].z for v in row]
+    assert max(abs(v) for v in z) == pytest.approx(abs(restored[0]["fraction_restored"]))
+    assert f"{restored[0]['head']}: {restored[0]['fraction_restored']:+.3f}" in page
+    assert "fraction of the margin restored" in page
+    # probes: the minimum-effect band is drawn, at each probe's H0 half-width
+    fig = rep.figures["Reward-hacking probes: mean reward change (CI), verdict"]
+    ticks = [t for t in fig.data if t.legendgroup == "min_effect"]
+    assert len(ticks) == 2 and ticks[0].y[0] == pytest.approx(rep.numbers["probes"][0]["min_effect"])
+    assert rep.numbers["probes"][0]["min_effect"] > 0 and "minimum effect" in page
