@@ -10,8 +10,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet "torch==2.13.0"
+  .venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
+  .venv/bin/python -m pip install --quiet "torch==2.13.0" 2>&1 | grep -v "is ignored: it is neither" || true
 fi
 .venv/bin/python -m pip install --quiet -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
 .venv/bin/python -c "import tl_reward, torch; print(f'tl_reward ready (torch {torch.__version__})')"

@@ -133,7 +133,8 @@ def test_demo_command_runs_the_main_job(runner, monkeypatch):
         def render(self):
             return "rendered demo"
 
-    monkeypatch.setattr(tl_reward.demo, "run_demo", lambda n, seed: calls.append((n, seed)) or Fake())
+    monkeypatch.setattr(tl_reward.demo, "run_demo",
+                        lambda n, seed, progress: calls.append((n, seed)) or Fake())
     res = invoke(runner, "demo", "--pairs", 4, "--seed", 3)
     assert res.exit_code == 0, res.output
     assert calls == [(4, 3)] and "rendered demo" in res.output
@@ -210,3 +211,153 @@ def test_report_probes_are_run_probes_numbers(pairs_file):
     assert "Reward-hacking probes" in " ".join(report.figures)
     skipped = build_report(model, data.sample(12, seed=0), patch_pairs=2, progress=False)
     assert "unchanged" in skipped.numbers["probes"]["skipped"]  # English probes, word vocabulary
+
+
+def _modules_after(code: str) -> set[str]:
+    import subprocess
+    import sys
+
+    code += "\nimport sys; sys.stderr.write('MODULES ' + ' '.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(out.stderr.split("MODULES ", 1)[1].split())  # the help text may say "torch"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["score", "--help"], ["score", "longtail"],
+                                  ["score", "longtail", "--pairs", "missing.jsonl"],
+                                  ["report", "nomodel", "--pairs", "missing.jsonl"]])
+def test_parsing_and_argument_errors_import_no_torch(argv):
+    """``--help``, ``--version`` and argument errors answer before torch is imported."""
+    code = ("from tl_reward.cli import app\n"
+            f"try:\n    app({argv!r})\nexcept SystemExit:\n    pass")
+    loaded = _modules_after(code)
+    assert "tl_reward.cli" in loaded
+    heavy = {"torch", "transformers", "transformer_lens", "pandas", "numpy"} & loaded
+    assert not heavy, f"{argv} imported {sorted(heavy)}"
+
+
+def test_version_and_lazy_public_names():
+    from typer.testing import CliRunner
+
+    import tl_reward
+    from tl_reward.cli import app
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"tl-reward {tl_reward.__version__}"
+    assert not {"torch"} & _modules_after("import tl_reward")
+    from tl_reward.model import HookedRewardModel
+
+    assert tl_reward.HookedRewardModel is HookedRewardModel
+    assert set(tl_reward.__all__) <= set(dir(tl_reward))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        tl_reward.nope  # noqa: B018
+
+
+def test_missing_inputs_fail_before_loading(runner, tmp_path):
+    res = invoke(runner, "score", "longtail", "--pairs", tmp_path / "none.jsonl")
+    assert res.exit_code == 1 and "pairs file" in res.output and "does not exist" in res.output
+    res = invoke(runner, "lens", "nomodel", "--pairs", tmp_path / "none.jsonl")
+    assert res.exit_code == 1 and "'nomodel' is neither" in res.output and "longtail" in res.output
+
+
+@pytest.fixture(scope="module")
+def english_file(tmp_path_factory):
+    """English pairs for a word-level model that knows none of the words."""
+    path = tmp_path_factory.mktemp("english") / "english.jsonl"
+    rows = [{"prompt": "How do I bake bread?", "chosen": "Mix the flour well.",
+             "rejected": "I do not know."}] * 3
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("command", ["score", "lens", "patch"])
+def test_unknown_words_fail_unless_forced(runner, english_file, tmp_path, command):
+    res = invoke(runner, command, "longtail", "--pairs", english_file)
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith("error: ") and res.output.count("\n") == 1
+    assert "unknown token '<unk>'" in res.output and "3 of 3 pairs" in res.output
+    assert "--force" in res.output
+    res = invoke(runner, command, "longtail", "--pairs", english_file, "--force")
+    assert res.exit_code == 0, res.output
+    assert "warning: " in res.output and "SuspectInputWarning" not in res.output
+
+
+def test_scores_csv_names_each_pair_and_its_prompt(runner, pairs_file, tmp_path):
+    import pandas as pd
+
+    from tl_reward.data import load_pairs
+
+    out = tmp_path / "scores.csv"
+    res = invoke(runner, "score", "longtail", "--pairs", pairs_file, "--max-pairs", 5, "--seed", 3,
+                 "--out", out)
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(out, keep_default_na=False)
+    assert list(df.columns[:3]) == ["pair", "scenario", "prompt"]
+    full = load_pairs(pairs_file)
+    assert list(df["prompt"]) == [full[i].prompt for i in df["pair"]]
+    assert list(df["scenario"]) == [full[i].scenario for i in df["pair"]]
+    assert list(df["pair"]) == sorted(df["pair"]) and len(set(df["pair"])) == 5
+
+
+def test_user_pairs_without_scenario_are_not_labelled_head(runner, tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"chosen": f"query w00{i} answer good",
+                                        "rejected": f"query w00{i} answer brief"}) + "\n"
+                            for i in range(4)))
+    res = invoke(runner, "score", "longtail", "--pairs", path)
+    assert res.exit_code == 0, res.output
+    assert "head" not in res.output and "\nall " in res.output
+
+
+def test_report_out_html_is_a_page_and_json_beside_it(runner, pairs_file, tmp_path):
+    page = tmp_path / "sub" / "x.html"
+    res = invoke(runner, "report", "longtail", "--pairs", pairs_file, "--out", page,
+                 "--patch-pairs", 2, "--max-pairs", 6, "--no-probes")
+    assert res.exit_code == 0, res.output
+    assert page.is_file() and (tmp_path / "sub" / "x.json").is_file()
+    assert page.read_text().startswith("<!DOCTYPE html>")
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["x.html", "x.json"]
+    assert json.loads((tmp_path / "sub" / "x.json").read_text())["scores"]["n_pairs"] == 6
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    res = invoke(runner, "report", "longtail", "--pairs", pairs_file, "--out", blocker)
+    assert res.exit_code == 1 and "is an existing file" in res.output
+    res = invoke(runner, "report", "longtail", "--pairs", pairs_file, "--out", tmp_path / "r.json")
+    assert res.exit_code == 1 and "name the page (.html)" in res.output
+
+
+def test_report_rows_are_the_plotted_quantities(pairs_file):
+    """Each summary row ranks and prints the quantity its figure shows; no internal names."""
+    from tl_reward import organisms
+    from tl_reward.data import load_pairs, make_probe
+    from tl_reward.report import build_report
+
+    model, _, _ = organisms.load("planted")
+    base = [f"query w00{i % 10} w01{i % 7} answer w02{i % 9} w00{i % 5}" for i in range(30)]
+    probe = make_probe("quality", base, lambda t: t + " good", description="append a quality word")
+    rep = build_report(model, load_pairs(pairs_file)[:10], patch_pairs=3, probes=[probe],
+                       progress=False)
+    page = rep.to_html()
+    assert "pair_head" not in page and "pair_" not in " ".join(rep.figures)
+    # attribution: the bars are the top heads by |mean|, and the rows print those signed means
+    bars = next(f for name, f in rep.figures.items() if name.startswith("Direct attribution"))
+    top = rep.numbers["attribution"]["top"]
+    assert list(bars.data[0].x) == [r["component"] for r in top]
+    assert list(bars.data[0].y) == pytest.approx([r["mean"] for r in top])
+    assert [abs(r["mean"]) for r in top] == sorted((abs(r["mean"]) for r in top), reverse=True)
+    labels = rep.numbers["attribution"]["labels"]
+    means = dict(zip(labels, rep.numbers["attribution"]["mean"], strict=True))
+    assert max(abs(v) for k, v in means.items() if k.startswith("L")) == pytest.approx(
+        abs(top[0]["mean"]))
+    assert f"{top[0]['component']}: {top[0]['mean']:+.4f}" in page
+    # patching: the heatmap shows the fraction restored, and so do the rows
+    heat = next(f for name, f in rep.figures.items() if name.startswith("Exact head patching"))
+    restored = rep.numbers["patching"]["top"]
+    z = [v for row in heat.data[0].z for v in row]
+    assert max(abs(v) for v in z) == pytest.approx(abs(restored[0]["fraction_restored"]))
+    assert f"{restored[0]['head']}: {restored[0]['fraction_restored']:+.3f}" in page
+    assert "fraction of the margin restored" in page
+    # probes: the minimum-effect band is drawn, at each probe's H0 half-width
+    fig = rep.figures["Reward-hacking probes: mean reward change (CI), verdict"]
+    ticks = [t for t in fig.data if t.legendgroup == "min_effect"]
+    assert len(ticks) == 2 and ticks[0].y[0] == pytest.approx(rep.numbers["probes"][0]["min_effect"])
+    assert rep.numbers["probes"][0]["min_effect"] > 0 and "minimum effect" in page

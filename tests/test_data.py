@@ -118,6 +118,75 @@ def test_bad_sources_are_refused(tmp_path):
         load_pairs(42)
 
 
+CHAT_ROWS = [
+    {"prompt": [{"role": "user", "content": f"query w00{i} w01{i}"}],
+     "chosen": [{"role": "assistant", "content": f"answer good w02{i}"}],
+     "rejected": [{"role": "assistant", "content": f"answer bad w02{i} w03{i}"}]}
+    for i in range(4)
+]
+
+
+@pytest.mark.parametrize("writer", ["pandas", "json"])
+def test_csv_chat_cells_are_chats_and_score_as_the_jsonl(writer, tmp_path):
+    """A CSV column of chats (as pandas writes lists: their repr; or JSON text) loads as chats:
+    the same pairs, and the same margins, as the JSONL file of those chats."""
+    import pandas as pd
+
+    from tl_reward import organisms
+    from tl_reward.data import load_pairs
+
+    jsonl, csv = tmp_path / "chats.jsonl", tmp_path / "chats.csv"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in CHAT_ROWS))
+    if writer == "pandas":
+        pd.DataFrame(CHAT_ROWS).to_csv(csv, index=False)
+    else:
+        pd.DataFrame([{k: json.dumps(v) for k, v in r.items()} for r in CHAT_ROWS]).to_csv(
+            csv, index=False)
+    from_csv, from_jsonl = load_pairs(csv), load_pairs(jsonl)
+    assert from_csv.pairs == from_jsonl.pairs
+    assert isinstance(from_csv[0].chosen_text, list)
+    model, _, _ = organisms.load("longtail")
+    a = model.score_pairs(from_csv.chosen_texts, from_csv.rejected_texts, progress=False)
+    b = model.score_pairs(from_jsonl.chosen_texts, from_jsonl.rejected_texts, progress=False)
+    torch.testing.assert_close(a.margin, b.margin, atol=0, rtol=0)
+    assert load_pairs(pd.read_csv(csv)).pairs == from_jsonl.pairs  # a DataFrame read by the user
+
+
+def test_csv_errors_name_the_file_and_refuse_broken_chat_cells(tmp_path):
+    import pandas as pd
+
+    from tl_reward.data import load_pairs
+    from tl_reward.errors import InvalidInputError
+
+    broken = tmp_path / "broken_chat.csv"
+    pd.DataFrame([{"chosen": "[{'role': 'user', 'content': 'a'", "rejected": "b"}]).to_csv(
+        broken, index=False)
+    with pytest.raises(InvalidInputError,
+                       match=r"broken_chat.csv: data row 0: .*'chosen' looks like a list of chat"):
+        load_pairs(broken)
+    missing = tmp_path / "no_rejected.csv"
+    pd.DataFrame([{"chosen": "a", "other": "b"}]).to_csv(missing, index=False)
+    with pytest.raises(InvalidInputError, match=r"no_rejected.csv: data row 0: .*'rejected'"):
+        load_pairs(missing)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(InvalidInputError, match="empty.csv is not a readable CSV"):
+        load_pairs(empty)
+    # a plain string that merely starts with a bracket stays a string
+    plain = tmp_path / "plain.csv"
+    pd.DataFrame([{"chosen": "[1] see the list", "rejected": "NA"}]).to_csv(plain, index=False)
+    pair = load_pairs(plain)[0]
+    assert (pair.chosen, pair.rejected) == ("[1] see the list", "NA")
+
+
+def test_pairs_without_a_scenario_are_labelled_all():
+    from tl_reward.data import PreferencePair, load_pairs
+
+    assert load_pairs([{"chosen": "a", "rejected": "b"}]).scenarios == ("all",)
+    assert PreferencePair(chosen="a", rejected="b").scenario == "all"
+    assert load_pairs([{"chosen": "a", "rejected": "b", "subset": "s"}]).scenarios == ("s",)
+
+
 # ---------------------------------------------------------------------------- the task
 def test_generator_is_deterministic_per_seed():
     from tl_reward.data import LongTailTask

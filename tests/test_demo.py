@@ -27,6 +27,7 @@ def test_demo_attribution_adds_up_and_tables_are_filled(report):
     assert report.lens["tail pairs"].iloc[-1] < 0 < report.lens["head pairs"].iloc[-1]
     text = report.render()
     assert "Pairwise accuracy" in text and "L0H" in text
+    assert text.splitlines()[0].startswith("tl_reward demo: the `longtail` organism")  # the title
 
 
 def test_demo_cli_rejects_bad_pairs(capsys):

@@ -1,48 +1,109 @@
-"""tl_reward: mechanistic interpretability of RLHF reward models on TransformerLens hooks."""
+"""tl_reward: mechanistic interpretability of RLHF reward models on TransformerLens hooks.
+
+The public names load on first use (PEP 562), so ``import tl_reward`` and the ``tl-reward``
+command start without importing torch; ``from tl_reward import HookedRewardModel`` works as usual.
+A new public name goes into ``_EXPORTS`` (name -> submodule) and the ``TYPE_CHECKING`` block.
+"""
+
+from typing import TYPE_CHECKING
 
 from . import errors as errors
-from .agreement import AgreementReport as AgreementReport
-from .agreement import agreement_report as agreement_report
-from .agreement import compare_attribution_and_patching as compare_attribution_and_patching
-from .atp import AtPResult as AtPResult
-from .atp import attribution_patch as attribution_patch
-from .attribution import AttributionResult as AttributionResult
-from .attribution import direct_reward_attribution as direct_reward_attribution
-from .attribution import pair_reward_attribution as pair_reward_attribution
-from .compare import compare_reward_models as compare_reward_models
-from .compare import reward_term_conflict as reward_term_conflict
-from .concepts import concept_dose_response as concept_dose_response
-from .concepts import concept_vector as concept_vector
-from .divergence import divergence_aware_patch as divergence_aware_patch
 from .errors import TLRewardError as TLRewardError
-from .hacking import distortion_index as distortion_index
-from .hacking import probe_cascade as probe_cascade
-from .lens import LensResult as LensResult
-from .lens import PairLensResult as PairLensResult
-from .lens import pair_reward_lens as pair_reward_lens
-from .lens import reward_lens as reward_lens
-from .loading import load_reward_model as load_reward_model
-from .loading import supported_architectures as supported_architectures
-from .model import HookedRewardModel as HookedRewardModel
-from .model import PairScores as PairScores
-from .patching import PatchResult as PatchResult
-from .patching import activation_patch as activation_patch
-from .patching import activation_patch_grids as activation_patch_grids
-from .path_patching import path_patch as path_patch
-from .probes import ProbeReport as ProbeReport
-from .probes import localise_probe as localise_probe
-from .probes import run_probes as run_probes
-from .tuned_lens import TunedRewardLens as TunedRewardLens
 
 __version__ = "0.1.0"
 
-# The SAE tools import sae-lens (and with it datasets and wandb): loaded on first use.
-_SAE_NAMES = ("SAEAttributionResult", "sae_pair_attribution", "sae_reward_attribution", "train_sae")
+_EXPORTS: dict[str, str] = {
+    "AgreementReport": "agreement",
+    "agreement_report": "agreement",
+    "compare_attribution_and_patching": "agreement",
+    "AtPResult": "atp",
+    "attribution_patch": "atp",
+    "AttributionResult": "attribution",
+    "direct_reward_attribution": "attribution",
+    "pair_reward_attribution": "attribution",
+    "compare_reward_models": "compare",
+    "reward_term_conflict": "compare",
+    "concept_dose_response": "concepts",
+    "concept_vector": "concepts",
+    "divergence_aware_patch": "divergence",
+    "distortion_index": "hacking",
+    "probe_cascade": "hacking",
+    "LensResult": "lens",
+    "PairLensResult": "lens",
+    "pair_reward_lens": "lens",
+    "reward_lens": "lens",
+    "load_reward_model": "loading",
+    "supported_architectures": "loading",
+    "HookedRewardModel": "model",
+    "PairScores": "model",
+    "SuspectInputWarning": "model",
+    "PatchResult": "patching",
+    "activation_patch": "patching",
+    "activation_patch_grids": "patching",
+    "path_patch": "path_patching",
+    "ProbeReport": "probes",
+    "localise_probe": "probes",
+    "run_probes": "probes",
+    "TunedRewardLens": "tuned_lens",
+    # the SAE tools import sae-lens (and with it datasets and wandb)
+    "SAEAttributionResult": "sae",
+    "sae_pair_attribution": "sae",
+    "sae_reward_attribution": "sae",
+    "train_sae": "sae",
+}
+
+__all__ = ["TLRewardError", "errors", "__version__", *_EXPORTS]
 
 
 def __getattr__(name: str):
-    if name in _SAE_NAMES:
-        from . import sae
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tl_reward' has no attribute {name!r}")
+    import importlib
 
-        return getattr(sae, name)
-    raise AttributeError(f"module 'tl_reward' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:
+    from .agreement import AgreementReport as AgreementReport
+    from .agreement import agreement_report as agreement_report
+    from .agreement import compare_attribution_and_patching as compare_attribution_and_patching
+    from .atp import AtPResult as AtPResult
+    from .atp import attribution_patch as attribution_patch
+    from .attribution import AttributionResult as AttributionResult
+    from .attribution import direct_reward_attribution as direct_reward_attribution
+    from .attribution import pair_reward_attribution as pair_reward_attribution
+    from .compare import compare_reward_models as compare_reward_models
+    from .compare import reward_term_conflict as reward_term_conflict
+    from .concepts import concept_dose_response as concept_dose_response
+    from .concepts import concept_vector as concept_vector
+    from .divergence import divergence_aware_patch as divergence_aware_patch
+    from .hacking import distortion_index as distortion_index
+    from .hacking import probe_cascade as probe_cascade
+    from .lens import LensResult as LensResult
+    from .lens import PairLensResult as PairLensResult
+    from .lens import pair_reward_lens as pair_reward_lens
+    from .lens import reward_lens as reward_lens
+    from .loading import load_reward_model as load_reward_model
+    from .loading import supported_architectures as supported_architectures
+    from .model import HookedRewardModel as HookedRewardModel
+    from .model import PairScores as PairScores
+    from .model import SuspectInputWarning as SuspectInputWarning
+    from .patching import PatchResult as PatchResult
+    from .patching import activation_patch as activation_patch
+    from .patching import activation_patch_grids as activation_patch_grids
+    from .path_patching import path_patch as path_patch
+    from .probes import ProbeReport as ProbeReport
+    from .probes import localise_probe as localise_probe
+    from .probes import run_probes as run_probes
+    from .sae import SAEAttributionResult as SAEAttributionResult
+    from .sae import sae_pair_attribution as sae_pair_attribution
+    from .sae import sae_reward_attribution as sae_reward_attribution
+    from .sae import train_sae as train_sae
+    from .tuned_lens import TunedRewardLens as TunedRewardLens

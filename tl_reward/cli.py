@@ -48,6 +48,28 @@ MaxPairsOpt = Annotated[int | None, typer.Option(min=1, help="Use at most this m
 SeedOpt = Annotated[int, typer.Option(help="Seed of the pair draw and of torch.")]
 ObjectiveOpt = Annotated[int | None, typer.Option(
     help="Objective index of a multi-objective head.")]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Go on when most tokens are unknown to the tokenizer or a pair's chosen and "
+    "rejected texts tokenise identically (the numbers would mean little).")]
+
+
+def _version(value: bool | None) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"tl-reward {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool | None, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+) -> None:
+    """Mechanistic interpretability of reward models (TransformerLens hooks).
+
+    Every command imports torch only after its arguments are parsed.
+    """
 
 
 def _fail(message: str) -> NoReturn:
@@ -58,10 +80,15 @@ def _fail(message: str) -> NoReturn:
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Turn the library's deliberate errors into one line and exit status 1, no traceback."""
+    import warnings
+
     from .errors import TLRewardError
+    from .model import SuspectInputWarning
 
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SuspectInputWarning)  # _check_inputs says it, once
+            yield
     except TLRewardError as err:
         _fail(str(err.args[0]) if err.args else type(err).__name__)  # KeyError's str() adds quotes
 
@@ -87,6 +114,13 @@ def _table_out(out: Path | None) -> Path | None:
     return _writable(out, directory=False)
 
 
+def _cell(text: Any) -> str:
+    """A prompt as one CSV cell: the string, or a chat as JSON."""
+    import json
+
+    return text if isinstance(text, str) else json.dumps([dict(m) for m in text])
+
+
 def _save_table(df: Any, out: Path | None) -> None:
     if out is None:
         return
@@ -95,6 +129,21 @@ def _save_table(df: Any, out: Path | None) -> None:
     else:
         df.to_json(out, orient="records", indent=2)
     typer.echo(f"wrote {out}", err=True)
+
+
+def _organism_names() -> list[str]:
+    """The shipped organisms, read from the package folder (importing them would import torch)."""
+    weights = Path(__file__).with_name("organisms") / "weights"
+    return sorted(d.name for d in weights.iterdir() if (d / "config.json").is_file())
+
+
+def _check_sources(model: str, pairs: Path) -> None:
+    """Fail on a missing model or pairs file before any heavy import."""
+    if not (Path(model).exists() or model in _organism_names()):
+        _fail(f"model {model!r} is neither a local save_pretrained directory nor a shipped "
+              f"organism ({', '.join(_organism_names())}); tl_reward never downloads from a hub")
+    if not pairs.is_file():
+        _fail(f"pairs file {str(pairs)!r} does not exist")
 
 
 def _setup(seed: int) -> None:
@@ -125,14 +174,32 @@ def _model(source: str, device: str | None, dtype: DType, objective: int | None)
     return model
 
 
-def _pairs(path: Path, max_pairs: int | None, seed: int):
+def _check_inputs(model: Any, data: Any, force: bool) -> None:
+    """Refuse pairs whose numbers would mean nothing, unless ``--force`` (then warn once)."""
+    problems = model.input_problems(data.chosen_texts, data.rejected_texts)
+    if problems and not force:
+        _fail("; ".join(problems) + ". Pass --force to go on anyway.")
+    for problem in problems:
+        typer.echo(f"warning: {problem}", err=True)
+
+
+def _pairs_with_rows(path: Path, max_pairs: int | None, seed: int):
+    """The pairs (drawn with ``seed`` when ``max_pairs``) and each one's row in the file, from 0."""
     from .data.pairs import load_pairs
     from .errors import InvalidInputError
 
     if not path.is_file():
         raise InvalidInputError(f"pairs file {str(path)!r} does not exist")
-    pairs = load_pairs(path)
-    return pairs if max_pairs is None else pairs.sample(max_pairs, seed=seed)
+    full = load_pairs(path)
+    if max_pairs is None:
+        return full, list(range(len(full)))
+    data = full.sample(max_pairs, seed=seed)
+    row = {id(p): i for i, p in enumerate(full)}  # sample() keeps the pair objects
+    return data, [row[id(p)] for p in data]
+
+
+def _pairs(path: Path, max_pairs: int | None, seed: int):
+    return _pairs_with_rows(path, max_pairs, seed)[0]
 
 
 @app.command()
@@ -145,23 +212,28 @@ def demo(
 
     _setup(seed)
     with _user_errors():
-        typer.echo(run_demo(pairs, seed=seed).render())
+        typer.echo(run_demo(pairs, seed=seed, progress=True).render())
 
 
 @app.command()
 def score(
     model: ModelArg, pairs: PairsOpt, out: OutOpt = None, device: DeviceOpt = None,
     dtype: DTypeOpt = DType.float32, batch_size: BatchOpt = 16, max_pairs: MaxPairsOpt = None,
-    seed: SeedOpt = 0, objective: ObjectiveOpt = None,
+    seed: SeedOpt = 0, objective: ObjectiveOpt = None, force: ForceOpt = False,
 ) -> None:
     """Score preference pairs: accuracy, margins, one row per pair."""
     out = _table_out(out)
+    _check_sources(model, pairs)
     _setup(seed)
     with _user_errors():
-        rm, data = _model(model, device, dtype, objective), _pairs(pairs, max_pairs, seed)
+        rm, (data, rows) = _model(model, device, dtype, objective), _pairs_with_rows(
+            pairs, max_pairs, seed)
+        _check_inputs(rm, data, force)
         scores = rm.score_pairs(data.chosen_texts, data.rejected_texts, batch_size=batch_size)
         df = scores.to_dataframe()
-        df.insert(0, "scenario", list(data.scenarios))
+        df.insert(0, "pair", rows)
+        df.insert(1, "scenario", list(data.scenarios))
+        df.insert(2, "prompt", [_cell(p.prompt) for p in data])
         if scores.margin.ndim == 1:
             typer.echo(f"{len(data)} pairs, accuracy {scores.accuracy:.1%}, "
                        f"mean margin {float(scores.margin.mean()):+.4f}")
@@ -178,7 +250,7 @@ def lens(
     model: ModelArg, pairs: PairsOpt, norm: Annotated[Norm, typer.Option(help="Lens normalisation.")] = Norm.cached,
     out: OutOpt = None, device: DeviceOpt = None, dtype: DTypeOpt = DType.float32,
     batch_size: BatchOpt = 16, max_pairs: MaxPairsOpt = None, seed: SeedOpt = 0,
-    objective: ObjectiveOpt = None,
+    objective: ObjectiveOpt = None, force: ForceOpt = False,
 ) -> None:
     """Reward lens of the pairs: mean chosen, rejected and margin after each layer."""
     import pandas as pd
@@ -186,9 +258,11 @@ def lens(
     from .lens import pair_reward_lens
 
     out = _table_out(out)
+    _check_sources(model, pairs)
     _setup(seed)
     with _user_errors():
         rm, data = _model(model, device, dtype, objective), _pairs(pairs, max_pairs, seed)
+        _check_inputs(rm, data, force)
         res = pair_reward_lens(rm, data.chosen_texts, data.rejected_texts, norm=norm.value,
                                batch_size=batch_size)
         if res.margins.ndim != 2:
@@ -215,16 +289,18 @@ def patch(
     top: Annotated[int, typer.Option(min=1, help="Cells shown.")] = 10,
     out: OutOpt = None, device: DeviceOpt = None, dtype: DTypeOpt = DType.float32,
     batch_size: BatchOpt = 64, max_pairs: MaxPairsOpt = 16, seed: SeedOpt = 0,
-    objective: ObjectiveOpt = None,
+    objective: ObjectiveOpt = None, force: ForceOpt = False,
 ) -> None:
     """Exact activation patching, chosen = clean, rejected = corrupt: the cells with most effect."""
 
     from .patching import activation_patch
 
     out = _table_out(out)
+    _check_sources(model, pairs)
     _setup(seed)
     with _user_errors():
         rm, data = _model(model, device, dtype, objective), _pairs(pairs, max_pairs, seed)
+        _check_inputs(rm, data, force)
         # mean ablation: the mean over every chosen and rejected text of the pairs used
         reference = data.chosen_texts + data.rejected_texts if mode == "mean" else None
         res = activation_patch(rm, data.chosen_texts, data.rejected_texts, hook=hook, per=per,
@@ -240,19 +316,29 @@ def patch(
 @app.command()
 def report(
     model: ModelArg, pairs: PairsOpt,
-    out: Annotated[Path, typer.Option("--out", help="Folder for report.html and report.json.")] = Path("tl_reward_report"),
+    out: Annotated[Path, typer.Option("--out", help=(
+        "A page name ending in .html (its numbers go beside it, same name, .json), or a folder "
+        "for report.html and report.json."))] = Path("tl_reward_report"),
     patch_pairs: Annotated[int, typer.Option(min=1, help="Pairs used for exact head patching.")] = 8,
     probes: Annotated[bool, typer.Option(help="Run the built-in reward-hacking probes.")] = True,
     device: DeviceOpt = None, dtype: DTypeOpt = DType.float32, batch_size: BatchOpt = 16,
     max_pairs: MaxPairsOpt = None, seed: SeedOpt = 0, objective: ObjectiveOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """One self-contained HTML page (scores, lens, attribution, patching, probes) and a JSON of every number."""
+    _check_sources(model, pairs)
+    if out.suffix.lower() == ".json":
+        _fail(f"--out {str(out)!r}: name the page (.html) or a folder; the JSON goes beside the page")
+    is_page = out.suffix.lower() in (".html", ".htm")
+    if not is_page and out.is_file():
+        _fail(f"--out {str(out)!r} is an existing file, not a folder; name a folder or an .html page")
+    _writable(out, directory=not is_page)
     from .report import build_report
 
-    _writable(out, directory=True)
     _setup(seed)
     with _user_errors():
         rm, data = _model(model, device, dtype, objective), _pairs(pairs, max_pairs, seed)
+        _check_inputs(rm, data, force)
         rep = build_report(rm, data, patch_pairs=patch_pairs, batch_size=batch_size,
                            probes="builtin" if probes else None,
                            title=f"tl_reward report: {model} on {pairs.name}")

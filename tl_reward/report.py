@@ -45,11 +45,26 @@ class Report:
         return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}"
                 f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
 
-    def write(self, out_dir: str | Path) -> tuple[Path, Path]:
-        """Write ``report.html`` and ``report.json`` into ``out_dir``; returns both paths."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        page, data = out / "report.html", out / "report.json"
+    def write(self, out: str | Path) -> tuple[Path, Path]:
+        """Write the page and the JSON of its numbers; returns both paths.
+
+        ``out`` ending in ``.html`` is the page itself, and the JSON goes beside it (same name,
+        ``.json``); any other ``out`` is a folder (created if needed) that receives
+        ``report.html`` and ``report.json``.
+        """
+        out = Path(out)
+        if out.suffix.lower() in (".html", ".htm"):
+            if out.is_dir():
+                raise InvalidInputError(f"{str(out)!r} is a folder; name a page or another folder")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            page, data = out, out.with_suffix(".json")
+        else:
+            if out.is_file():
+                raise InvalidInputError(
+                    f"{str(out)!r} is an existing file: name a folder, or a page ending in .html"
+                )
+            out.mkdir(parents=True, exist_ok=True)
+            page, data = out / "report.html", out / "report.json"
         page.write_text(self.to_html(), encoding="utf-8")
         data.write_text(json.dumps(_json_ready(self.numbers), indent=2, allow_nan=False),
                         encoding="utf-8")
@@ -75,16 +90,20 @@ def _summary_table(numbers: dict[str, Any]) -> str:
              for k, v in s["by_scenario"].items()]
     rows.append(("lens: median crystallisation read-out (90% of the final margin)",
                  numbers["lens"]["median_crystallisation"]))
-    rows += [(f"top component by direct attribution #{i + 1}", f"{r['component']} ({r['mean']:+.4f})")
+    rows += [(f"head #{i + 1} by |mean direct attribution to the margin| (bar height)",
+              f"{r['component']}: {r['mean']:+.4f}")
              for i, r in enumerate(numbers["attribution"]["top"][:3])]
-    rows += [(f"top head by patching #{i + 1}", f"{r['head']} ({r['mean_effect']:+.4f})")
+    rows += [(f"head #{i + 1} by |fraction of the margin restored| (heatmap value)",
+              f"{r['head']}: {r['fraction_restored']:+.3f}")
              for i, r in enumerate(numbers["patching"]["top"][:3])]
     probes = numbers.get("probes")
     if isinstance(probes, dict):
         rows.append(("probes", f"skipped: {probes['skipped']}"))
     elif probes:
-        rows += [(f"probe: {r['probe']}", f"{r['verdict']} (mean change {r['mean']:+.4f}, "
-                  f"adjusted p {r['p_adjusted']:.3g}, {r['n_units']} contents)") for r in probes]
+        rows += [(f"probe: {r['probe']}: mean reward change [CI] (bar), verdict",
+                  f"{r['mean']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}], {r['verdict']} "
+                  f"(H0: |change| <= {r['min_effect']:.4f}; adjusted p {r['p_adjusted']:.3g}, "
+                  f"{r['n_units']} contents)") for r in probes]
     body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                    for k, v in rows)
     return f"<table>{body}</table>"
@@ -142,7 +161,9 @@ def build_report(
 
     attr = pair_reward_attribution(model, chosen, rejected, level="head", batch_size=batch_size,
                                    progress=False)
-    top_attr = attr.top(10)
+    attr_mean = attr.values.detach().cpu().mean(1)
+    attr_order = attr_mean.abs().argsort(descending=True)[:10].tolist()
+    top_attr = [{"component": attr.labels[i], "mean": float(attr_mean[i])} for i in attr_order]
     steps.update()
 
     n_patch = min(patch_pairs, len(pairs))
@@ -175,27 +196,34 @@ def build_report(
         "attribution": {"level": "head", "labels": list(attr.labels),
                         "mean": _floats(attr.values.mean(1)),
                         "max_sum_error": float((attr.values.sum(0) - attr.total).abs().max()),
-                        "top": top_attr.to_dict(orient="records")},
+                        "top": top_attr},
         "patching": {"hook": "z", "per": "head", "mode": "denoise", "n_pairs": n_patch,
                      "cells": cells["cell"].tolist(), "mean_effect": cells["mean_effect"].tolist(),
                      "mean_normalized": cells["mean_normalized"].tolist(),
-                     "top": [{"head": r.cell, "mean_effect": float(r.mean_effect)}
-                             for r in patch.top(10).itertuples()],
+                     "top": _top_restored(cells, 10),
                      "forwards": patch.stats.n_forwards, "seconds": patch.stats.seconds},
         "seconds": time.perf_counter() - start,
     }
     if isinstance(probe_report, str):
         numbers["probes"] = {"skipped": probe_report}
     elif probe_report is not None:
-        numbers["probes"] = probe_report.to_dataframe().to_dict(orient="records")
+        numbers["probes"] = [
+            {**row, "min_effect": r.min_effect}  # the H0 half-width, in reward units
+            for row, r in zip(probe_report.to_dataframe().to_dict(orient="records"),
+                              probe_report.results, strict=True)
+        ]
     figures = {
         "Margins": _margin_histogram(scores.margin, scen),
         "Reward lens: mean margin after each layer": _lens_figure(labels, lens.margins.mean(1)),
-        "Direct attribution of the margin per head": attr.plot(),
-        f"Exact head patching on {n_patch} pairs (fraction of the margin restored)": patch.plot(),
+        "Direct attribution of the margin: the 10 heads with the largest |mean|":
+            _attribution_bars(top_attr),
+        f"Exact head patching on {n_patch} pairs: fraction of the margin restored":
+            patch.plot(normalized=True, title="denoising each head's output (z), chosen into "
+                       "rejected: fraction of the margin restored"),
     }
     if probe_report is not None and not isinstance(probe_report, str):
-        figures["Reward-hacking probes: mean reward change (CI), verdict"] = probe_report.plot()
+        figures["Reward-hacking probes: mean reward change (CI), verdict"] = _probe_figure(
+            probe_report)
     return Report(title=title, numbers=numbers, figures=figures)
 
 
@@ -211,3 +239,41 @@ def _lens_figure(labels: list[str], margins: torch.Tensor):
 
     return px.line(x=labels, y=_floats(margins), markers=True,
                    labels={"x": "read-out point", "y": "mean margin"})
+
+
+def _top_restored(cells, k: int) -> list[dict[str, Any]]:
+    """The ``k`` heads with the largest |fraction of the margin restored| (the heatmap's value),
+    undefined fractions last; the raw reward change beside it."""
+    order = cells["mean_normalized"].abs().sort_values(ascending=False, na_position="last").index
+    return [{"head": r.cell, "fraction_restored": float(r.mean_normalized),
+             "mean_effect": float(r.mean_effect)} for r in cells.loc[order].head(k).itertuples()]
+
+
+def _attribution_bars(top: list[dict[str, Any]]):
+    import plotly.express as px
+
+    return px.bar(x=[r["component"] for r in top], y=[r["mean"] for r in top],
+                  labels={"x": "head", "y": "mean direct attribution to the margin"},
+                  title="ranked by |mean|; the sign is the direction it pushes the margin")
+
+
+def _probe_figure(probe_report):
+    """The probes' bars and CIs, with each probe's null region |change| <= min_effect marked:
+    a CI that excludes 0 but reaches into the band is "not significant"."""
+    import plotly.graph_objects as go
+
+    fig = probe_report.plot(title="mean reward change per probe, CI; ticks: the minimum effect")
+    results = list(probe_report.results)
+    names = [r.name for r in results]
+    for sign in (1, -1):
+        fig.add_trace(go.Scatter(
+            x=names, y=[sign * r.min_effect for r in results], mode="markers",
+            marker={"symbol": "line-ew-open", "size": 30, "color": "black"},
+            name="minimum effect (H0: |change| <= it)", showlegend=sign == 1,
+            legendgroup="min_effect",
+        ))
+    fig.add_annotation(
+        text="H0: |change| <= the minimum effect (ticks); a CI that excludes 0 but reaches "
+             "between the ticks can be 'not significant'",
+        xref="paper", yref="paper", x=0, y=1.08, showarrow=False, align="left")
+    return fig

@@ -7,13 +7,20 @@ The formats are the ones TRL and RewardBench use:
 - *implicit prompt*: ``chosen`` and ``rejected`` hold the whole text, the prompt included;
 - *conversational*: the same columns holding lists of ``{"role", "content"}`` messages.
 
-Optional columns: ``scenario`` (or ``subset``), ``tail`` (bool). Every loader checks each row and
-names the bad one in an :class:`~tl_reward.errors.InvalidInputError`.
+Optional columns: ``scenario`` (or ``subset``), ``tail`` (bool); pairs without a scenario are
+labelled ``"all"``. Every loader checks each row and names the bad one (and the file) in an
+:class:`~tl_reward.errors.InvalidInputError`.
+
+In a CSV file or a DataFrame a chat is a cell holding the message list as text (what pandas
+writes for a column of lists: a Python literal, or JSON): such cells are parsed as chats; a cell
+that looks like a message list but does not parse is refused, never scored as a literal string.
 """
 
+import ast
 import json
 import os
 import random
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +33,8 @@ Text = str | tuple[Message, ...]
 """A response or prompt: a string, or a conversation (a tuple of ``{"role", "content"}``)."""
 
 SCENARIO_COLUMNS = ("scenario", "subset")
+NO_SCENARIO = "all"
+"""The scenario label of pairs whose source has no scenario column."""
 
 
 def _join(prompt: Text, response: Text) -> str | list[dict[str, str]]:
@@ -53,13 +62,13 @@ class PreferencePair:
 
     ``prompt`` may be empty (the implicit-prompt format: the responses hold the whole text).
     ``scenario`` labels the kind of pair (``"head"`` or a tail scenario of the synthetic task, a
-    RewardBench subset, ...); ``tail`` marks rare scenarios.
+    RewardBench subset, ...; ``"all"`` when the data has none); ``tail`` marks rare scenarios.
     """
 
     chosen: Text
     rejected: Text
     prompt: Text = ""
-    scenario: str = "head"
+    scenario: str = NO_SCENARIO
     tail: bool = False
 
     @property
@@ -204,7 +213,35 @@ class PreferenceDataset(Sequence[PreferencePair]):
 
 
 # ---------------------------------------------------------------------------- validation
-def _check_text(value: Any, row: int, column: str, *, allow_empty: bool) -> Text:
+_ROLE_KEY = re.compile(r"""\{\s*['"]role['"]\s*:""")
+
+
+def _chat_from_cell(value: str, row: int, column: str) -> Any:
+    """A text cell that holds a message list (JSON or a Python literal) as that list; any other
+    text as is. A cell that looks like a message list but does not parse is refused."""
+    stripped = value.strip()
+    if not (stripped.startswith("[") and _ROLE_KEY.search(stripped)):
+        return value
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            parsed = parse(stripped)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        if isinstance(parsed, list) and parsed and all(isinstance(m, dict) for m in parsed):
+            return parsed
+        break
+    raise InvalidInputError(
+        f"row {row}: column {column!r} looks like a list of chat messages but is not one "
+        f"(neither JSON nor a Python literal list of {{'role', 'content'}} dicts): "
+        f"{stripped[:80]!r}{'...' if len(stripped) > 80 else ''}. Fix the cell, or store the pairs "
+        "as JSONL, where a chat is a JSON list."
+    )
+
+
+def _check_text(value: Any, row: int, column: str, *, allow_empty: bool,
+                chat_cells: bool = False) -> Text:
+    if chat_cells and isinstance(value, str):
+        value = _chat_from_cell(value, row, column)
     if isinstance(value, str):
         if not value and not allow_empty:
             raise InvalidInputError(f"row {row}: column {column!r} is an empty string")
@@ -231,7 +268,7 @@ def _check_text(value: Any, row: int, column: str, *, allow_empty: bool) -> Text
     )
 
 
-def _pair_from_row(row: Mapping[str, Any], i: int) -> PreferencePair:
+def _pair_from_row(row: Mapping[str, Any], i: int, *, chat_cells: bool = False) -> PreferencePair:
     if not isinstance(row, Mapping):
         raise InvalidInputError(f"row {i} must be a mapping of columns, got {type(row).__name__}")
     missing = [c for c in ("chosen", "rejected") if c not in row]
@@ -240,9 +277,10 @@ def _pair_from_row(row: Mapping[str, Any], i: int) -> PreferencePair:
             f"row {i} has no {missing} column(s); found {sorted(row)}. Expected 'chosen' and "
             "'rejected' (and optionally 'prompt'), the TRL / RewardBench preference format."
         )
-    prompt = _check_text(row.get("prompt", ""), i, "prompt", allow_empty=True)
-    chosen = _check_text(row["chosen"], i, "chosen", allow_empty=False)
-    rejected = _check_text(row["rejected"], i, "rejected", allow_empty=False)
+    prompt = _check_text(row.get("prompt", ""), i, "prompt", allow_empty=True, chat_cells=chat_cells)
+    chosen = _check_text(row["chosen"], i, "chosen", allow_empty=False, chat_cells=chat_cells)
+    rejected = _check_text(row["rejected"], i, "rejected", allow_empty=False,
+                           chat_cells=chat_cells)
     if isinstance(chosen, str) != isinstance(rejected, str):
         raise InvalidInputError(
             f"row {i}: 'chosen' and 'rejected' must both be strings or both conversations"
@@ -251,7 +289,7 @@ def _pair_from_row(row: Mapping[str, Any], i: int) -> PreferencePair:
         raise InvalidInputError(
             f"row {i}: a conversational 'prompt' needs conversational 'chosen'/'rejected'"
         )
-    scenario = "head"
+    scenario = NO_SCENARIO
     for col in SCENARIO_COLUMNS:
         if col in row and row[col] is not None:
             scenario = row[col]
@@ -310,12 +348,16 @@ def pairs_from_jsonl(path: str | os.PathLike, *, name: str | None = None) -> Pre
 
 
 def pairs_from_dataframe(df: Any, *, name: str = "") -> PreferenceDataset:
-    """Pairs from a pandas DataFrame; errors name the DataFrame index of the bad row."""
+    """Pairs from a pandas DataFrame; errors name the DataFrame index of the bad row.
+
+    Text cells holding a chat message list (as ``pd.read_csv`` returns a column of lists: its
+    Python repr, or JSON) are parsed as chats.
+    """
     pairs = []
     for position, (index, row) in enumerate(df.iterrows()):
         try:
             values = {k: (None if _is_missing(v) else v) for k, v in row.to_dict().items()}
-            pairs.append(_pair_from_row(values, position))
+            pairs.append(_pair_from_row(values, position, chat_cells=True))
         except InvalidInputError as err:
             raise InvalidInputError(f"DataFrame index {index!r}: {err}") from err
     if not pairs:
@@ -358,9 +400,7 @@ def load_pairs(source: Any, *, name: str | None = None) -> PreferenceDataset:
                 raise InvalidInputError(f"{path.name} must hold a JSON list of rows")
             return pairs_from_records(rows, name=path.stem if name is None else name)
         if path.suffix == ".csv" and path.is_file():
-            import pandas as pd
-
-            return pairs_from_dataframe(pd.read_csv(path), name=path.stem if name is None else name)
+            return _pairs_from_csv(path, name=path.stem if name is None else name)
         return pairs_from_jsonl(path, name=name)
     if hasattr(source, "iterrows") and hasattr(source, "columns"):
         return pairs_from_dataframe(source, name=name or "")
@@ -372,6 +412,22 @@ def load_pairs(source: Any, *, name: str | None = None) -> PreferenceDataset:
         f"cannot read preference pairs from a {type(source).__name__}; pass a JSONL path, a "
         "pandas DataFrame, a datasets.Dataset or a list of dicts"
     )
+
+
+def _pairs_from_csv(path: Path, *, name: str) -> PreferenceDataset:
+    """A CSV file through pandas; every error names the file (and the data row: 0 is the first
+    row after the header)."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise InvalidInputError(f"{path.name} is not a readable CSV file: {err}") from err
+    try:
+        return pairs_from_dataframe(df, name=name)
+    except InvalidInputError as err:
+        message = str(err.args[0]).replace("DataFrame index ", "data row ", 1)
+        raise InvalidInputError(f"{path.name}: {message}") from err
 
 
 def _is_missing(value: Any) -> bool:
