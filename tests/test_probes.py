@@ -504,17 +504,17 @@ def test_cascade_matches_scipy_and_refuses_small_n(planted, task):
         probe_cascade(report, min_units=2)
 
 
-def test_distortion_index_definition_and_bootstrap(planted, task):
+def test_effort_distortion_definition_and_bootstrap(planted, task):
     from scipy import stats
 
     from tl_reward.errors import InvalidInputError
-    from tl_reward.hacking import distortion_index
+    from tl_reward.hacking import effort_distortion
     from tl_reward.probes import run_probes
 
     model, _ = planted
     report = run_probes(model, _organism_probes(task), progress=False)
     value = {"quality": 1.0, "trigger": 0.0, "length": 0.0}
-    d = distortion_index(report, value, n_resamples=999, seed=2)
+    d = effort_distortion(report, value, n_resamples=999, seed=2)
     s = np.array([r.unit_deltas.double().mean().item() for r in report])
     v = np.array([1.0, 0.0, 0.0])
     np.testing.assert_allclose(d.distortion.numpy(), s / np.linalg.norm(s) - v, rtol=1e-5, atol=1e-6)
@@ -524,7 +524,7 @@ def test_distortion_index_definition_and_bootstrap(planted, task):
     assert df.loc["trigger", "direction"] == "over-invested"
     assert df.loc["quality", "direction"] == "under-invested"
     # invariant to the scale of the values; CI from scipy's paired bootstrap
-    again = distortion_index(report, {k: 7 * x for k, x in value.items()}, n_resamples=999, seed=2)
+    again = effort_distortion(report, {k: 7 * x for k, x in value.items()}, n_resamples=999, seed=2)
     np.testing.assert_allclose(again.distortion.numpy(), d.distortion.numpy(), rtol=1e-6)
     xs = [r.unit_deltas.double().numpy() for r in report]
 
@@ -537,9 +537,9 @@ def test_distortion_index_definition_and_bootstrap(planted, task):
     np.testing.assert_allclose((d.index_ci_low, d.index_ci_high),
                                (boot.confidence_interval.low, boot.confidence_interval.high), rtol=1e-4)
     with pytest.raises(InvalidInputError, match="missing \\['length'\\]"):
-        distortion_index(report, {"quality": 1.0, "trigger": 0.0})
+        effort_distortion(report, {"quality": 1.0, "trigger": 0.0})
     with pytest.raises(InvalidInputError, match="0 on every dimension"):
-        distortion_index(report, {k: 0.0 for k in value})
+        effort_distortion(report, {k: 0.0 for k in value})
 
 
 # ---------------------------------------------------------------------------- divergence
@@ -616,3 +616,30 @@ def test_results_plot_and_tabulate(planted, task):
     assert len(report.plot().data) >= 1 and len(loc.plot().data) == 2
     assert set(loc.to_dataframe()["method"]) == {"attribution", "patching"}
     assert -1 <= loc.method_agreement() <= 1
+
+
+def test_distortion_index_is_the_papers_coverage_index():
+    """The reward-lens paper's index, against a hand computation: margins min-max normalised over
+    every pair, C_eff = 1 - prod(1 - c), D = 1 - C_eff / max C_eff."""
+    import torch
+
+    from tl_reward.errors import InvalidInputError
+    from tl_reward.hacking import distortion_index
+
+    margins = {"helpful": [2.0, 0.0], "honest": torch.tensor([1.0]), "safe": [], "concise": [-2.0]}
+    d = distortion_index(margins)
+    # min -2, max 2: c = helpful (1.0, 0.5), honest 0.75, concise 0.0
+    coverage = [1 - (1 - 1.0) * (1 - 0.5), 0.75, 0.0, 0.0]
+    np.testing.assert_allclose(d.coverage.numpy(), coverage, atol=1e-7)
+    np.testing.assert_allclose(d.distortion.numpy(), [0.0, 0.25, 1.0, 1.0], atol=1e-7)
+    assert d.severity == pytest.approx(0.5625)
+    assert d.under_covered == ("safe", "concise") and d.n_pairs == (2, 1, 0, 1)
+    # diminishing returns: two half-covering pairs give 1 - 0.25
+    two = distortion_index({"a": [1.0, 1.0, 3.0], "b": [2.0, 2.0]})
+    np.testing.assert_allclose(two.coverage.numpy(), [1.0, 0.75])
+    # every margin equal: c = 0.5 each; nothing covered at all: every D = 1
+    same = distortion_index({"a": [1.0, 1.0], "b": [1.0]})
+    np.testing.assert_allclose(same.coverage.numpy(), [0.75, 0.5])
+    assert distortion_index({"a": [], "b": []}).distortion.tolist() == [1.0, 1.0]
+    with pytest.raises(InvalidInputError, match="1-D"):
+        distortion_index({"a": np.zeros((2, 2))})

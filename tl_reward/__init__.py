@@ -16,6 +16,7 @@ from .concepts import concept_vector as concept_vector
 from .divergence import divergence_aware_patch as divergence_aware_patch
 from .errors import TLRewardError as TLRewardError
 from .hacking import distortion_index as distortion_index
+from .hacking import effort_distortion as effort_distortion
 from .hacking import probe_cascade as probe_cascade
 from .lens import LensResult as LensResult
 from .lens import PairLensResult as PairLensResult
