@@ -267,6 +267,21 @@ def test_assessment_of_the_planted_circuits(planted, planted_discovery, cart):
         assert fig.data
 
 
+def test_a_planted_blind_spot_ranks_most_vulnerable(planted, cart):
+    """A circuit that no tail input activates (its tau_act above every |a_c|) is a blind spot:
+    eq. (9) ranks it first (1 - Cov = 1), not last with a NaN."""
+    model, tail, head = planted
+    circuits = [cart.Circuit(["L0H0"]), cart.Circuit(["L1N11"])]
+    a = cart.assess(model, circuits, tail[:40], head[:40], eps=1e-3, pgd_steps=2,
+                    tau_act=[0.0, 1e9], progress=False)
+    assert float(a.coverage[1]) == 0.0 and int(a.n_consistency[1]) == 0
+    assert torch.isnan(a.consistency[1]) and torch.isfinite(a.vulnerability).all()
+    df = a.to_dataframe()
+    assert df.circuit.iloc[0] == "L1N11"
+    assert float(a.vulnerability[1]) == pytest.approx(2.0 + float(a.sens_pgd[1]))
+    assert a.plot().data
+
+
 def test_first_order_sensitivity_matches_the_gradient_norm(planted, cart):
     model, tail, _ = planted
     circuit = cart.Circuit(["L1N11"])

@@ -86,6 +86,19 @@ def test_vulnerability_follows_eq_9_not_the_sentence_after_eq_6(cart):
     assert float(low) > float(high)
 
 
+def test_a_circuit_that_never_fires_on_the_tail_is_the_most_vulnerable(cart):
+    """Eq. (9): Cov = 0 (no activating tail input, so eq. (6) has no inputs) gives
+    1 - Cov = 1 and the largest consistency term, not a NaN that sorts last."""
+    consist = torch.tensor([1.0, 0.5, float("nan")])
+    v = cart.vulnerability(consist, torch.tensor([0.1, 0.1, 0.1]), torch.tensor([1.0, 0.5, 0.0]))
+    torch.testing.assert_close(v, torch.tensor([0.1, 1.1, 2.1]))
+    assert int(v.argmax()) == 2
+    from tl_reward.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="coverage > 0"):
+        cart.vulnerability(torch.tensor([float("nan")]), torch.tensor([0.0]), torch.tensor([0.5]))
+
+
 def test_tail_bound_hand_value(cart):
     b = cart.tail_generalization_bound(0.1, 4, 100, 0.4, constant=2.0, beta=0.5, delta=math.exp(-1))
     assert b.complexity == pytest.approx(2 * math.sqrt(4 * 1 / 100))

@@ -455,12 +455,26 @@ def vulnerability(
     sentence after eq. (6) ("high consistency indicates exploitable uncertainty") contradicts
     this equation; the equation is what is implemented. ``Sens`` is in reward units while the
     other two terms lie in ``[0, 1]``: the weights set the exchange rate.
+
+    Blind spots. A circuit that no tail input activates (``Cov = 0``) has no inputs for eq. (6)
+    (``X_tail^(c)`` is empty), so its consistency is undefined (NaN). Eq. (9) makes such a
+    circuit the most exposed (``1 - Cov = 1``: "circuits with low coverage create blind spots
+    exploitable by policies"), so its consistency term takes its largest value,
+    ``1 - Consist = 1``: nothing on the tail shows the circuit to be consistent. A NaN
+    consistency with ``Cov > 0`` is an error (it cannot come from eq. (6)).
     """
     for name, w in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         _check_finite(name, w)
         if w < 0:
             raise InvalidInputError(f"{name} must be >= 0 (a weight), got {w}")
-    return alpha * (1.0 - consist) + beta * sens + gamma * (1.0 - cov)
+    undefined = torch.isnan(consist)
+    if bool((undefined & (cov > 0)).any()):
+        raise InvalidInputError(
+            "consistency is NaN for a circuit with coverage > 0: eq. (6) is defined whenever "
+            "some tail input activates the circuit; compute it on those inputs"
+        )
+    inconsistency = torch.where(undefined, torch.ones_like(consist), 1.0 - consist)
+    return alpha * inconsistency + beta * sens + gamma * (1.0 - cov)
 
 
 # ------------------------------------------------------------------------- eq. (1), (4)-(5)
