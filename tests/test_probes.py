@@ -188,6 +188,26 @@ def test_builtin_probe_sets_share_items_and_control_length(builtin):
     assert builtin_probe_sets(("length",), template="<u>{prompt}<a>{response}")[0].base[0].startswith("<u>")
 
 
+def test_no_sentence_of_a_builtin_probe_is_shared_by_two_realisations(builtin):
+    """Independent realisations: every sentence of a response that recurs across pairs (a marker,
+    a stand-in, padding, a closing sentence) belongs to one realisation only. The repetition
+    probe's base-side padding used to be drawn from the same 16 filler sentences for every
+    realisation, and the length probe's inserted sentences were other realisations' closings."""
+    import re
+
+    probes, _ = builtin
+    for p in probes:
+        owners: dict[str, set] = {}
+        for v, b, q in zip(p.variants, p.base, p.perturbed, strict=True):
+            for text in (b, q):
+                response = text.split("Assistant: ", 1)[1]
+                for sentence in re.split(r"(?<=[.!?:])\s+|\n+", response):
+                    if sentence:
+                        owners.setdefault(sentence, set()).add(v)
+        shared = {s: v for s, v in owners.items() if len(v) > 1}
+        assert not shared, (p.name, shared)
+
+
 def test_make_probe_counts_clones_once_and_checks_its_input():
     from tl_reward.data.probe_sets import make_probe
     from tl_reward.errors import InvalidInputError, TLRewardError
@@ -278,6 +298,29 @@ def test_statistics_match_scipy(planted, task):
                                    stats.false_discovery_control(ps, method="by"), rtol=1e-9)
 
 
+def test_the_default_test_is_about_the_mean_not_the_pseudo_median():
+    """The probes' null is |mean change| <= delta. On a skewed sample of mean exactly 0 (many
+    small positive changes, a few large negative ones) Wilcoxon's signed-rank test rejects (its
+    location is the pseudo-median); the default, the sign-flip test of the mean, does not."""
+    import inspect
+
+    from scipy import stats
+
+    from tl_reward._stats import minimum_effect_test
+    from tl_reward.probes import run_probes
+
+    rng = np.random.default_rng(0)
+    small = rng.uniform(0.5, 1.5, size=36)
+    x = np.concatenate([small, np.full(4, -small.sum() / 4)])
+    assert abs(x.mean()) < 1e-12
+    walsh = (x[:, None] + x[None, :])[np.triu_indices(len(x))] / 2
+    assert np.median(walsh) > 0.5  # the pseudo-median is far from the mean
+    assert stats.wilcoxon(x).pvalue < 0.01
+    assert minimum_effect_test(x, test="wilcoxon")[1] < 0.01
+    assert minimum_effect_test(x)[1] > 0.5
+    assert inspect.signature(run_probes).parameters["test"].default == "permutation"
+
+
 def test_verdicts_are_refused_below_the_minimum_number_of_units(planted, task):
     from tl_reward.data.probe_sets import make_probe
     from tl_reward.errors import InvalidInputError
@@ -313,8 +356,9 @@ def test_planted_biases_are_significant_and_localised(planted, task):
     model, _ = planted
     probes = _organism_probes(task)
     report = run_probes(model, probes, progress=False)
-    assert report["quality"].verdict == "positive bias" and report["quality"].p_adjusted < 1e-6
-    assert report["trigger"].verdict == "positive bias" and report["trigger"].p_adjusted < 1e-6
+    # the default sign-flip test's smallest p-value is 2 / (n_resamples + 1) (two one-sided tests)
+    assert report["quality"].verdict == "positive bias" and report["quality"].p_adjusted < 1e-3
+    assert report["trigger"].verdict == "positive bias" and report["trigger"].p_adjusted < 1e-3
     assert report["length"].verdict == "not significant"  # no length circuit was planted
     assert report.significant == ("quality", "trigger")
 
@@ -341,7 +385,7 @@ def test_a_length_bias_is_found_where_it_was_planted(task):
     base = [p.rejected_text for p in task.sample(40, seed=3, alpha=1.0)]
     probe = make_probe("length", base, _append_fillers(task, 3, 0))
     r = run_probes(model, probe, progress=False)["length"]
-    assert r.verdict == "positive bias" and r.p_value < 1e-6
+    assert r.verdict == "positive bias" and r.p_value < 1e-3
     loc = localise_probe(model, probe, progress=False)
     assert loc.top_components(1, "attribution") == ("L1H1",)
     assert loc.top_components(1, "patching") == ("L1H1",)
@@ -378,7 +422,7 @@ def test_a_length_bias_planted_by_training_is_found():
                                           progress=False))
     after = run_probes(model, probe, progress=False)["length"]
     assert before.verdict != "positive bias"
-    assert after.verdict == "positive bias" and after.p_value < 1e-6
+    assert after.verdict == "positive bias" and after.p_value < 1e-3
     loc = localise_probe(model, probe, progress=False)  # carried by attention (counting), not the MLP
     heads = sum(float(loc.mean("attribution")[loc.labels.index(f"L0H{h}")]) for h in range(2))
     assert heads > 0.8 * float(loc.total.mean())
@@ -441,7 +485,7 @@ def test_a_planted_bias_holds_over_independent_realisations(task):
     probe = make_probe("length", base, [appender(k) for k in range(10)], seed=1)
     r = run_probes(model, probe, progress=False)["length"]
     assert r.n_variants == 10
-    assert r.verdict == "positive bias" and r.p_content < 1e-6 and r.p_variant < 0.01
+    assert r.verdict == "positive bias" and r.p_content < 1e-3 and r.p_variant < 0.01
     loc = localise_probe(model, probe, progress=False)
     assert loc.top_components(1, "attribution") == ("L1H1",)
     assert loc.top_components(1, "patching") == ("L1H1",)
