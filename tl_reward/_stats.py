@@ -14,7 +14,7 @@ from ._readout import choose
 from .errors import InvalidInputError
 
 TESTS = ("wilcoxon", "permutation")
-CORRECTIONS = ("bh", "by", "none")
+CORRECTIONS = ("bh", "by", "holm", "bonferroni", "none")
 CORRELATIONS = ("spearman", "pearson")
 
 
@@ -93,16 +93,33 @@ def minimum_effect_test(
 
 
 def adjust_p_values(p: Sequence[float] | np.ndarray, correction: str = "bh") -> np.ndarray:
-    """Multiple-comparison adjusted p-values (``scipy.stats.false_discovery_control``); NaN
-    entries (tests that were refused) are left out of the family and stay NaN."""
+    """Multiple-comparison adjusted p-values, the one implementation the package uses.
+
+    ``bh`` / ``by``: Benjamini-Hochberg / -Yekutieli (``scipy.stats.false_discovery_control``);
+    ``holm``: Holm's step-down; ``bonferroni``; ``none``. NaN entries (tests that were refused)
+    are left out of the family and stay NaN; any other value outside [0, 1] is an error.
+    """
     from scipy import stats
 
     choose("correction", correction, CORRECTIONS)
     p = np.asarray(p, dtype=np.float64)
+    ok = ~np.isnan(p)
+    if np.any(~np.isfinite(p[ok])) or np.any((p[ok] < 0) | (p[ok] > 1)):
+        raise InvalidInputError(f"p-values must lie in [0, 1] (or be NaN), got {p.tolist()}")
     out = np.full_like(p, np.nan)
-    ok = np.isfinite(p)
-    if ok.any():
-        out[ok] = p[ok] if correction == "none" else stats.false_discovery_control(p[ok], method=correction)
+    q = p[ok]
+    if q.size == 0 or correction == "none":
+        out[ok] = q
+    elif correction in ("bh", "by"):
+        out[ok] = stats.false_discovery_control(q, method=correction)
+    elif correction == "bonferroni":
+        out[ok] = np.minimum(1.0, q * q.size)
+    else:  # holm
+        order = np.argsort(q)
+        adj = np.maximum.accumulate((q.size - np.arange(q.size)) * q[order])
+        held = np.empty_like(q)
+        held[order] = np.minimum(1.0, adj)
+        out[ok] = held
     return out
 
 

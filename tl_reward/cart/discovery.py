@@ -35,12 +35,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .._readout import choose
+from .._stats import CORRECTIONS, adjust_p_values
 from ..errors import InvalidInputError
 from ..model import HookedRewardModel
 from .metrics import (
-    CORRECTIONS,
     ESTIMATORS,
-    adjust_pvalues,
     gaussian_mi_from_covariance,
     mutual_information,
 )
@@ -470,8 +469,8 @@ def validate_circuits(
     p_eff = np.array([_one_sample_p(e.numpy(), test) for e in eff_t])
     p_spec = np.array([_two_sample_p(t.numpy(), h.numpy(), test)
                        for t, h in zip(eff_t, eff_h, strict=True)])
-    p_eff_adj = adjust_pvalues(p_eff, correction)
-    p_spec_adj = adjust_pvalues(p_spec, correction)
+    p_eff_adj = adjust_p_values(p_eff, correction)
+    p_spec_adj = adjust_p_values(p_spec, correction)
     ok = (p_eff_adj < alpha) & (eff_t.mean(1).abs().numpy() >= min_effect * reward_sd)
     if keep == "specific":
         ok &= p_spec_adj < alpha

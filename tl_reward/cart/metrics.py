@@ -39,7 +39,6 @@ AGGREGATES = ("mean", "sum", "norm")
 ESTIMATORS = ("gaussian", "binned", "ksg")
 NORMS = ("l2", "linf")
 DIVERGENCES = ("wasserstein", "jeffreys")
-CORRECTIONS = ("bh", "holm", "bonferroni", "none")
 
 
 def _check_nonempty(name: str, x: Tensor) -> None:
@@ -587,27 +586,3 @@ def tail_generalization_bound(
             raise InvalidInputError(f"{name} must be >= 0, got {v}")
     complexity = constant * math.sqrt(n_tail_circuits * math.log(1 / delta) / n_tail)
     return TailBound(float(head_loss), float(complexity), float(beta * divergence))
-
-
-# ------------------------------------------------------------------------- statistics
-def adjust_pvalues(p: np.ndarray, method: str = "bh") -> np.ndarray:
-    """Multiple-comparison adjusted p-values: ``bh`` (Benjamini-Hochberg, scipy's
-    ``false_discovery_control``), ``holm``, ``bonferroni`` or ``none``."""
-    from scipy.stats import false_discovery_control
-
-    choose("correction", method, CORRECTIONS)
-    p = np.asarray(p, dtype=float)
-    if p.size == 0 or method == "none":
-        return p.copy()
-    if np.any(~np.isfinite(p)) or np.any((p < 0) | (p > 1)):
-        raise InvalidInputError(f"p-values must lie in [0, 1], got {p.tolist()}")
-    if method == "bh":
-        return false_discovery_control(p, method="bh")
-    m = p.size
-    if method == "bonferroni":
-        return np.minimum(1.0, p * m)
-    order = np.argsort(p)
-    adj = np.maximum.accumulate((m - np.arange(m)) * p[order])
-    out = np.empty_like(p)
-    out[order] = np.minimum(1.0, adj)
-    return out
