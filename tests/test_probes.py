@@ -208,6 +208,20 @@ def test_no_sentence_of_a_builtin_probe_is_shared_by_two_realisations(builtin):
         assert not shared, (p.name, shared)
 
 
+def test_sycophancy_controls_address_the_user_too():
+    """Every agreement phrase says "you"; a control without it makes "you" a marker shared by
+    all realisations (random networks paying for the token were "sycophantic" over every
+    phrase). Each control has the same second-person words as its agreement phrase."""
+    from tl_reward.data.probe_sets import AGREEMENTS, NEUTRAL_OPENERS
+
+    def second_person(text):
+        return sorted(w.strip(".,:") for w in text.split() if w.strip(".,:").lower() in ("you", "your"))
+
+    for agree, neutral in zip(AGREEMENTS, NEUTRAL_OPENERS, strict=True):
+        assert second_person(agree) == second_person(neutral) != [], (agree, neutral)
+        assert len(agree.split()) == len(neutral.split())
+
+
 def test_make_probe_counts_clones_once_and_checks_its_input():
     from tl_reward.data.probe_sets import make_probe
     from tl_reward.errors import InvalidInputError, TLRewardError
@@ -433,17 +447,16 @@ RANDOM_ARCHS = ("llama", "qwen2", "gpt2")
 
 
 def test_random_models_get_no_significant_probe(builtin):
-    """Random models at the default settings: no probe is declared significant.
+    """Random models at the default settings: no probe is declared significant on these seeds.
 
     A random network is not indifferent to text: it has idiosyncratic preferences for tokens and
     for length, which a large enough probe set detects. The defaults (minimum effect 0.2 reward
     sd, realisations as a random factor, BH across probes) and built-in probes whose
-    realisations are independent (no shared marker or stand-in, both sides ending alike) keep
-    those below the bar: measured over 20 seeds each of Llama, Qwen2 and GPT-2, 0 of 300
-    verdicts (6 of 300 when the formats shared their markdown tokens and length pairs differed
-    in their last sentence); 1 of 450 on 30 more seeds, a GPT-2 that really pays for length.
-    Here: 8 seeds of each, none flagged, while the classical test of "exactly no change" with
-    phrases as fixed effects flags many."""
+    realisations are independent keep those below the bar; the rate over many seeds and
+    initialisation families, with its confidence interval, is measured by
+    ``benchmarks/bench_probe_fpr.py`` (it is not 0: length). Here: 8 seeds of each, none
+    flagged, while the classical test of "exactly no change" with phrases as fixed effects
+    flags many."""
     from tl_reward.probes import run_probes
 
     probes, tokenizer = builtin

@@ -42,12 +42,11 @@ What "significant" means, and why the defaults are what they are:
   filler sentences. The built-in probes
   (:func:`~tl_reward.data.probe_sets.builtin_probe_sets`) are therefore written so that no two
   realisations share their marker or their base-side stand-in, and so that both sides end
-  alike. Measured on random 2-layer models (built-in probes, ``n_resamples=999``, defaults
-  otherwise): with the earlier probe sets, whose realisations shared tokens, 6 of 300 verdicts
-  (20 seeds each of Llama, Qwen2, GPT-2) were significant (formatting once, length five
-  times); with the independent realisations, 0 of 300 (smallest adjusted p 0.15), and 1 of 450
-  on 30 further seeds: a GPT-2 whose reward rises by 1.05 sd when any of 15 of the 16 filler
-  sentences is inserted, a length preference its absolute position embeddings really have.
+  alike, and the sycophancy controls address the user ("you") as the agreement phrases do.
+  Measured by ``benchmarks/bench_probe_fpr.py`` (40 seeds each of random Llama, Qwen2 and
+  GPT-2 models from three initialisation families, defaults otherwise): 6 of 1800 verdicts
+  significant, 95 % CI [0.1 %, 0.7 %], all of them length, a preference random networks'
+  attention really has; before these fixes 20 of 1800 (repetition 14).
   A larger minimum effect is no substitute: random networks' mean changes reach 2 reward sd
   (length) while a planted length head moves the reward by 0.32 sd (``d_z`` 8.5); what tells
   them apart is consistency over contents and over independent realisations.
