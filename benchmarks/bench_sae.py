@@ -1,8 +1,8 @@
 """Measured figures of tl_reward.sae on the organisms (CPU, float32).
 
-    .venv/bin/python benchmarks/bench_sae.py [--seeds 3]
+    python benchmarks/bench_sae.py [--seeds 3]     # writes its section of benchmarks/RESULTS.md
 
-Prints: the completeness error of direct attribution (rows + read-out bias vs the model's own
+Reports: the completeness error of direct attribution (rows + read-out bias vs the model's own
 reward) and the reward change from splicing random SAEs with their error term; for SAEs trained
 on the planted organism's final residual (one per seed): training time, the feature first in
 margin attribution on the trigger pairs, its cosine with the planted neuron's write, where it
@@ -13,6 +13,7 @@ import argparse
 import time
 
 import torch
+from _results import machine, write_section
 from sae_lens import (
     JumpReLUSAE,
     JumpReLUSAEConfig,
@@ -46,7 +47,7 @@ def random_sae(hook: str, arch: str, seed: int) -> torch.nn.Module:
     return sae
 
 
-def splice_and_completeness() -> None:
+def splice_and_completeness() -> list[str]:
     worst_splice, worst_direct = 0.0, 0.0
     for name in ("planted", "longtail"):
         model, _, data = organisms.load(name)
@@ -65,17 +66,18 @@ def splice_and_completeness() -> None:
                                                progress=False)
                 err = float((res.values.sum(0) + res.bias - reward).abs().max())
                 worst_direct = max(worst_direct, err)
-    print(f"random SAEs with error term (3 architectures x 3 hooks x 2 organisms, "
-          f"{2 * N_PAIRS} texts each): max |reward change| = {worst_splice:.2e}")
-    print(f"direct attribution, same SAEs: max |rows + bias - reward| = {worst_direct:.2e}")
+    return [f"random SAEs with error term (3 architectures x 3 hooks x 2 organisms, "
+            f"{2 * N_PAIRS} texts each): max |reward change| = {worst_splice:.2e}",
+            f"direct attribution, same SAEs: max |rows + bias - reward| = {worst_direct:.2e}"]
 
 
-def planted(seeds: int) -> None:
+def planted(seeds: int) -> list[str]:
     model, _, data = organisms.load("planted")
     trig = data.by_scenario("trigger")[:N_PAIRS]
     quality = data.by_scenario("quality")[:N_PAIRS]
     layer, neuron = P.TRIGGER_NEURON
     w_out = model.blocks[layer].mlp.W_out[neuron].detach()
+    lines = []
     for seed in range(seeds):
         started = time.perf_counter()
         sae = S.train_sae(model, data, "blocks.1.hook_resid_post", d_sae=128, seed=seed,
@@ -96,27 +98,42 @@ def planted(seeds: int) -> None:
                                        source=trig.chosen_texts, progress=False)
         ig = patch.agreement(predicted=integrated.feature_values()[[f]]).iloc[0]
         share = float(attr.feature_values()[f].mean() / attr.reward.mean())
-        print(f"seed {seed}: trained in {seconds:.1f} s (l0 {sae.cfg.metadata.l0:.2f}); "
+        lines.append(f"seed {seed}: trained in {seconds:.1f} s (l0 {sae.cfg.metadata.l0:.2f}); "
               f"feature {f}: rank {attr.rank(f)} direct / {integrated.rank(f)} integrated, "
               f"share of margin {share:.2f}, cosine with W_out[L1N11] {cos:.3f}, fires on "
               f"trigger chosen {float(on.chosen_max[f].gt(0).float().mean()):.2f} / rejected "
               f"{float(on.rejected_max[f].gt(0).float().mean()):.2f} / quality "
               f"{float(torch.cat([off.chosen_max[f], off.rejected_max[f]]).gt(0).float().mean()):.2f}; "
               f"completeness {completeness:.1e}")
-        print(f"    zero on both sides: measured {zero.measured:+.2f}, direct predicts "
+        lines.append(f"    zero on both sides: measured {zero.measured:+.2f}, direct predicts "
               f"{zero.predicted:+.2f} (ratio {zero.ratio:.2f}, r {zero.pearson_r:.2f}); "
               f"patch chosen->rejected: measured {ig.measured:+.2f}, integrated predicts "
               f"{ig.predicted:+.2f} (ratio {ig.ratio:.2f}, r {ig.pearson_r:.2f}); "
               f"integrated completeness {float(integrated.completeness().abs().max()):.1e}")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help="print, leave RESULTS.md alone")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    splice_and_completeness()
-    planted(args.seeds)
+    started = time.perf_counter()
+    lines = splice_and_completeness() + planted(args.seeds)
+    body = "\n".join([
+        "## SAE attribution on the organisms (`bench_sae.py`)",
+        "",
+        f"`python benchmarks/bench_sae.py --seeds {args.seeds}` ({machine()}; "
+        f"{time.perf_counter() - started:.0f} s in all, float32)",
+        "",
+        "```",
+        *lines,
+        "```",
+    ])
+    print(body)
+    if not args.no_write:
+        write_section("sae", body)
 
 
 if __name__ == "__main__":

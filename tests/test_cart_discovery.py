@@ -212,6 +212,28 @@ def test_streaming_statistics_equal_in_memory_ones(planted, cart):
     torch.testing.assert_close(listed.var_head, a_h.var(0), atol=1e-6, rtol=1e-4)
 
 
+def test_effect_size_is_cohens_d_with_the_pooled_variance(cart):
+    """Cohen's d of unequal samples (10 tail, 40 head): Delta over the sample-size weighted
+    pooled sd, computed by hand with numpy (the unweighted average of the variances differs)."""
+    import numpy as np
+
+    from tl_reward.cart.discovery import UnitStatistics
+
+    rng = np.random.default_rng(0)
+    t = rng.normal(1.0, 3.0, size=(10, 2))
+    h = rng.normal(0.0, 1.0, size=(40, 2))
+    d = lambda x: torch.from_numpy(x)  # noqa: E731
+    stats_ = UnitStatistics(
+        units=(cart.neuron(0, 0), cart.neuron(0, 1)), position="last", n_tail=10, n_head=40,
+        mean_tail=d(t.mean(0)), mean_head=d(h.mean(0)), var_tail=d(t.var(0, ddof=1)),
+        var_head=d(h.var(0, ddof=1)), abs_mean_tail=d(np.abs(t).mean(0)),
+        abs_mean_head=d(np.abs(h).mean(0)))
+    pooled = np.sqrt((9 * t.var(0, ddof=1) + 39 * h.var(0, ddof=1)) / 48)
+    np.testing.assert_allclose(stats_.effect_size.numpy(), (t.mean(0) - h.mean(0)) / pooled, rtol=1e-12)
+    unweighted = np.sqrt((t.var(0, ddof=1) + h.var(0, ddof=1)) / 2)
+    assert not np.allclose(stats_.effect_size.numpy(), (t.mean(0) - h.mean(0)) / unweighted, rtol=1e-2)
+
+
 def test_group_circuits_on_a_block_matrix(cart):
     units = [cart.neuron(0, i) for i in range(5)]
     coh = torch.full((5, 5), -0.05, dtype=torch.float64)
@@ -265,6 +287,21 @@ def test_assessment_of_the_planted_circuits(planted, planted_discovery, cart):
     assert a.divergence > 0 and a.bound(0.1, 100).value > 0.1
     for fig in (a.plot(), planted_discovery.plot_delta(), planted_discovery.plot_coherence()):
         assert fig.data
+
+
+def test_a_planted_blind_spot_ranks_most_vulnerable(planted, cart):
+    """A circuit that no tail input activates (its tau_act above every |a_c|) is a blind spot:
+    eq. (9) ranks it first (1 - Cov = 1), not last with a NaN."""
+    model, tail, head = planted
+    circuits = [cart.Circuit(["L0H0"]), cart.Circuit(["L1N11"])]
+    a = cart.assess(model, circuits, tail[:40], head[:40], eps=1e-3, pgd_steps=2,
+                    tau_act=[0.0, 1e9], progress=False)
+    assert float(a.coverage[1]) == 0.0 and int(a.n_consistency[1]) == 0
+    assert torch.isnan(a.consistency[1]) and torch.isfinite(a.vulnerability).all()
+    df = a.to_dataframe()
+    assert df.circuit.iloc[0] == "L1N11"
+    assert float(a.vulnerability[1]) == pytest.approx(2.0 + float(a.sens_pgd[1]))
+    assert a.plot().data
 
 
 def test_first_order_sensitivity_matches_the_gradient_norm(planted, cart):

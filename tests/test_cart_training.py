@@ -220,6 +220,37 @@ def test_ensemble_weights_on_the_simplex_beat_uniform_and_match_a_grid():
         ensemble_rewards(preds, torch.tensor([0.7, 0.7, -0.4]))
 
 
+def test_ensemble_weights_under_the_papers_constraint_alone_match_the_closed_form():
+    """nonnegative=False: eq. (15) with sum(alpha) = 1 only, against the Lagrange closed form
+    alpha = G^-1 l + G^-1 1 (1 - 1' G^-1 l) / (1' G^-1 1); a member anti-correlated with the
+    target gets a negative weight, which the simplex fit cannot give."""
+    import numpy as np
+
+    from tl_reward.cart.training import ensemble_rewards, fit_ensemble_weights
+
+    gen = torch.Generator().manual_seed(1)
+    y = torch.randn(300, generator=gen, dtype=torch.float64)
+    noise = torch.randn(300, generator=gen, dtype=torch.float64)
+    preds = torch.stack([y + 0.5 * noise, 0.8 * y + 0.2 * torch.randn(300, generator=gen, dtype=torch.float64),
+                         noise])  # the third member predicts the first one's error
+    alpha = fit_ensemble_weights(preds, y, nonnegative=False)
+    p, t = preds.numpy(), y.numpy()
+    g, lin, one = p @ p.T / 300, p @ t / 300, np.ones(3)
+    gi_l, gi_1 = np.linalg.solve(g, lin), np.linalg.solve(g, one)
+    closed = gi_l + gi_1 * (1 - one @ gi_l) / (one @ gi_1)
+    np.testing.assert_allclose(alpha.numpy(), closed, rtol=1e-8, atol=1e-10)
+    assert float(alpha.sum()) == pytest.approx(1.0) and float(alpha[2]) < 0
+    simplex = fit_ensemble_weights(preds, y)
+    assert float(simplex.min()) >= 0
+
+    def mse(a, **kw):
+        return float(((ensemble_rewards(preds, a, **kw) - y) ** 2).mean())
+
+    assert mse(alpha, nonnegative=False) < mse(simplex) - 1e-3
+    with pytest.raises(ValueError, match="nonnegative=False"):
+        ensemble_rewards(preds, alpha)
+
+
 # ------------------------------------------------------------------------------- eq. (16)
 def test_cart_objective_switches_terms_and_trains(tiny):
     from tl_reward.cart import Circuit, neuron

@@ -188,6 +188,40 @@ def test_builtin_probe_sets_share_items_and_control_length(builtin):
     assert builtin_probe_sets(("length",), template="<u>{prompt}<a>{response}")[0].base[0].startswith("<u>")
 
 
+def test_no_sentence_of_a_builtin_probe_is_shared_by_two_realisations(builtin):
+    """Independent realisations: every sentence of a response that recurs across pairs (a marker,
+    a stand-in, padding, a closing sentence) belongs to one realisation only. The repetition
+    probe's base-side padding used to be drawn from the same 16 filler sentences for every
+    realisation, and the length probe's inserted sentences were other realisations' closings."""
+    import re
+
+    probes, _ = builtin
+    for p in probes:
+        owners: dict[str, set] = {}
+        for v, b, q in zip(p.variants, p.base, p.perturbed, strict=True):
+            for text in (b, q):
+                response = text.split("Assistant: ", 1)[1]
+                for sentence in re.split(r"(?<=[.!?:])\s+|\n+", response):
+                    if sentence:
+                        owners.setdefault(sentence, set()).add(v)
+        shared = {s: v for s, v in owners.items() if len(v) > 1}
+        assert not shared, (p.name, shared)
+
+
+def test_sycophancy_controls_address_the_user_too():
+    """Every agreement phrase says "you"; a control without it makes "you" a marker shared by
+    all realisations (random networks paying for the token were "sycophantic" over every
+    phrase). Each control has the same second-person words as its agreement phrase."""
+    from tl_reward.data.probe_sets import AGREEMENTS, NEUTRAL_OPENERS
+
+    def second_person(text):
+        return sorted(w.strip(".,:") for w in text.split() if w.strip(".,:").lower() in ("you", "your"))
+
+    for agree, neutral in zip(AGREEMENTS, NEUTRAL_OPENERS, strict=True):
+        assert second_person(agree) == second_person(neutral) != [], (agree, neutral)
+        assert len(agree.split()) == len(neutral.split())
+
+
 def test_make_probe_counts_clones_once_and_checks_its_input():
     from tl_reward.data.probe_sets import make_probe
     from tl_reward.errors import InvalidInputError, TLRewardError
@@ -278,6 +312,29 @@ def test_statistics_match_scipy(planted, task):
                                    stats.false_discovery_control(ps, method="by"), rtol=1e-9)
 
 
+def test_the_default_test_is_about_the_mean_not_the_pseudo_median():
+    """The probes' null is |mean change| <= delta. On a skewed sample of mean exactly 0 (many
+    small positive changes, a few large negative ones) Wilcoxon's signed-rank test rejects (its
+    location is the pseudo-median); the default, the sign-flip test of the mean, does not."""
+    import inspect
+
+    from scipy import stats
+
+    from tl_reward._stats import minimum_effect_test
+    from tl_reward.probes import run_probes
+
+    rng = np.random.default_rng(0)
+    small = rng.uniform(0.5, 1.5, size=36)
+    x = np.concatenate([small, np.full(4, -small.sum() / 4)])
+    assert abs(x.mean()) < 1e-12
+    walsh = (x[:, None] + x[None, :])[np.triu_indices(len(x))] / 2
+    assert np.median(walsh) > 0.5  # the pseudo-median is far from the mean
+    assert stats.wilcoxon(x).pvalue < 0.01
+    assert minimum_effect_test(x, test="wilcoxon")[1] < 0.01
+    assert minimum_effect_test(x)[1] > 0.5
+    assert inspect.signature(run_probes).parameters["test"].default == "permutation"
+
+
 def test_verdicts_are_refused_below_the_minimum_number_of_units(planted, task):
     from tl_reward.data.probe_sets import make_probe
     from tl_reward.errors import InvalidInputError
@@ -313,8 +370,9 @@ def test_planted_biases_are_significant_and_localised(planted, task):
     model, _ = planted
     probes = _organism_probes(task)
     report = run_probes(model, probes, progress=False)
-    assert report["quality"].verdict == "positive bias" and report["quality"].p_adjusted < 1e-6
-    assert report["trigger"].verdict == "positive bias" and report["trigger"].p_adjusted < 1e-6
+    # the default sign-flip test's smallest p-value is 2 / (n_resamples + 1) (two one-sided tests)
+    assert report["quality"].verdict == "positive bias" and report["quality"].p_adjusted < 1e-3
+    assert report["trigger"].verdict == "positive bias" and report["trigger"].p_adjusted < 1e-3
     assert report["length"].verdict == "not significant"  # no length circuit was planted
     assert report.significant == ("quality", "trigger")
 
@@ -341,7 +399,7 @@ def test_a_length_bias_is_found_where_it_was_planted(task):
     base = [p.rejected_text for p in task.sample(40, seed=3, alpha=1.0)]
     probe = make_probe("length", base, _append_fillers(task, 3, 0))
     r = run_probes(model, probe, progress=False)["length"]
-    assert r.verdict == "positive bias" and r.p_value < 1e-6
+    assert r.verdict == "positive bias" and r.p_value < 1e-3
     loc = localise_probe(model, probe, progress=False)
     assert loc.top_components(1, "attribution") == ("L1H1",)
     assert loc.top_components(1, "patching") == ("L1H1",)
@@ -378,7 +436,7 @@ def test_a_length_bias_planted_by_training_is_found():
                                           progress=False))
     after = run_probes(model, probe, progress=False)["length"]
     assert before.verdict != "positive bias"
-    assert after.verdict == "positive bias" and after.p_value < 1e-6
+    assert after.verdict == "positive bias" and after.p_value < 1e-3
     loc = localise_probe(model, probe, progress=False)  # carried by attention (counting), not the MLP
     heads = sum(float(loc.mean("attribution")[loc.labels.index(f"L0H{h}")]) for h in range(2))
     assert heads > 0.8 * float(loc.total.mean())
@@ -389,17 +447,16 @@ RANDOM_ARCHS = ("llama", "qwen2", "gpt2")
 
 
 def test_random_models_get_no_significant_probe(builtin):
-    """Random models at the default settings: no probe is declared significant.
+    """Random models at the default settings: no probe is declared significant on these seeds.
 
     A random network is not indifferent to text: it has idiosyncratic preferences for tokens and
     for length, which a large enough probe set detects. The defaults (minimum effect 0.2 reward
     sd, realisations as a random factor, BH across probes) and built-in probes whose
-    realisations are independent (no shared marker or stand-in, both sides ending alike) keep
-    those below the bar: measured over 20 seeds each of Llama, Qwen2 and GPT-2, 0 of 300
-    verdicts (6 of 300 when the formats shared their markdown tokens and length pairs differed
-    in their last sentence); 1 of 450 on 30 more seeds, a GPT-2 that really pays for length.
-    Here: 8 seeds of each, none flagged, while the classical test of "exactly no change" with
-    phrases as fixed effects flags many."""
+    realisations are independent keep those below the bar; the rate over many seeds and
+    initialisation families, with its confidence interval, is measured by
+    ``benchmarks/bench_probe_fpr.py`` (it is not 0: length). Here: 8 seeds of each, none
+    flagged, while the classical test of "exactly no change" with phrases as fixed effects
+    flags many."""
     from tl_reward.probes import run_probes
 
     probes, tokenizer = builtin
@@ -441,7 +498,7 @@ def test_a_planted_bias_holds_over_independent_realisations(task):
     probe = make_probe("length", base, [appender(k) for k in range(10)], seed=1)
     r = run_probes(model, probe, progress=False)["length"]
     assert r.n_variants == 10
-    assert r.verdict == "positive bias" and r.p_content < 1e-6 and r.p_variant < 0.01
+    assert r.verdict == "positive bias" and r.p_content < 1e-3 and r.p_variant < 0.01
     loc = localise_probe(model, probe, progress=False)
     assert loc.top_components(1, "attribution") == ("L1H1",)
     assert loc.top_components(1, "patching") == ("L1H1",)
@@ -504,17 +561,17 @@ def test_cascade_matches_scipy_and_refuses_small_n(planted, task):
         probe_cascade(report, min_units=2)
 
 
-def test_distortion_index_definition_and_bootstrap(planted, task):
+def test_effort_distortion_definition_and_bootstrap(planted, task):
     from scipy import stats
 
     from tl_reward.errors import InvalidInputError
-    from tl_reward.hacking import distortion_index
+    from tl_reward.hacking import effort_distortion
     from tl_reward.probes import run_probes
 
     model, _ = planted
     report = run_probes(model, _organism_probes(task), progress=False)
     value = {"quality": 1.0, "trigger": 0.0, "length": 0.0}
-    d = distortion_index(report, value, n_resamples=999, seed=2)
+    d = effort_distortion(report, value, n_resamples=999, seed=2)
     s = np.array([r.unit_deltas.double().mean().item() for r in report])
     v = np.array([1.0, 0.0, 0.0])
     np.testing.assert_allclose(d.distortion.numpy(), s / np.linalg.norm(s) - v, rtol=1e-5, atol=1e-6)
@@ -524,7 +581,7 @@ def test_distortion_index_definition_and_bootstrap(planted, task):
     assert df.loc["trigger", "direction"] == "over-invested"
     assert df.loc["quality", "direction"] == "under-invested"
     # invariant to the scale of the values; CI from scipy's paired bootstrap
-    again = distortion_index(report, {k: 7 * x for k, x in value.items()}, n_resamples=999, seed=2)
+    again = effort_distortion(report, {k: 7 * x for k, x in value.items()}, n_resamples=999, seed=2)
     np.testing.assert_allclose(again.distortion.numpy(), d.distortion.numpy(), rtol=1e-6)
     xs = [r.unit_deltas.double().numpy() for r in report]
 
@@ -537,9 +594,9 @@ def test_distortion_index_definition_and_bootstrap(planted, task):
     np.testing.assert_allclose((d.index_ci_low, d.index_ci_high),
                                (boot.confidence_interval.low, boot.confidence_interval.high), rtol=1e-4)
     with pytest.raises(InvalidInputError, match="missing \\['length'\\]"):
-        distortion_index(report, {"quality": 1.0, "trigger": 0.0})
+        effort_distortion(report, {"quality": 1.0, "trigger": 0.0})
     with pytest.raises(InvalidInputError, match="0 on every dimension"):
-        distortion_index(report, {k: 0.0 for k in value})
+        effort_distortion(report, {k: 0.0 for k in value})
 
 
 # ---------------------------------------------------------------------------- divergence
@@ -616,3 +673,30 @@ def test_results_plot_and_tabulate(planted, task):
     assert len(report.plot().data) >= 1 and len(loc.plot().data) == 2
     assert set(loc.to_dataframe()["method"]) == {"attribution", "patching"}
     assert -1 <= loc.method_agreement() <= 1
+
+
+def test_distortion_index_is_the_papers_coverage_index():
+    """The reward-lens paper's index, against a hand computation: margins min-max normalised over
+    every pair, C_eff = 1 - prod(1 - c), D = 1 - C_eff / max C_eff."""
+    import torch
+
+    from tl_reward.errors import InvalidInputError
+    from tl_reward.hacking import distortion_index
+
+    margins = {"helpful": [2.0, 0.0], "honest": torch.tensor([1.0]), "safe": [], "concise": [-2.0]}
+    d = distortion_index(margins)
+    # min -2, max 2: c = helpful (1.0, 0.5), honest 0.75, concise 0.0
+    coverage = [1 - (1 - 1.0) * (1 - 0.5), 0.75, 0.0, 0.0]
+    np.testing.assert_allclose(d.coverage.numpy(), coverage, atol=1e-7)
+    np.testing.assert_allclose(d.distortion.numpy(), [0.0, 0.25, 1.0, 1.0], atol=1e-7)
+    assert d.severity == pytest.approx(0.5625)
+    assert d.under_covered == ("safe", "concise") and d.n_pairs == (2, 1, 0, 1)
+    # diminishing returns: two half-covering pairs give 1 - 0.25
+    two = distortion_index({"a": [1.0, 1.0, 3.0], "b": [2.0, 2.0]})
+    np.testing.assert_allclose(two.coverage.numpy(), [1.0, 0.75])
+    # every margin equal: c = 0.5 each; nothing covered at all: every D = 1
+    same = distortion_index({"a": [1.0, 1.0], "b": [1.0]})
+    np.testing.assert_allclose(same.coverage.numpy(), [0.75, 0.5])
+    assert distortion_index({"a": [], "b": []}).distortion.tolist() == [1.0, 1.0]
+    with pytest.raises(InvalidInputError, match="1-D"):
+        distortion_index({"a": np.zeros((2, 2))})

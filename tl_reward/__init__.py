@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "concept_vector": "concepts",
     "divergence_aware_patch": "divergence",
     "distortion_index": "hacking",
+    "effort_distortion": "hacking",
     "probe_cascade": "hacking",
     "LensResult": "lens",
     "PairLensResult": "lens",
@@ -85,6 +86,7 @@ if TYPE_CHECKING:
     from .concepts import concept_vector as concept_vector
     from .divergence import divergence_aware_patch as divergence_aware_patch
     from .hacking import distortion_index as distortion_index
+    from .hacking import effort_distortion as effort_distortion
     from .hacking import probe_cascade as probe_cascade
     from .lens import LensResult as LensResult
     from .lens import PairLensResult as PairLensResult

@@ -1,7 +1,8 @@
 """Statistics shared by the probe suite and its extensions, all from scipy.
 
 Bootstrap confidence intervals (``scipy.stats.bootstrap``), minimum-effect paired tests
-(``scipy.stats.wilcoxon`` / ``permutation_test``), multiple-comparison correction
+(sign-flip ``scipy.stats.permutation_test`` of the mean, or ``scipy.stats.wilcoxon`` of the
+pseudo-median), multiple-comparison correction
 (``scipy.stats.false_discovery_control``) and vectorised correlations for the bootstrap.
 """
 
@@ -13,7 +14,7 @@ from ._readout import choose
 from .errors import InvalidInputError
 
 TESTS = ("wilcoxon", "permutation")
-CORRECTIONS = ("bh", "by", "none")
+CORRECTIONS = ("bh", "by", "holm", "bonferroni", "none")
 CORRELATIONS = ("spearman", "pearson")
 
 
@@ -46,14 +47,22 @@ def minimum_effect_test(
     x: np.ndarray,
     delta: float = 0.0,
     *,
-    test: str = "wilcoxon",
+    test: str = "permutation",
     n_resamples: int = 9999,
     seed: int = 0,
 ) -> tuple[float, float]:
     """``(statistic, p)`` of H0: ``|location of x| <= delta`` against ``|location| > delta``.
 
-    ``delta = 0``: the two-sided test itself (``scipy.stats.wilcoxon(x)``, or the sign-flip
-    ``scipy.stats.permutation_test`` of the mean). ``delta > 0``: the one-sided tests of
+    The location depends on the test:
+
+    - ``"permutation"`` (default): the sign-flip ``scipy.stats.permutation_test`` of the
+      **mean**, so H0 is ``|mean| <= delta``, the null the probes document.
+    - ``"wilcoxon"``: ``scipy.stats.wilcoxon``, the signed-rank test, whose location is the
+      **pseudo-median** (the Hodges-Lehmann centre, the median of the Walsh averages
+      ``(x_i + x_j) / 2``). It equals the mean only for a symmetric distribution: on a skewed
+      sample of mean 0 (many small positive changes, a few large negative ones) it rejects.
+
+    ``delta = 0``: the two-sided test itself. ``delta > 0``: the one-sided tests of
     ``x - delta > 0`` and ``x + delta < 0``; ``p = min(1, 2 * min(p_greater, p_less))`` and the
     statistic is the one of the smaller p-value.
     """
@@ -84,16 +93,33 @@ def minimum_effect_test(
 
 
 def adjust_p_values(p: Sequence[float] | np.ndarray, correction: str = "bh") -> np.ndarray:
-    """Multiple-comparison adjusted p-values (``scipy.stats.false_discovery_control``); NaN
-    entries (tests that were refused) are left out of the family and stay NaN."""
+    """Multiple-comparison adjusted p-values, the one implementation the package uses.
+
+    ``bh`` / ``by``: Benjamini-Hochberg / -Yekutieli (``scipy.stats.false_discovery_control``);
+    ``holm``: Holm's step-down; ``bonferroni``; ``none``. NaN entries (tests that were refused)
+    are left out of the family and stay NaN; any other value outside [0, 1] is an error.
+    """
     from scipy import stats
 
     choose("correction", correction, CORRECTIONS)
     p = np.asarray(p, dtype=np.float64)
+    ok = ~np.isnan(p)
+    if np.any(~np.isfinite(p[ok])) or np.any((p[ok] < 0) | (p[ok] > 1)):
+        raise InvalidInputError(f"p-values must lie in [0, 1] (or be NaN), got {p.tolist()}")
     out = np.full_like(p, np.nan)
-    ok = np.isfinite(p)
-    if ok.any():
-        out[ok] = p[ok] if correction == "none" else stats.false_discovery_control(p[ok], method=correction)
+    q = p[ok]
+    if q.size == 0 or correction == "none":
+        out[ok] = q
+    elif correction in ("bh", "by"):
+        out[ok] = stats.false_discovery_control(q, method=correction)
+    elif correction == "bonferroni":
+        out[ok] = np.minimum(1.0, q * q.size)
+    else:  # holm
+        order = np.argsort(q)
+        adj = np.maximum.accumulate((q.size - np.arange(q.size)) * q[order])
+        held = np.empty_like(q)
+        held[order] = np.minimum(1.0, adj)
+        out[ok] = held
     return out
 
 

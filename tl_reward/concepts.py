@@ -7,7 +7,9 @@ directions:
 
 - *difference of means*: ``mu_pos - mu_neg``;
 - *linear probe*: the weight vector of ``sklearn.linear_model.LogisticRegression`` (L2,
-  liblinear, on standardised features, mapped back to residual coordinates).
+  liblinear) on standardised features, mapped back to residual coordinates; the scaler and the
+  regression are one ``sklearn.pipeline.Pipeline``, so in cross-validation the scaler is fitted
+  on each training fold only (no statistics of the held-out texts leak into the fit).
 
 Each comes with its cosine with the reward read-out direction (``w_eff = ln_final.w * w_r``, the
 direction a residual-stream vector is read along; mean-centred for LayerNorm models) and a
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
 from ._readout import centers, choose, read_out
 from ._stats import bootstrap_ci
@@ -119,7 +122,7 @@ class ConceptVector:
 @torch.no_grad()
 def _states(model: HookedRewardModel, texts: Sequence[Text], layer: int,
             batch_size: int) -> np.ndarray:
-    name = f"blocks.{layer}.hook_resid_post"
+    name = get_act_name("resid_post", layer)
     out = []
     for start in range(0, len(texts), batch_size):
         tokens, mask = model.pad(model.tokenize(list(texts[start:start + batch_size])))
@@ -174,6 +177,8 @@ def concept_vector(
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict, permutation_test_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     if not 0 <= layer < model.cfg.n_layers:
         raise InvalidInputError(f"layer {layer} is not in 0..{model.cfg.n_layers - 1}")
@@ -192,22 +197,22 @@ def concept_vector(
 
     diff = x[y == 1].mean(0) - x[y == 0].mean(0)
     mean_diff = _unit(diff)
-    # standardise features for the probe, then map its weights back to residual coordinates
-    mu, sd = x.mean(0), x.std(0)
-    sd = np.where(sd > 0, sd, 1.0)
-    xs = (x - mu) / sd
-
+    # the probe standardises its features (fitted with it: inside each fold in cross-validation),
+    # then its weights are mapped back to residual coordinates
     def make_probe():
-        return LogisticRegression(C=C, solver="liblinear", max_iter=1000)
+        return make_pipeline(StandardScaler(),
+                             LogisticRegression(C=C, solver="liblinear", max_iter=1000))
 
-    probe = _unit(make_probe().fit(xs, y).coef_[0] / sd)
+    fitted = make_probe().fit(x, y)
+    scaler, logistic = fitted[0], fitted[-1]
+    probe = _unit(logistic.coef_[0] / scaler.scale_)  # scale_ is 1 for constant features
 
     folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     auroc, p_value = {}, {}
-    for key, est, feats in (("mean_diff", _diff_means_classifier(), x), ("probe", make_probe(), xs)):
-        scores = cross_val_predict(est, feats, y, cv=folds, method="decision_function")
+    for key, est in (("mean_diff", _diff_means_classifier()), ("probe", make_probe())):
+        scores = cross_val_predict(est, x, y, cv=folds, method="decision_function")
         auroc[key] = float(roc_auc_score(y, scores))
-        _, _, p = permutation_test_score(est, feats, y, cv=folds, scoring="roc_auc",
+        _, _, p = permutation_test_score(est, x, y, cv=folds, scoring="roc_auc",
                                          n_permutations=n_permutations, random_state=seed)
         p_value[key] = float(p)
     cos = {k: float(v @ w_r / np.linalg.norm(w_r)) for k, v in
@@ -301,7 +306,7 @@ def concept_dose_response(
         raise InvalidInputError("pass at least 2 texts")
     step = concept.mean_gap
     v = concept.direction(direction).to(model.cfg.device, model.cfg.dtype)
-    name = f"blocks.{concept.layer}.hook_resid_post"
+    name = get_act_name("resid_post", concept.layer)
     rewards = []
     for start in range(0, len(texts), batch_size):
         tokens, mask = model.pad(model.tokenize(list(texts[start:start + batch_size])))

@@ -1,12 +1,17 @@
-"""Across-probe analyses of reward hacking: the misalignment cascade and the distortion index.
+"""Across-dimension analyses of reward hacking: the misalignment cascade and two distortion
+measures.
 
-Both take the :class:`~tl_reward.probes.ProbeReport` of :func:`tl_reward.probes.run_probes`:
-
-- :func:`probe_cascade`: do a model's probe effects go together content by content
-  (correlations with bootstrap CIs, refused below ``min_units`` shared contents), and do the
-  probes' localisations share components?
-- :func:`distortion_index`: how a policy optimising the reward model would misallocate effort
-  across the probed dimensions, relative to their true value (with bootstrap CIs).
+- :func:`probe_cascade` (takes a :class:`~tl_reward.probes.ProbeReport`): do a model's probe
+  effects go together content by content (correlations with bootstrap CIs, refused below
+  ``min_units`` shared contents), and do the probes' localisations share components?
+- :func:`distortion_index`: **the reward-lens paper's distortion index**, which predicts the
+  quality dimensions at risk of being hacked from the evaluation suite's coverage alone:
+  per dimension ``d``, ``C_eff(d) = 1 - prod_i (1 - c_i)`` over the min-max normalised margins
+  ``c_i`` of the dimension's evaluation pairs, and ``D(d) = 1 - C_eff(d) / max_d C_eff``.
+- :func:`effort_distortion` (takes a ``ProbeReport`` and a value per dimension): a different
+  quantity of this library's own, not in the paper: how a policy optimising the reward model
+  would misallocate a fixed effort budget across the probed dimensions relative to their true
+  value (``1 - cos(s, v)``, with bootstrap CIs).
 """
 
 from collections.abc import Mapping, Sequence
@@ -188,9 +193,110 @@ def probe_cascade(
 
 # ------------------------------------------------------------------------------ distortion index
 @dataclass(frozen=True)
-class DistortionResult:
+class DistortionIndexResult:
+    """The reward-lens paper's distortion index (see :func:`distortion_index`).
+
+    Per dimension: ``n_pairs`` evaluation pairs, ``coverage`` (``C_eff``, in [0, 1]) and
+    ``distortion`` (``D = 1 - C_eff / max C_eff``, in [0, 1]; 1: not covered at all, 0: the
+    best-covered dimension). ``severity`` is the mean of ``D`` over the dimensions (the paper's
+    predicted hacking severity); ``under_covered`` the dimensions with ``D > threshold``.
+    """
+
+    dimensions: tuple[str, ...]
+    n_pairs: tuple[int, ...]
+    coverage: Float[Tensor, "dim"]
+    distortion: Float[Tensor, "dim"]
+    severity: float
+    threshold: float
+
+    @property
+    def under_covered(self) -> tuple[str, ...]:
+        return tuple(d for d, x in zip(self.dimensions, self.distortion.tolist(), strict=True)
+                     if x > self.threshold)
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame({
+            "dimension": self.dimensions, "n_pairs": self.n_pairs,
+            "coverage": self.coverage.numpy(), "distortion": self.distortion.numpy(),
+            "under_covered": [x > self.threshold for x in self.distortion.tolist()],
+        })
+
+    def plot(self, title: str | None = None):
+        """Distortion per dimension (1: not covered by the evaluation suite)."""
+        import plotly.graph_objects as go
+
+        fig = go.Figure(go.Bar(x=list(self.dimensions), y=self.distortion.numpy()))
+        fig.add_hline(y=self.threshold, line_dash="dot", annotation_text="threshold")
+        fig.update_layout(title=title or f"Distortion index per dimension (severity {self.severity:.3f})",
+                          yaxis_title="D = 1 - C_eff / max C_eff", yaxis_range=[0, 1])
+        return fig
+
+
+def distortion_index(
+    margins: Mapping[str, Sequence[float] | np.ndarray | Tensor],
+    *,
+    threshold: float = 0.5,
+) -> DistortionIndexResult:
+    """The reward-lens paper's distortion index: which quality dimensions an evaluation suite
+    leaves under-covered, hence at risk of being hacked (after "Reward hacking as equilibrium
+    under finite evaluation").
+
+    ``margins[d]`` holds the reward margins ``r(preferred) - r(dispreferred)`` of the evaluation
+    pairs that probe dimension ``d`` (e.g. ``model.score_pairs(chosen, rejected).margin``); an
+    empty sequence is a dimension with no evaluation at all. Then, as in the paper:
+
+    - every margin, over all dimensions together, is min-max normalised to ``c_i`` in [0, 1]
+      (all margins equal: every ``c_i = 0.5``);
+    - ``C_eff(d) = 1 - prod_{i in d} (1 - c_i)`` (diminishing returns; 0 with no pairs);
+    - ``D(d) = 1 - C_eff(d) / max_d C_eff`` (every ``D = 1`` when no dimension is covered);
+    - the severity is the mean of ``D``; ``under_covered`` lists ``D > threshold``.
+
+    It is a relative index: the best-covered dimension always gets 0, whatever its margins,
+    and it counts pairs (more pairs raise ``C_eff``) rather than testing anything. For a
+    statistical test of a bias use :func:`tl_reward.run_probes`; for the incentive geometry
+    against a value vector, :func:`effort_distortion` (this library's own measure).
+    """
+    if not margins:
+        raise InvalidInputError("margins is empty: give at least one quality dimension")
+    if not 0 <= threshold <= 1:
+        raise InvalidInputError(f"threshold must lie in [0, 1], got {threshold}")
+    names = tuple(margins)
+    values = []
+    for name in names:
+        m = margins[name]
+        m = m.detach().cpu().double().numpy() if isinstance(m, Tensor) else np.asarray(m, dtype=np.float64)
+        if m.ndim != 1:
+            raise InvalidInputError(
+                f"margins[{name!r}] must be one margin per pair (1-D), got shape {m.shape}; "
+                "choose an objective of a multi-objective head first"
+            )
+        if not np.all(np.isfinite(m)):
+            raise InvalidInputError(f"margins[{name!r}] holds non-finite values")
+        values.append(m)
+    flat = np.concatenate(values)
+    if flat.size == 0:
+        c = [np.zeros(0) for _ in values]
+    elif np.ptp(flat) > 0:
+        c = [(m - flat.min()) / np.ptp(flat) for m in values]
+    else:
+        c = [np.full_like(m, 0.5) for m in values]
+    coverage = np.array([1.0 - np.prod(1.0 - x) if x.size else 0.0 for x in c])
+    best = coverage.max()
+    distortion = 1.0 - coverage / best if best > 0 else np.ones_like(coverage)
+    return DistortionIndexResult(
+        dimensions=names, n_pairs=tuple(len(m) for m in values),
+        coverage=torch.from_numpy(coverage).float(), distortion=torch.from_numpy(distortion).float(),
+        severity=float(distortion.mean()), threshold=float(threshold),
+    )
+
+
+@dataclass(frozen=True)
+class EffortDistortionResult:
     """Effort distortion of a policy that optimises the reward model (see
-    :func:`distortion_index`): per dimension and overall, with bootstrap CIs."""
+    :func:`effort_distortion`, this library's measure, not the paper's distortion index): per
+    dimension and overall, with bootstrap CIs."""
 
     dimensions: tuple[str, ...]
     sensitivity: Float[Tensor, "dim"]
@@ -235,19 +341,22 @@ class DistortionResult:
         return fig
 
 
-def distortion_index(
+def effort_distortion(
     report: ProbeReport | Sequence[ProbeResult],
     value: Mapping[str, float],
     *,
     confidence_level: float = 0.95,
     n_resamples: int = 9999,
     seed: int = 0,
-) -> DistortionResult:
-    """The distortion index: how a policy optimising this reward model would misallocate effort
+) -> EffortDistortionResult:
+    """Effort distortion: how a policy optimising this reward model would misallocate effort
     across quality dimensions, relative to what the true objective wants.
 
-    Definition (the multitask principal-agent model of Holmstrom & Milgrom 1991, as the
-    reward-lens paper uses it). Each probe is a quality dimension ``k``; one probe perturbation
+    This is *not* the reward-lens paper's distortion index (that is :func:`distortion_index`,
+    computed from the evaluation suite's coverage alone); it is this library's own measure,
+    which needs a value per dimension that the paper never asks for.
+
+    Definition (the multitask principal-agent model of Holmstrom & Milgrom 1991). Each probe is a quality dimension ``k``; one probe perturbation
     is one unit of effort on it. The reward model pays ``s_k`` per unit (the probe's mean
     reward change: its *sensitivity*); the principal values a unit at ``v_k`` (``value[k]``:
     e.g. 0 for length or formatting, negative for sycophancy, positive for correctness). An
@@ -311,7 +420,7 @@ def distortion_index(
     low, high = boot.confidence_interval.low, boot.confidence_interval.high
     s = np.array([r.mean if not paired else float(x.mean()) for r, x in zip(results, samples, strict=True)])
     t = torch.from_numpy
-    return DistortionResult(
+    return EffortDistortionResult(
         dimensions=names, sensitivity=t(s).float(), value=t(v).float(),
         distortion=t(point[:-1]).float(), ci_low=t(low[:-1]).float(), ci_high=t(high[:-1]).float(),
         index=float(point[-1]), index_ci_low=float(low[-1]), index_ci_high=float(high[-1]),

@@ -7,8 +7,9 @@ same content as written (*base*) and with one attribute changed (*perturbed*). F
 - the mean change over *independent units*: pairs of the same content are clones, their changes
   are averaged into one unit, so ``n`` counts distinct contents, never copies;
 - a bootstrap confidence interval of the mean (``scipy.stats.bootstrap``, BCa, seeded);
-- a paired test over units (``scipy.stats.wilcoxon``, or a sign-flip
-  ``scipy.stats.permutation_test`` of the mean), corrected across the probes of a report
+- a paired test over units (by default the sign-flip ``scipy.stats.permutation_test`` of the
+  mean; or ``scipy.stats.wilcoxon``, whose location is the pseudo-median, not the mean),
+  corrected across the probes of a report
   (Benjamini-Hochberg or -Yekutieli, ``scipy.stats.false_discovery_control``);
 - effect sizes: Cohen's ``d_z`` (mean / sd of the unit changes) and the mean in units of the sd
   of the base rewards;
@@ -21,8 +22,10 @@ What "significant" means, and why the defaults are what they are:
   perturbation of almost any model (measured on random 2-layer models: ``|d_z|`` up to 0.4,
   p down to 0.003 on 60 pairs). H0 is therefore ``|mean change| <= min_effect`` (default 0.2
   sd of the base rewards), tested by two shifted one-sided tests whose smaller p-value is
-  doubled; ``min_effect=0`` is the classical two-sided test (the p-value of
-  ``scipy.stats.wilcoxon(x)``).
+  doubled; ``min_effect=0`` is the classical two-sided test. The default test is the
+  sign-flip permutation test of the mean, so the null really is about the mean change;
+  ``test="wilcoxon"`` tests the pseudo-median (median of the Walsh averages), which differs
+  from the mean when the changes are skewed.
 - *Realisations.* A probe whose attribute comes in several realisations (which agreement
   phrase, which format: the pairs' ``variants``) makes a claim about the attribute, not about
   its phrases; treating the phrases as fixed is the language-as-fixed-effect fallacy (Clark
@@ -39,12 +42,11 @@ What "significant" means, and why the defaults are what they are:
   filler sentences. The built-in probes
   (:func:`~tl_reward.data.probe_sets.builtin_probe_sets`) are therefore written so that no two
   realisations share their marker or their base-side stand-in, and so that both sides end
-  alike. Measured on random 2-layer models (built-in probes, ``n_resamples=999``, defaults
-  otherwise): with the earlier probe sets, whose realisations shared tokens, 6 of 300 verdicts
-  (20 seeds each of Llama, Qwen2, GPT-2) were significant (formatting once, length five
-  times); with the independent realisations, 0 of 300 (smallest adjusted p 0.15), and 1 of 450
-  on 30 further seeds: a GPT-2 whose reward rises by 1.05 sd when any of 15 of the 16 filler
-  sentences is inserted, a length preference its absolute position embeddings really have.
+  alike, and the sycophancy controls address the user ("you") as the agreement phrases do.
+  Measured by ``benchmarks/bench_probe_fpr.py`` (40 seeds each of random Llama, Qwen2 and
+  GPT-2 models from three initialisation families, defaults otherwise): 6 of 1800 verdicts
+  significant, 95 % CI [0.1 %, 0.7 %], all of them length, a preference random networks'
+  attention really has; before these fixes 20 of 1800 (repetition 14).
   A larger minimum effect is no substitute: random networks' mean changes reach 2 reward sd
   (length) while a planted length head moves the reward by 0.32 sd (``d_z`` 8.5); what tells
   them apart is consistency over contents and over independent realisations.
@@ -272,7 +274,7 @@ def run_probes(
     min_variants: int = 8,
     min_effect: float = 0.2,
     effect_scale: str = "reward_sd",
-    test: str = "wilcoxon",
+    test: str = "permutation",
     confidence_level: float = 0.95,
     n_resamples: int = 9999,
     seed: int = 0,
@@ -296,7 +298,9 @@ def run_probes(
             rewards over the probe's own contents: contents the model scores all alike make it
             small and the test close to the classical one; probe diverse contents (as the
             built-in sets do) or give an absolute threshold.
-        test: ``"wilcoxon"`` (signed-rank) or ``"permutation"`` (sign flips of the mean).
+        test: ``"permutation"`` (sign flips of the mean: H0 is about the mean change) or
+            ``"wilcoxon"`` (signed-rank: H0 is about the pseudo-median, the median of the
+            Walsh averages, equal to the mean only for symmetric changes).
         confidence_level, n_resamples, seed: of the bootstrap CI (and the permutation test).
     """
     choose("correction", correction, CORRECTIONS)
@@ -306,8 +310,8 @@ def run_probes(
         raise InvalidInputError(f"alpha and confidence_level must lie in (0, 1), got {alpha}, {confidence_level}")
     if min_units < 5:
         raise InvalidInputError(
-            f"min_units={min_units} is too small for a verdict (a two-sided Wilcoxon test on "
-            "5 units cannot go below p = 0.0625); use at least 5, better 20"
+            f"min_units={min_units} is too small for a verdict (a two-sided sign-flip or "
+            "Wilcoxon test on 5 units cannot go below p = 0.0625); use at least 5, better 20"
         )
     if min_variants < 5:
         raise InvalidInputError(f"min_variants must be >= 5, got {min_variants}")

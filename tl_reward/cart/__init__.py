@@ -7,6 +7,7 @@
   intervening on them through TransformerLens hooks.
 """
 
+from .._stats import adjust_p_values as adjust_p_values
 from .assessment import Assessment as Assessment
 from .assessment import assess as assess
 from .discovery import Discovery as Discovery
@@ -18,7 +19,6 @@ from .discovery import group_circuits as group_circuits
 from .discovery import split_texts as split_texts
 from .discovery import validate_circuits as validate_circuits
 from .metrics import TailBound as TailBound
-from .metrics import adjust_pvalues as adjust_pvalues
 from .metrics import binned_mutual_information as binned_mutual_information
 from .metrics import circuit_activation as circuit_activation
 from .metrics import circuit_divergence as circuit_divergence

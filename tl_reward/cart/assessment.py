@@ -5,7 +5,9 @@
 - **Consist(c)** (eq. 6) within each group of semantically similar tail inputs (``groups``: a
   label per text, e.g. the long-tail task's scenario), restricted by default to the inputs that
   *activate* c (``|a_c| > tau_act``, as the paper's ``X_tail^(c)``), averaged over groups with
-  their sizes as weights; NaN when no tail input activates c.
+  their sizes as weights; NaN when no tail input activates c (then ``Cov = 0`` and eq. (9)
+  takes ``1 - Consist = 1``: a blind spot ranks as the most exposed, see
+  :func:`~tl_reward.cart.vulnerability`).
 - **Sens(c)** (eq. 7), with ``delta`` added to the circuit's raw activations (neuron and feature
   values, heads' ``z`` vectors) at the positions it reads, ``||delta|| <= eps``: the first-order
   closed form ``eps E||dR/da_c||_*`` and projected gradient ascent through TransformerLens hooks.
@@ -64,7 +66,9 @@ class Assessment:
     enters ``vulnerability``; both are kept. ``divergence`` is ``Div(C_tail, C_head)`` over all
     the circuits (``settings["divergence"]``). ``n_consistency`` is the number of tail inputs
     eq. (6) used (those activating the circuit, with ``activating_only``); where it is 0,
-    ``consistency`` and ``vulnerability`` are NaN (undefined) and rank last.
+    ``consistency`` is NaN (undefined) and eq. (9) takes ``1 - Consist = 1`` (a circuit that
+    never fires on the tail is a blind spot: ``1 - Cov = 1`` too), so it ranks among the most
+    vulnerable, not last.
     """
 
     circuits: tuple[Circuit, ...]
@@ -123,7 +127,7 @@ class Assessment:
         s = self.settings
         sens = df.sens_pgd if s.get("sensitivity") == "pgd" else df.sens_first_order
         terms = {
-            "alpha (1 - Consist)": s["alpha"] * (1 - df.consistency),
+            "alpha (1 - Consist)": s["alpha"] * (1 - df.consistency.fillna(0.0)),
             "beta Sens": s["beta"] * sens,
             "gamma (1 - Cov)": s["gamma"] * (1 - df.coverage),
         }

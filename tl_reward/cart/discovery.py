@@ -35,12 +35,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .._readout import choose
+from .._stats import CORRECTIONS, adjust_p_values
 from ..errors import InvalidInputError
 from ..model import HookedRewardModel
 from .metrics import (
-    CORRECTIONS,
     ESTIMATORS,
-    adjust_pvalues,
     gaussian_mi_from_covariance,
     mutual_information,
 )
@@ -108,8 +107,10 @@ class UnitStatistics:
 
     ``delta`` is ``Delta_j = E_tail[a_j] - E_head[a_j]``; ``tau`` is eq. (3)'s
     ``E_tail|a_j| - E_head|a_j|``; ``t`` / ``p_value`` are Welch's two-sample t-test
-    (``scipy.stats.ttest_ind_from_stats``); ``effect_size`` is Delta over the pooled standard
-    deviation (Cohen's d).
+    (``scipy.stats.ttest_ind_from_stats``); ``effect_size`` is Cohen's d: Delta over the pooled
+    standard deviation ``sqrt(((n_t - 1) s_t^2 + (n_h - 1) s_h^2) / (n_t + n_h - 2))`` of the
+    unbiased variances (sample sizes as weights; an unweighted average of the two variances
+    is not Cohen's d when tail and head differ in size, as they do by construction).
     """
 
     units: tuple[Unit, ...]
@@ -133,7 +134,8 @@ class UnitStatistics:
 
     @property
     def effect_size(self) -> Float[Tensor, "unit"]:
-        pooled = ((self.var_tail + self.var_head) / 2).sqrt()
+        nt, nh = self.n_tail, self.n_head
+        pooled = (((nt - 1) * self.var_tail + (nh - 1) * self.var_head) / (nt + nh - 2)).sqrt()
         return torch.where(pooled > 0, self.delta / pooled.clamp(min=1e-300),
                            torch.sign(self.delta) * float("inf"))
 
@@ -467,8 +469,8 @@ def validate_circuits(
     p_eff = np.array([_one_sample_p(e.numpy(), test) for e in eff_t])
     p_spec = np.array([_two_sample_p(t.numpy(), h.numpy(), test)
                        for t, h in zip(eff_t, eff_h, strict=True)])
-    p_eff_adj = adjust_pvalues(p_eff, correction)
-    p_spec_adj = adjust_pvalues(p_spec, correction)
+    p_eff_adj = adjust_p_values(p_eff, correction)
+    p_spec_adj = adjust_p_values(p_spec, correction)
     ok = (p_eff_adj < alpha) & (eff_t.mean(1).abs().numpy() >= min_effect * reward_sd)
     if keep == "specific":
         ok &= p_spec_adj < alpha

@@ -39,7 +39,6 @@ AGGREGATES = ("mean", "sum", "norm")
 ESTIMATORS = ("gaussian", "binned", "ksg")
 NORMS = ("l2", "linf")
 DIVERGENCES = ("wasserstein", "jeffreys")
-CORRECTIONS = ("bh", "holm", "bonferroni", "none")
 
 
 def _check_nonempty(name: str, x: Tensor) -> None:
@@ -455,12 +454,26 @@ def vulnerability(
     sentence after eq. (6) ("high consistency indicates exploitable uncertainty") contradicts
     this equation; the equation is what is implemented. ``Sens`` is in reward units while the
     other two terms lie in ``[0, 1]``: the weights set the exchange rate.
+
+    Blind spots. A circuit that no tail input activates (``Cov = 0``) has no inputs for eq. (6)
+    (``X_tail^(c)`` is empty), so its consistency is undefined (NaN). Eq. (9) makes such a
+    circuit the most exposed (``1 - Cov = 1``: "circuits with low coverage create blind spots
+    exploitable by policies"), so its consistency term takes its largest value,
+    ``1 - Consist = 1``: nothing on the tail shows the circuit to be consistent. A NaN
+    consistency with ``Cov > 0`` is an error (it cannot come from eq. (6)).
     """
     for name, w in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         _check_finite(name, w)
         if w < 0:
             raise InvalidInputError(f"{name} must be >= 0 (a weight), got {w}")
-    return alpha * (1.0 - consist) + beta * sens + gamma * (1.0 - cov)
+    undefined = torch.isnan(consist)
+    if bool((undefined & (cov > 0)).any()):
+        raise InvalidInputError(
+            "consistency is NaN for a circuit with coverage > 0: eq. (6) is defined whenever "
+            "some tail input activates the circuit; compute it on those inputs"
+        )
+    inconsistency = torch.where(undefined, torch.ones_like(consist), 1.0 - consist)
+    return alpha * inconsistency + beta * sens + gamma * (1.0 - cov)
 
 
 # ------------------------------------------------------------------------- eq. (1), (4)-(5)
@@ -573,27 +586,3 @@ def tail_generalization_bound(
             raise InvalidInputError(f"{name} must be >= 0, got {v}")
     complexity = constant * math.sqrt(n_tail_circuits * math.log(1 / delta) / n_tail)
     return TailBound(float(head_loss), float(complexity), float(beta * divergence))
-
-
-# ------------------------------------------------------------------------- statistics
-def adjust_pvalues(p: np.ndarray, method: str = "bh") -> np.ndarray:
-    """Multiple-comparison adjusted p-values: ``bh`` (Benjamini-Hochberg, scipy's
-    ``false_discovery_control``), ``holm``, ``bonferroni`` or ``none``."""
-    from scipy.stats import false_discovery_control
-
-    choose("correction", method, CORRECTIONS)
-    p = np.asarray(p, dtype=float)
-    if p.size == 0 or method == "none":
-        return p.copy()
-    if np.any(~np.isfinite(p)) or np.any((p < 0) | (p > 1)):
-        raise InvalidInputError(f"p-values must lie in [0, 1], got {p.tolist()}")
-    if method == "bh":
-        return false_discovery_control(p, method="bh")
-    m = p.size
-    if method == "bonferroni":
-        return np.minimum(1.0, p * m)
-    order = np.argsort(p)
-    adj = np.maximum.accumulate((m - np.arange(m)) * p[order])
-    out = np.empty_like(p)
-    out[order] = np.minimum(1.0, adj)
-    return out

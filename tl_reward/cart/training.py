@@ -12,7 +12,8 @@ TrainBatch`) or a set of per-pair weights, so every term can be switched on and 
   on a batch of tail inputs drawn at every step, read through hooks (differentiable).
 - eq. (13) progressive strengthening: :func:`curriculum_weight` and :class:`ProgressiveLoss`.
 - eqs. (14)-(15) circuit-aware ensembling: :func:`fit_ensemble_weights` (simplex-constrained
-  least squares, SLSQP, checked) and :func:`ensemble_rewards`.
+  least squares, SLSQP, checked; or the paper's constraint alone in closed form) and
+  :func:`ensemble_rewards`.
 - eq. (16) the combined objective: :func:`cart_objective`.
 
 Where this departs from the paper, and why:
@@ -24,6 +25,11 @@ Where this departs from the paper, and why:
 - Eq. (13) as written gives weight 0 to head examples; they are covered by ``L_head`` in eq. (16),
   so :func:`cart_objective` gives tail pairs weight 0 in ``L_head`` and weight ``w_t`` in ``L_prog``.
 - Eq. (10)'s ``argmax`` is over a finite set of ``n_variants`` sampled variants.
+- Eq. (15) constrains only ``sum_k alpha_k = 1``; :func:`fit_ensemble_weights` also asks
+  ``alpha_k >= 0`` by default (``nonnegative=False`` is the paper's constraint alone). Negative
+  weights short one member against another: fitted on the few tail examples eq. (15) uses, they
+  extrapolate beyond every member (the ensemble's reward can leave the range of its members'
+  rewards on an input) and overfit the tail; a convex mixture stays within that range.
 
 Baselines on the same trainer: plain ERM (no term), tail upweighting (:func:`tail_upweights`),
 label smoothing (``TrainConfig(label_smoothing=...)``), a hidden-state regulariser
@@ -306,19 +312,33 @@ def tail_upweights(is_tail: Sequence[bool] | Tensor, *, factor: float | None = N
 # ------------------------------------------------------------------------------- eqs. (14)-(15)
 @jaxtyped(typechecker=beartype)
 def ensemble_rewards(predictions: Float[Tensor, "member batch"],
-                     weights: Float[Tensor, "member"]) -> Float[Tensor, "batch"]:
-    """Eq. (14): ``R_ensemble(x) = sum_k alpha_k R_k(x)``."""
-    if not torch.isclose(weights.sum(), weights.new_tensor(1.0), atol=1e-5) or bool((weights < -1e-8).any()):
-        raise InvalidInputError(f"ensemble weights must lie on the simplex, got {weights.tolist()}")
+                     weights: Float[Tensor, "member"], *,
+                     nonnegative: bool = True) -> Float[Tensor, "batch"]:
+    """Eq. (14): ``R_ensemble(x) = sum_k alpha_k R_k(x)`` with ``sum alpha = 1`` (and
+    ``alpha >= 0`` unless ``nonnegative=False``, the paper's constraint alone)."""
+    if not torch.isclose(weights.sum(), weights.new_tensor(1.0), atol=1e-5):
+        raise InvalidInputError(f"ensemble weights must sum to 1, got {weights.tolist()}")
+    if nonnegative and bool((weights < -1e-8).any()):
+        raise InvalidInputError(
+            f"ensemble weights must lie on the simplex, got {weights.tolist()}; pass "
+            "nonnegative=False for weights fitted under the paper's constraint alone")
     return weights @ predictions
 
 
 @jaxtyped(typechecker=beartype)
 def fit_ensemble_weights(predictions: Float[Tensor, "member batch"],
-                         targets: Float[Tensor, "batch"]) -> Float[Tensor, "member"]:
-    """Eq. (15): ``argmin_alpha mean (sum_k alpha_k R_k(x) - y_x)^2`` over the simplex
-    (``alpha >= 0``, ``sum alpha = 1``), by SLSQP on the convex quadratic; the result is checked to
-    lie on the simplex and to be no worse than the best vertex and the uniform mixture."""
+                         targets: Float[Tensor, "batch"], *,
+                         nonnegative: bool = True) -> Float[Tensor, "member"]:
+    """Eq. (15): ``argmin_alpha mean (sum_k alpha_k R_k(x) - y_x)^2`` subject to
+    ``sum alpha = 1``.
+
+    ``nonnegative=True`` (default, a departure from the paper; see the module docstring) also
+    asks ``alpha >= 0``: SLSQP on the convex quadratic over the simplex, the result checked to
+    lie on it and to be no worse than the best vertex and the uniform mixture.
+    ``nonnegative=False`` is the paper's constraint alone, solved in closed form from the KKT
+    system ``[[2G, 1], [1', 0]] [alpha; mu] = [2l; 1]`` (``G = P P' / n``, ``l = P y / n``);
+    with linearly dependent members (``G`` singular) the minimum-norm solution is returned.
+    """
     from scipy.optimize import minimize
 
     p = predictions.detach().double().cpu().numpy()
@@ -329,6 +349,10 @@ def fit_ensemble_weights(predictions: Float[Tensor, "member batch"],
     if not (np.isfinite(p).all() and np.isfinite(y).all()):
         raise InvalidInputError("predictions and targets must be finite")
     gram, lin = p @ p.T / p.shape[1], p @ y / p.shape[1]
+    if not nonnegative:
+        kkt = np.block([[2 * gram, np.ones((k, 1))], [np.ones((1, k)), np.zeros((1, 1))]])
+        sol = np.linalg.lstsq(kkt, np.concatenate([2 * lin, [1.0]]), rcond=None)[0]
+        return torch.as_tensor(sol[:k], dtype=predictions.dtype)
 
     def loss(a):
         return a @ gram @ a - 2 * a @ lin

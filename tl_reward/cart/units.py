@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
 from .._readout import choose
 from ..errors import HookNameError, InvalidInputError
@@ -64,12 +65,12 @@ class Unit:
 
 def neuron(layer: int, index: int) -> Unit:
     """MLP neuron ``index`` of layer ``layer`` (``blocks.L.mlp.hook_post``)."""
-    return Unit("neuron", layer, index, f"blocks.{layer}.mlp.hook_post")
+    return Unit("neuron", layer, index, get_act_name("post", layer))
 
 
 def head(layer: int, index: int) -> Unit:
     """Attention head ``index`` of layer ``layer`` (``blocks.L.attn.hook_z``)."""
-    return Unit("head", layer, index, f"blocks.{layer}.attn.hook_z")
+    return Unit("head", layer, index, get_act_name("z", layer))
 
 
 def feature(hook: str, index: int) -> Unit:

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from sae_lens import SAE
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
 from .._readout import as_tokens, batches, centers, choose, read_out, readout_dtype
 from ..errors import InvalidInputError
@@ -155,10 +156,10 @@ def final_writes(model: HookedRewardModel) -> tuple[str, ...]:
     """Hooks whose only path to the reward is the final norm: the final residual and what the
     last layer adds to it last (its MLP output; also its attention output when attention and
     MLP run in parallel). Direct attribution is their whole effect."""
-    last = f"blocks.{model.cfg.n_layers - 1}"
-    hooks = [f"{last}.hook_resid_post", f"{last}.hook_mlp_out"]
+    last = model.cfg.n_layers - 1
+    hooks = [get_act_name("resid_post", last), get_act_name("mlp_out", last)]
     if model.cfg.parallel_attn_mlp:
-        hooks.append(f"{last}.hook_attn_out")
+        hooks.append(get_act_name("attn_out", last))
     return tuple(hooks)
 
 
