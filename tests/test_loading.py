@@ -14,6 +14,7 @@ from helpers import (
     make_hf_model,
     pad_batch,
     ragged_sequences,
+    randomize_,
 )
 
 import tl_reward
@@ -411,3 +412,64 @@ def test_jaxtyping_hook_is_active():
 
     with pytest.raises(TypeCheckError):
         pooled_positions(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), 1, (2, 3))
+
+
+# ---------------------------------------------------------------- shapes TransformerLens guesses from
+SHAPE_CASES = [
+    ("llama", {"intermediate_size": 64}),  # square gated MLP
+    ("gemma2", {"intermediate_size": 64}),  # square, (1 + w) norms
+    ("gpt2", {"n_inner": 64}),  # square MLP, LayerNorm biases
+    ("gpt_neox", {"intermediate_size": 64}),  # square, parallel residual with its own ln2
+    ("gpt2", {"num_labels": 64}),  # a head with d_model outputs
+    ("llama", {"num_labels": 64}),
+    ("gpt2", {"vocab_size": 64}),  # d_vocab == d_model: the head was centred along its outputs
+    ("gpt_neox", {"vocab_size": 64}),
+]
+
+
+def _shaped_hf_model(arch: str, change: dict):
+    config = make_config(arch)
+    for k, v in change.items():
+        setattr(config, k, v)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = T.AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+    return randomize_(hf, 0).eval()
+
+
+@pytest.mark.parametrize("arch,change", SHAPE_CASES)
+def test_fold_ln_where_the_shapes_do_not_tell_the_layout(arch, change):
+    """TransformerLens 3.9 folds norms into W_in and W_U by guessing d_model's axis from the
+    shape; square MLPs, d_model-output heads and d_vocab == d_model fooled it (rewards off by
+    0.8-5.6 with random norm weights)."""
+    hf = _shaped_hf_model(arch, change)
+    vocab = hf.config.vocab_size
+    seqs = [[t % vocab for t in s] for s in ragged_sequences(seed=1)]
+    truth = hf_rewards_alone(hf, seqs)
+    for kwargs in _processing(arch)[1:]:
+        model = load_reward_model(hf, **kwargs)
+        for side in ("right", "left"):
+            tokens, mask = pad_batch(seqs, side)
+            with torch.no_grad():
+                out = model(tokens, attention_mask=mask)
+            out = out if out.ndim == 2 else out[:, None]
+            torch.testing.assert_close(out, truth, atol=TOL, rtol=0, msg=f"{kwargs} {side}")
+
+
+def test_transformer_lens_own_fold_is_wrong_for_a_square_mlp():
+    """The upstream fault the override above works around, on a plain HookedTransformer: when
+    this starts failing, TransformerLens has fixed it and the override can go."""
+    import copy
+
+    from transformer_lens import HookedTransformer
+
+    model = load_reward_model(_shaped_hf_model("llama", {"intermediate_size": 64}))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        want = HookedTransformer.forward(model, tokens)
+        plain = HookedTransformer(copy.deepcopy(model.cfg))
+        plain.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=False,
+                                          center_unembed=False, fold_value_biases=False)
+        got = plain(tokens)
+    assert (got - want).abs().max() > 0.1
