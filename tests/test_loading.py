@@ -1,5 +1,6 @@
 """Conversion of HF reward models: parity with the HF model's own forward, and bad inputs."""
 
+import json
 import re
 
 import pytest
@@ -473,3 +474,73 @@ def test_transformer_lens_own_fold_is_wrong_for_a_square_mlp():
                                           center_unembed=False, fold_value_biases=False)
         got = plain(tokens)
     assert (got - want).abs().max() > 0.1
+
+
+# ---------------------------------------------------------------- what the installed HF forward reads
+READ_CASES = [
+    # transformers' Gemma MLP reads hidden_act, Gemma-2's hidden_activation: each ignores the other
+    ("gemma", {"hidden_act": "silu", "hidden_activation": "gelu_pytorch_tanh"}),
+    ("gemma2", {"hidden_act": "silu", "hidden_activation": "gelu_pytorch_tanh"}),
+    ("gemma2", {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "silu"}),
+    # transformers' Mistral applies sliding_window to every layer whatever layer_types says
+    ("mistral", {"layer_types": ["full_attention", "sliding_attention"]}),
+    ("mistral", {"layer_types": ["full_attention", "full_attention"]}),
+    # GPT-NeoX rotary dimension: int(0.3 * 16) = 4 (round() gave 5)
+    ("gpt_neox", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000.0,
+                                      "partial_rotary_factor": 0.3}}),
+]
+
+
+@pytest.mark.parametrize("arch,change", READ_CASES)
+def test_keys_are_read_as_the_installed_hf_forward_reads_them(arch, change):
+    hf = _shaped_hf_model(arch, change)
+    seqs = ragged_sequences(seed=7, lo=8, hi=14)
+    truth = hf_rewards_alone(hf, seqs)
+    for kwargs in _processing(arch)[:2]:
+        model = load_reward_model(hf, **kwargs)
+        tokens, mask = pad_batch(seqs, "left")
+        with torch.no_grad():
+            out = model(tokens, attention_mask=mask)
+        torch.testing.assert_close(out[:, None], truth, atol=TOL, rtol=0, msg=str(kwargs))
+
+
+def test_odd_neox_rotary_dimension_is_refused_with_the_reason():
+    hf = _shaped_hf_model("gpt_neox", {"rope_parameters": {
+        "rope_type": "default", "rope_theta": 1000.0, "partial_rotary_factor": 0.33}})
+    with pytest.raises(errors.UnsupportedConfigError, match=r"odd rotary dimension int\(0.33 \* 16\) = 5"):
+        load_reward_model(hf)
+
+
+# ---------------------------------------------------------------- checkpoints that cannot be read
+def test_custom_code_directory_is_refused_naming_it_and_the_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "internlm2", "architectures": ["InternLM2ForRewardModel"],
+        "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config"},
+        "hidden_size": 64}))
+    with pytest.raises(errors.UnsupportedArchitectureError) as info:
+        load_reward_model(tmp_path)
+    message = str(info.value)
+    for part in (str(tmp_path), "internlm2", "custom-code", "auto_map", "'gemma2'", "'llama'"):
+        assert part in message
+
+
+@pytest.mark.parametrize("damage", ["config", "weights"])
+def test_any_failure_reading_a_checkpoint_names_the_directory_and_cause(tmp_path, damage):
+    make_hf_model("llama").save_pretrained(tmp_path)
+    if damage == "config":
+        (tmp_path / "config.json").write_text('{"model_type": "llama", ')
+    else:
+        weights = next(tmp_path.glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(errors.ModelSourceError) as info:
+        load_reward_model(tmp_path)
+    assert str(tmp_path) in str(info.value)
+    assert info.value.__cause__ is not None
+
+
+def test_a_score_linear_is_not_enough_token_classifier_refused():
+    config = make_config("llama")
+    token_clf = T.LlamaForTokenClassification(config)
+    assert isinstance(getattr(token_clf, "score", None), torch.nn.Linear)
+    with pytest.raises(errors.NotARewardModelError, match="LlamaForTokenClassification"):
+        load_reward_model(token_clf)
