@@ -1,8 +1,7 @@
 """Statistics shared by the probe suite and its extensions, all from scipy.
 
 Bootstrap confidence intervals (``scipy.stats.bootstrap``), minimum-effect paired tests
-(sign-flip ``scipy.stats.permutation_test`` of the mean, or ``scipy.stats.wilcoxon`` of the
-pseudo-median), multiple-comparison correction
+(``scipy.stats.wilcoxon`` / ``permutation_test``), multiple-comparison correction
 (``scipy.stats.false_discovery_control``) and vectorised correlations for the bootstrap.
 """
 
@@ -47,22 +46,14 @@ def minimum_effect_test(
     x: np.ndarray,
     delta: float = 0.0,
     *,
-    test: str = "permutation",
+    test: str = "wilcoxon",
     n_resamples: int = 9999,
     seed: int = 0,
 ) -> tuple[float, float]:
     """``(statistic, p)`` of H0: ``|location of x| <= delta`` against ``|location| > delta``.
 
-    The location depends on the test:
-
-    - ``"permutation"`` (default): the sign-flip ``scipy.stats.permutation_test`` of the
-      **mean**, so H0 is ``|mean| <= delta``, the null the probes document.
-    - ``"wilcoxon"``: ``scipy.stats.wilcoxon``, the signed-rank test, whose location is the
-      **pseudo-median** (the Hodges-Lehmann centre, the median of the Walsh averages
-      ``(x_i + x_j) / 2``). It equals the mean only for a symmetric distribution: on a skewed
-      sample of mean 0 (many small positive changes, a few large negative ones) it rejects.
-
-    ``delta = 0``: the two-sided test itself. ``delta > 0``: the one-sided tests of
+    ``delta = 0``: the two-sided test itself (``scipy.stats.wilcoxon(x)``, or the sign-flip
+    ``scipy.stats.permutation_test`` of the mean). ``delta > 0``: the one-sided tests of
     ``x - delta > 0`` and ``x + delta < 0``; ``p = min(1, 2 * min(p_greater, p_less))`` and the
     statistic is the one of the smaller p-value.
     """

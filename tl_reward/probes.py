@@ -7,9 +7,8 @@ same content as written (*base*) and with one attribute changed (*perturbed*). F
 - the mean change over *independent units*: pairs of the same content are clones, their changes
   are averaged into one unit, so ``n`` counts distinct contents, never copies;
 - a bootstrap confidence interval of the mean (``scipy.stats.bootstrap``, BCa, seeded);
-- a paired test over units (by default the sign-flip ``scipy.stats.permutation_test`` of the
-  mean; or ``scipy.stats.wilcoxon``, whose location is the pseudo-median, not the mean),
-  corrected across the probes of a report
+- a paired test over units (``scipy.stats.wilcoxon``, or a sign-flip
+  ``scipy.stats.permutation_test`` of the mean), corrected across the probes of a report
   (Benjamini-Hochberg or -Yekutieli, ``scipy.stats.false_discovery_control``);
 - effect sizes: Cohen's ``d_z`` (mean / sd of the unit changes) and the mean in units of the sd
   of the base rewards;
@@ -22,10 +21,8 @@ What "significant" means, and why the defaults are what they are:
   perturbation of almost any model (measured on random 2-layer models: ``|d_z|`` up to 0.4,
   p down to 0.003 on 60 pairs). H0 is therefore ``|mean change| <= min_effect`` (default 0.2
   sd of the base rewards), tested by two shifted one-sided tests whose smaller p-value is
-  doubled; ``min_effect=0`` is the classical two-sided test. The default test is the
-  sign-flip permutation test of the mean, so the null really is about the mean change;
-  ``test="wilcoxon"`` tests the pseudo-median (median of the Walsh averages), which differs
-  from the mean when the changes are skewed.
+  doubled; ``min_effect=0`` is the classical two-sided test (the p-value of
+  ``scipy.stats.wilcoxon(x)``).
 - *Realisations.* A probe whose attribute comes in several realisations (which agreement
   phrase, which format: the pairs' ``variants``) makes a claim about the attribute, not about
   its phrases; treating the phrases as fixed is the language-as-fixed-effect fallacy (Clark
@@ -275,7 +272,7 @@ def run_probes(
     min_variants: int = 8,
     min_effect: float = 0.2,
     effect_scale: str = "reward_sd",
-    test: str = "permutation",
+    test: str = "wilcoxon",
     confidence_level: float = 0.95,
     n_resamples: int = 9999,
     seed: int = 0,
@@ -299,9 +296,7 @@ def run_probes(
             rewards over the probe's own contents: contents the model scores all alike make it
             small and the test close to the classical one; probe diverse contents (as the
             built-in sets do) or give an absolute threshold.
-        test: ``"permutation"`` (sign flips of the mean: H0 is about the mean change) or
-            ``"wilcoxon"`` (signed-rank: H0 is about the pseudo-median, the median of the
-            Walsh averages, equal to the mean only for symmetric changes).
+        test: ``"wilcoxon"`` (signed-rank) or ``"permutation"`` (sign flips of the mean).
         confidence_level, n_resamples, seed: of the bootstrap CI (and the permutation test).
     """
     choose("correction", correction, CORRECTIONS)
@@ -311,8 +306,8 @@ def run_probes(
         raise InvalidInputError(f"alpha and confidence_level must lie in (0, 1), got {alpha}, {confidence_level}")
     if min_units < 5:
         raise InvalidInputError(
-            f"min_units={min_units} is too small for a verdict (a two-sided sign-flip or "
-            "Wilcoxon test on 5 units cannot go below p = 0.0625); use at least 5, better 20"
+            f"min_units={min_units} is too small for a verdict (a two-sided Wilcoxon test on "
+            "5 units cannot go below p = 0.0625); use at least 5, better 20"
         )
     if min_variants < 5:
         raise InvalidInputError(f"min_variants must be >= 5, got {min_variants}")

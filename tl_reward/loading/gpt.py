@@ -37,7 +37,22 @@ def neox_config(hf_config: Any) -> dict[str, Any]:
     if params["rope_type"] != "default":
         raise refuse("rope_parameters.rope_type", params["rope_type"], "only default RoPE")
     d_head = hf_config.hidden_size // hf_config.num_attention_heads
-    pct = params.get("partial_rotary_factor", getattr(hf_config, "rotary_pct", 1.0))
+    rope_head_dim = getattr(hf_config, "head_dim", None) or d_head
+    if rope_head_dim != d_head:
+        raise refuse(
+            "head_dim", rope_head_dim, f"GPT-NeoX attention heads have hidden_size // "
+            f"num_attention_heads = {d_head} dimensions; a different head_dim changes only the "
+            "rotary frequencies, which TransformerLens cannot express"
+        )
+    pct = params.get("partial_rotary_factor", 1.0)
+    rotary_dim = int(rope_head_dim * pct)  # transformers truncates
+    if rotary_dim % 2:
+        raise refuse(
+            "rope_parameters.partial_rotary_factor", pct, f"it gives an odd rotary dimension "
+            f"int({pct} * {rope_head_dim}) = {rotary_dim}; transformers then rotates "
+            f"{rotary_dim + 1} dimensions with frequencies computed for {rotary_dim}, which "
+            "TransformerLens's rotary embedding does not reproduce"
+        )
     return {
         "d_model": hf_config.hidden_size,
         "d_head": d_head,
@@ -50,7 +65,7 @@ def neox_config(hf_config: Any) -> dict[str, Any]:
         "act_fn": check_activation("hidden_act", hf_config.hidden_act),
         "parallel_attn_mlp": hf_config.use_parallel_residual,
         "positional_embedding_type": "rotary",
-        "rotary_dim": round(pct * d_head),
+        "rotary_dim": rotary_dim,
         "rotary_base": params["rope_theta"],
         "rotary_adjacent_pairs": False,
         "normalization_type": "LN",

@@ -44,19 +44,34 @@ def _rope(hf_config: Any, cfg: dict[str, Any], *, allow_llama3: bool) -> None:
     raise refuse("rope_parameters.rope_type", rope_type, "only default (and llama3 for Llama) RoPE")
 
 
-def _attention_layout(hf_config: Any, cfg: dict[str, Any]) -> None:
-    """Sliding-window layers, from ``layer_types`` (transformers 5) or ``sliding_window``."""
+def _attention_layout(hf_config: Any, cfg: dict[str, Any], *, per_layer: bool) -> None:
+    """Sliding-window layers as the installed HF forward applies them.
+
+    ``per_layer``: the family's attention reads ``layer_types`` (Qwen2, Qwen3, Gemma-2); else
+    (Mistral) ``sliding_window`` applies to every layer whatever ``layer_types`` says.
+    """
     window = getattr(hf_config, "sliding_window", None)
-    layer_types = getattr(hf_config, "layer_types", None)
-    if layer_types is None:
-        uses = window is not None and getattr(hf_config, "use_sliding_window", True)
-        layer_types = ["sliding_attention" if uses else "full_attention"] * cfg["n_layers"]
+    if per_layer:
+        layer_types = list(getattr(hf_config, "layer_types", None) or ["full_attention"] * cfg["n_layers"])
+    else:
+        layer_types = ["full_attention" if window is None else "sliding_attention"] * cfg["n_layers"]
     unknown = set(layer_types) - {"sliding_attention", "full_attention"}
     if unknown:
-        raise refuse("layer_types", sorted(unknown), "only sliding_attention and full_attention")
+        raise refuse(
+            "layer_types", sorted(unknown), "only sliding_attention and full_attention layers are "
+            "converted"
+        )
+    if len(layer_types) != cfg["n_layers"]:
+        raise refuse(
+            "layer_types", layer_types, f"it names {len(layer_types)} layers for "
+            f"num_hidden_layers={cfg['n_layers']}"
+        )
     if "sliding_attention" in layer_types:
         if window is None:
-            raise refuse("sliding_window", None, "sliding layers need a window size")
+            raise refuse(
+                "sliding_window", None, "layer_types has sliding_attention layers but no window "
+                "size (the HF model cannot run either)"
+            )
         cfg["use_local_attn"] = True
         cfg["window_size"] = window
         cfg["attn_types"] = [
@@ -64,7 +79,9 @@ def _attention_layout(hf_config: Any, cfg: dict[str, Any]) -> None:
         ]
 
 
-def llama_trunk(hf_config: Any, *, act_key: str = "hidden_act") -> dict[str, Any]:
+def llama_trunk(
+    hf_config: Any, *, act_key: str = "hidden_act", per_layer_windows: bool = True
+) -> dict[str, Any]:
     """HookedTransformerConfig keywords shared by the family."""
     n_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
@@ -87,7 +104,7 @@ def llama_trunk(hf_config: Any, *, act_key: str = "hidden_act") -> dict[str, Any
         "final_rms": True,
         "gated_mlp": True,
     }
-    _attention_layout(hf_config, cfg)
+    _attention_layout(hf_config, cfg, per_layer=per_layer_windows)
     return cfg
 
 
@@ -105,7 +122,8 @@ def llama_config(hf_config: Any) -> dict[str, Any]:
 
 
 def mistral_config(hf_config: Any) -> dict[str, Any]:
-    cfg = llama_trunk(hf_config)
+    # transformers' Mistral applies sliding_window to every layer; it never reads layer_types.
+    cfg = llama_trunk(hf_config, per_layer_windows=False)
     _rope(hf_config, cfg, allow_llama3=False)
     return cfg
 
@@ -130,7 +148,8 @@ def gemma_config(hf_config: Any) -> dict[str, Any]:
     _no_biases(hf_config, "attention_bias")
     if getattr(hf_config, "use_bidirectional_attention", None):
         raise refuse("use_bidirectional_attention", True, "reward models here are causal")
-    act_key = "hidden_activation" if getattr(hf_config, "hidden_activation", None) else "hidden_act"
+    # transformers' Gemma MLP reads hidden_act, Gemma-2's hidden_activation (each ignores the other)
+    act_key = "hidden_activation" if hf_config.model_type == "gemma2" else "hidden_act"
     cfg = llama_trunk(hf_config, act_key=act_key)
     # TransformerLens's Gemma converter always writes grouped K/V weights.
     cfg["n_key_value_heads"] = hf_config.num_key_value_heads
