@@ -335,7 +335,9 @@ def test_unsupported_architecture_lists_supported():
         ("llama", "rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
         ("qwen3", "attention_bias", True),
         ("gpt2", "activation_function", "quick_gelu"),
-        ("llama", "some_new_forward_changing_key", 3),
+        ("llama", "is_causal", False),
+        ("gemma", "use_bidirectional_attention", True),
+        ("gpt2", "add_cross_attention", True),
     ],
 )
 def test_config_values_the_adapter_cannot_reproduce(arch, key, value):
@@ -544,3 +546,58 @@ def test_a_score_linear_is_not_enough_token_classifier_refused():
     assert isinstance(getattr(token_clf, "score", None), torch.nn.Linear)
     with pytest.raises(errors.NotARewardModelError, match="LlamaForTokenClassification"):
         load_reward_model(token_clf)
+
+
+# ---------------------------------------------------------------- the refusal rule
+def test_what_the_hf_forward_reads_comes_from_the_installed_source():
+    from tl_reward.loading._base import forward_reads
+
+    assert "sliding_window" in forward_reads("mistral") and "layer_types" not in forward_reads("mistral")
+    assert "hidden_act" in forward_reads("gemma") and "hidden_activation" not in forward_reads("gemma")
+    assert "hidden_activation" in forward_reads("gemma2") and "hidden_act" not in forward_reads("gemma2")
+    assert "attn_logit_softcapping" in forward_reads("gemma2")
+    assert "n_embd" in forward_reads("gpt2")  # read as config.hidden_size, an alias of n_embd
+    assert "is_causal" in forward_reads("llama")  # read by masking_utils.create_causal_mask
+    for never in ("cache_implementation", "use_mrope", "n_special", "is_llama_config",
+                  "sliding_window_size", "transformers.js_config", "rope_interleaved"):
+        assert all(never not in forward_reads(a) for a in tl_reward.supported_architectures())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_key_the_hf_forward_reads_is_converted_or_shown_harmless(arch):
+    """With the installed transformers no key is refused for being unknown: each key its forward
+    reads is converted by the adapter (which refuses values it cannot reproduce), or listed with
+    the reason it cannot change the reward."""
+    from tl_reward.loading import REGISTRY
+    from tl_reward.loading._base import CAUSAL, READ_WITHOUT_EFFECT, forward_reads
+
+    adapter, config_cls = REGISTRY[arch], type(make_config(arch))
+    reads = {k for k in forward_reads(arch) if not callable(getattr(config_cls, k, None))}
+    known = adapter.handled | set(adapter.ignored) | set(READ_WITHOUT_EFFECT) | {CAUSAL}
+    assert reads - known == set()
+    assert set(adapter.ignored) <= set(forward_reads(arch))  # no stale reasons
+
+
+def test_a_read_key_the_adapter_does_not_convert_is_refused_for_the_user(monkeypatch):
+    from tl_reward.loading import _base
+
+    reads = dict(_base.forward_reads("llama"), attn_temperature="scale = config.attn_temperature")
+    monkeypatch.setattr(_base, "forward_reads", lambda model_type: reads)
+    hf = make_hf_model("llama")
+    hf.config.attn_temperature = 0.5
+    with pytest.raises(errors.UnsupportedConfigError) as info:
+        load_reward_model(hf)
+    message = str(info.value)
+    for part in ("attn_temperature=0.5", "scale = config.attn_temperature", "remove the key",
+                 "different rewards"):
+        assert part in message
+    assert "tl_reward/loading" not in message and "adapter's handled" not in message
+
+
+def test_keys_no_hf_forward_reads_are_accepted_and_logged(caplog):
+    hf = make_hf_model("gemma2")
+    hf.config.cache_implementation = "hybrid"
+    hf.config.sliding_window_size = 4096
+    with caplog.at_level("DEBUG", logger="tl_reward.loading._base"):
+        load_reward_model(hf)
+    assert "cache_implementation" in caplog.text and "never reads" in caplog.text

@@ -33,6 +33,13 @@ def _rope(hf_config: Any, cfg: dict[str, Any], *, allow_llama3: bool) -> None:
     if rope_type == "default":
         return
     if rope_type == "llama3" and allow_llama3:
+        pct = params.get("partial_rotary_factor", 1.0)
+        if pct != 1.0:
+            raise refuse(
+                "rope_parameters.partial_rotary_factor", pct, "with llama3 RoPE it computes "
+                "frequencies for part of each head, which transformers' Llama attention then "
+                "applies to the whole head (it fails to run); TransformerLens rotates whole heads",
+            )
         cfg["use_NTK_by_parts_rope"] = True
         cfg["NTK_original_ctx_len"] = params.get(
             "original_max_position_embeddings", hf_config.max_position_embeddings
@@ -41,7 +48,11 @@ def _rope(hf_config: Any, cfg: dict[str, Any], *, allow_llama3: bool) -> None:
         cfg["NTK_by_parts_high_freq_factor"] = params.get("high_freq_factor", 4.0)
         cfg["NTK_by_parts_factor"] = params.get("factor", 1.0)
         return
-    raise refuse("rope_parameters.rope_type", rope_type, "only default (and llama3 for Llama) RoPE")
+    kept = "'default' and (for Llama) 'llama3'" if allow_llama3 else "'default'"
+    raise refuse(
+        "rope_parameters.rope_type", rope_type, f"it rescales the rotary position frequencies "
+        f"(RoPE scaling '{rope_type}'); TransformerLens reproduces only {kept} for this family",
+    )
 
 
 def _attention_layout(hf_config: Any, cfg: dict[str, Any], *, per_layer: bool) -> None:
@@ -111,7 +122,10 @@ def llama_trunk(
 def _no_biases(hf_config: Any, *keys: str) -> None:
     for key in keys:
         if getattr(hf_config, key, False):
-            raise refuse(key, True, "TransformerLens's converter for this family has no such biases")
+            raise refuse(
+                key, True, f"it adds biases to the {key.split('_')[0]} projections, and "
+                "TransformerLens's weight converter for this family drops them",
+            )
 
 
 def llama_config(hf_config: Any) -> dict[str, Any]:
@@ -147,7 +161,10 @@ def qwen3_config(hf_config: Any) -> dict[str, Any]:
 def gemma_config(hf_config: Any) -> dict[str, Any]:
     _no_biases(hf_config, "attention_bias")
     if getattr(hf_config, "use_bidirectional_attention", None):
-        raise refuse("use_bidirectional_attention", True, "reward models here are causal")
+        raise refuse(
+            "use_bidirectional_attention", True, "it makes every token attend to later tokens "
+            "too; TransformerLens's attention is causal",
+        )
     # transformers' Gemma MLP reads hidden_act, Gemma-2's hidden_activation (each ignores the other)
     act_key = "hidden_activation" if hf_config.model_type == "gemma2" else "hidden_act"
     cfg = llama_trunk(hf_config, act_key=act_key)
@@ -184,6 +201,9 @@ ADAPTERS = (
         "gemma2", "Gemma2ForCausalLM", "model", gemma2_config, convert_gemma_weights,
         _GEMMA_KEYS | {"query_pre_attn_scalar", "sliding_window", "layer_types",
                        "attn_logit_softcapping"},
-        ignored=frozenset({"final_logit_softcapping"}),
+        ignored={
+            "final_logit_softcapping": "only Gemma2ForCausalLM caps its vocabulary logits; "
+            "Gemma2ForSequenceClassification's score is not capped",
+        },
     ),
 )
