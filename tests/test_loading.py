@@ -1,5 +1,6 @@
 """Conversion of HF reward models: parity with the HF model's own forward, and bad inputs."""
 
+import json
 import re
 
 import pytest
@@ -14,6 +15,7 @@ from helpers import (
     make_hf_model,
     pad_batch,
     ragged_sequences,
+    randomize_,
 )
 
 import tl_reward
@@ -333,7 +335,9 @@ def test_unsupported_architecture_lists_supported():
         ("llama", "rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
         ("qwen3", "attention_bias", True),
         ("gpt2", "activation_function", "quick_gelu"),
-        ("llama", "some_new_forward_changing_key", 3),
+        ("llama", "is_causal", False),
+        ("gemma", "use_bidirectional_attention", True),
+        ("gpt2", "add_cross_attention", True),
     ],
 )
 def test_config_values_the_adapter_cannot_reproduce(arch, key, value):
@@ -411,3 +415,189 @@ def test_jaxtyping_hook_is_active():
 
     with pytest.raises(TypeCheckError):
         pooled_positions(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), 1, (2, 3))
+
+
+# ---------------------------------------------------------------- shapes TransformerLens guesses from
+SHAPE_CASES = [
+    ("llama", {"intermediate_size": 64}),  # square gated MLP
+    ("gemma2", {"intermediate_size": 64}),  # square, (1 + w) norms
+    ("gpt2", {"n_inner": 64}),  # square MLP, LayerNorm biases
+    ("gpt_neox", {"intermediate_size": 64}),  # square, parallel residual with its own ln2
+    ("gpt2", {"num_labels": 64}),  # a head with d_model outputs
+    ("llama", {"num_labels": 64}),
+    ("gpt2", {"vocab_size": 64}),  # d_vocab == d_model: the head was centred along its outputs
+    ("gpt_neox", {"vocab_size": 64}),
+]
+
+
+def _shaped_hf_model(arch: str, change: dict):
+    config = make_config(arch)
+    for k, v in change.items():
+        setattr(config, k, v)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = T.AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+    return randomize_(hf, 0).eval()
+
+
+@pytest.mark.parametrize("arch,change", SHAPE_CASES)
+def test_fold_ln_where_the_shapes_do_not_tell_the_layout(arch, change):
+    """TransformerLens 3.9 folds norms into W_in and W_U by guessing d_model's axis from the
+    shape; square MLPs, d_model-output heads and d_vocab == d_model fooled it (rewards off by
+    0.8-5.6 with random norm weights)."""
+    hf = _shaped_hf_model(arch, change)
+    vocab = hf.config.vocab_size
+    seqs = [[t % vocab for t in s] for s in ragged_sequences(seed=1)]
+    truth = hf_rewards_alone(hf, seqs)
+    for kwargs in _processing(arch)[1:]:
+        model = load_reward_model(hf, **kwargs)
+        for side in ("right", "left"):
+            tokens, mask = pad_batch(seqs, side)
+            with torch.no_grad():
+                out = model(tokens, attention_mask=mask)
+            out = out if out.ndim == 2 else out[:, None]
+            torch.testing.assert_close(out, truth, atol=TOL, rtol=0, msg=f"{kwargs} {side}")
+
+
+def test_transformer_lens_own_fold_is_wrong_for_a_square_mlp():
+    """The upstream fault the override above works around, on a plain HookedTransformer: when
+    this starts failing, TransformerLens has fixed it and the override can go."""
+    import copy
+
+    from transformer_lens import HookedTransformer
+
+    model = load_reward_model(_shaped_hf_model("llama", {"intermediate_size": 64}))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        want = HookedTransformer.forward(model, tokens)
+        plain = HookedTransformer(copy.deepcopy(model.cfg))
+        plain.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=False,
+                                          center_unembed=False, fold_value_biases=False)
+        got = plain(tokens)
+    assert (got - want).abs().max() > 0.1
+
+
+# ---------------------------------------------------------------- what the installed HF forward reads
+READ_CASES = [
+    # transformers' Gemma MLP reads hidden_act, Gemma-2's hidden_activation: each ignores the other
+    ("gemma", {"hidden_act": "silu", "hidden_activation": "gelu_pytorch_tanh"}),
+    ("gemma2", {"hidden_act": "silu", "hidden_activation": "gelu_pytorch_tanh"}),
+    ("gemma2", {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "silu"}),
+    # transformers' Mistral applies sliding_window to every layer whatever layer_types says
+    ("mistral", {"layer_types": ["full_attention", "sliding_attention"]}),
+    ("mistral", {"layer_types": ["full_attention", "full_attention"]}),
+    # GPT-NeoX rotary dimension: int(0.3 * 16) = 4 (round() gave 5)
+    ("gpt_neox", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000.0,
+                                      "partial_rotary_factor": 0.3}}),
+]
+
+
+@pytest.mark.parametrize("arch,change", READ_CASES)
+def test_keys_are_read_as_the_installed_hf_forward_reads_them(arch, change):
+    hf = _shaped_hf_model(arch, change)
+    seqs = ragged_sequences(seed=7, lo=8, hi=14)
+    truth = hf_rewards_alone(hf, seqs)
+    for kwargs in _processing(arch)[:2]:
+        model = load_reward_model(hf, **kwargs)
+        tokens, mask = pad_batch(seqs, "left")
+        with torch.no_grad():
+            out = model(tokens, attention_mask=mask)
+        torch.testing.assert_close(out[:, None], truth, atol=TOL, rtol=0, msg=str(kwargs))
+
+
+def test_odd_neox_rotary_dimension_is_refused_with_the_reason():
+    hf = _shaped_hf_model("gpt_neox", {"rope_parameters": {
+        "rope_type": "default", "rope_theta": 1000.0, "partial_rotary_factor": 0.33}})
+    with pytest.raises(errors.UnsupportedConfigError, match=r"odd rotary dimension int\(0.33 \* 16\) = 5"):
+        load_reward_model(hf)
+
+
+# ---------------------------------------------------------------- checkpoints that cannot be read
+def test_custom_code_directory_is_refused_naming_it_and_the_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "internlm2", "architectures": ["InternLM2ForRewardModel"],
+        "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config"},
+        "hidden_size": 64}))
+    with pytest.raises(errors.UnsupportedArchitectureError) as info:
+        load_reward_model(tmp_path)
+    message = str(info.value)
+    for part in (str(tmp_path), "internlm2", "custom-code", "auto_map", "'gemma2'", "'llama'"):
+        assert part in message
+
+
+@pytest.mark.parametrize("damage", ["config", "weights"])
+def test_any_failure_reading_a_checkpoint_names_the_directory_and_cause(tmp_path, damage):
+    make_hf_model("llama").save_pretrained(tmp_path)
+    if damage == "config":
+        (tmp_path / "config.json").write_text('{"model_type": "llama", ')
+    else:
+        weights = next(tmp_path.glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(errors.ModelSourceError) as info:
+        load_reward_model(tmp_path)
+    assert str(tmp_path) in str(info.value)
+    assert info.value.__cause__ is not None
+
+
+def test_a_score_linear_is_not_enough_token_classifier_refused():
+    config = make_config("llama")
+    token_clf = T.LlamaForTokenClassification(config)
+    assert isinstance(getattr(token_clf, "score", None), torch.nn.Linear)
+    with pytest.raises(errors.NotARewardModelError, match="LlamaForTokenClassification"):
+        load_reward_model(token_clf)
+
+
+# ---------------------------------------------------------------- the refusal rule
+def test_what_the_hf_forward_reads_comes_from_the_installed_source():
+    from tl_reward.loading._base import forward_reads
+
+    assert "sliding_window" in forward_reads("mistral") and "layer_types" not in forward_reads("mistral")
+    assert "hidden_act" in forward_reads("gemma") and "hidden_activation" not in forward_reads("gemma")
+    assert "hidden_activation" in forward_reads("gemma2") and "hidden_act" not in forward_reads("gemma2")
+    assert "attn_logit_softcapping" in forward_reads("gemma2")
+    assert "n_embd" in forward_reads("gpt2")  # read as config.hidden_size, an alias of n_embd
+    assert "is_causal" in forward_reads("llama")  # read by masking_utils.create_causal_mask
+    for never in ("cache_implementation", "use_mrope", "n_special", "is_llama_config",
+                  "sliding_window_size", "transformers.js_config", "rope_interleaved"):
+        assert all(never not in forward_reads(a) for a in tl_reward.supported_architectures())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_key_the_hf_forward_reads_is_converted_or_shown_harmless(arch):
+    """With the installed transformers no key is refused for being unknown: each key its forward
+    reads is converted by the adapter (which refuses values it cannot reproduce), or listed with
+    the reason it cannot change the reward."""
+    from tl_reward.loading import REGISTRY
+    from tl_reward.loading._base import CAUSAL, READ_WITHOUT_EFFECT, forward_reads
+
+    adapter, config_cls = REGISTRY[arch], type(make_config(arch))
+    reads = {k for k in forward_reads(arch) if not callable(getattr(config_cls, k, None))}
+    known = adapter.handled | set(adapter.ignored) | set(READ_WITHOUT_EFFECT) | {CAUSAL}
+    assert reads - known == set()
+    assert set(adapter.ignored) <= set(forward_reads(arch))  # no stale reasons
+
+
+def test_a_read_key_the_adapter_does_not_convert_is_refused_for_the_user(monkeypatch):
+    from tl_reward.loading import _base
+
+    reads = dict(_base.forward_reads("llama"), attn_temperature="scale = config.attn_temperature")
+    monkeypatch.setattr(_base, "forward_reads", lambda model_type: reads)
+    hf = make_hf_model("llama")
+    hf.config.attn_temperature = 0.5
+    with pytest.raises(errors.UnsupportedConfigError) as info:
+        load_reward_model(hf)
+    message = str(info.value)
+    for part in ("attn_temperature=0.5", "scale = config.attn_temperature", "remove the key",
+                 "different rewards"):
+        assert part in message
+    assert "tl_reward/loading" not in message and "adapter's handled" not in message
+
+
+def test_keys_no_hf_forward_reads_are_accepted_and_logged(caplog):
+    hf = make_hf_model("gemma2")
+    hf.config.cache_implementation = "hybrid"
+    hf.config.sliding_window_size = 4096
+    with caplog.at_level("DEBUG", logger="tl_reward.loading._base"):
+        load_reward_model(hf)
+    assert "cache_implementation" in caplog.text and "never reads" in caplog.text

@@ -84,6 +84,56 @@ def pooled_positions(
     return (index * valid).argmax(dim=-1)
 
 
+def _exact_ambiguous_folds(
+    state_dict: dict[str, Tensor], cfg: HookedTransformerConfig, center_unembed: bool = False
+) -> dict[str, Tensor]:
+    """The folded weights TransformerLens 3.9 would get wrong: MLP input weights of a square MLP
+    and a head whose shape does not say which axis is ``d_model`` (see
+    :meth:`HookedRewardModel.load_and_process_state_dict`). Empty where every shape is unambiguous.
+    """
+    if cfg.normalization_type not in ("LN", "RMS"):
+        return {}
+    layer_norm = cfg.normalization_type == "LN"  # LN: fold biases and centre, as TransformerLens
+    offset = bool(getattr(cfg, "rmsnorm_uses_offset", False))
+    out: dict[str, Tensor] = {}
+
+    def gain(key: str) -> Tensor:
+        w = state_dict[key].float()
+        return 1.0 + w if offset else w
+
+    if not cfg.attn_only and cfg.d_mlp == cfg.d_model and not cfg.num_experts:
+        for layer in range(cfg.n_layers):
+            p = f"blocks.{layer}."
+            norm = p + ("ln2" if p + "ln2.w" in state_dict else "ln1")
+            if norm == p + "ln1" and not (cfg.parallel_attn_mlp and p + "ln1.w" in state_dict):
+                continue
+            w = gain(norm + ".w")
+            W_in = state_dict[p + "mlp.W_in"].float()  # [d_model, d_mlp]
+            if layer_norm and norm + ".b" in state_dict:
+                b_in = state_dict.get(p + "mlp.b_in")
+                b_in = torch.zeros(cfg.d_mlp) if b_in is None else b_in.float()
+                out[p + "mlp.b_in"] = b_in + state_dict[norm + ".b"].float() @ W_in
+            W_in = W_in * w[:, None]
+            out[p + "mlp.W_in"] = W_in - W_in.mean(0, keepdim=True) if layer_norm else W_in
+            if cfg.gated_mlp:
+                out[p + "mlp.W_gate"] = state_dict[p + "mlp.W_gate"].float() * w[:, None]
+    W_U = state_dict["unembed.W_U"]  # [d_model, n_rewards]
+    d_model, n_out = W_U.shape
+    head_ambiguous = n_out == d_model or (layer_norm and d_model == cfg.d_vocab)
+    if "ln_final.w" in state_dict and head_ambiguous:
+        W_U = W_U.float()
+        b_U = state_dict["unembed.b_U"].float()
+        if layer_norm and "ln_final.b" in state_dict:
+            b_U = b_U + state_dict["ln_final.b"].float() @ W_U
+        W_U = W_U * gain("ln_final.w")[:, None]
+        if layer_norm:
+            W_U = W_U - W_U.mean(0, keepdim=True)
+        if center_unembed:
+            W_U, b_U = W_U - W_U.mean(-1, keepdim=True), b_U - b_U.mean()
+        out["unembed.W_U"], out["unembed.b_U"] = W_U, b_U
+    return out
+
+
 class HookedRewardModel(HookedTransformer):
     """A HookedTransformer whose forward returns the pooled reward.
 
@@ -153,6 +203,39 @@ class HookedRewardModel(HookedTransformer):
             if isinstance(block.mlp, GatedMLP):  # [in, out] -> (out, in)
                 for name in ("W_gate", "W_in", "W_out"):
                     store(block.mlp._parameters[name], (1, 0))
+
+    def load_and_process_state_dict(
+        self,
+        state_dict: dict[str, Tensor],
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = True,
+        fold_value_biases: bool = True,
+        refactor_factored_attn_matrices: bool = False,
+    ) -> None:
+        """TransformerLens's, with the norm folds whose layout its shapes do not tell done here.
+
+        TransformerLens 3.9 folds a norm into the MLP's input weights and into the unembedding
+        (the reward head) by guessing which axis is ``d_model`` from the shapes: with a square MLP
+        (``d_mlp == d_model``) or a head with ``d_model`` outputs it scales the wrong axis, and
+        with ``d_vocab == d_model`` it centres the head along its outputs. Those weights are
+        folded here in the HookedTransformer layout (``W_in`` [d_model, d_mlp], ``W_U``
+        [d_model, n_rewards]) and written over TransformerLens's result.
+        """
+        exact = _exact_ambiguous_folds(state_dict, self.cfg, center_unembed) if fold_ln else {}
+        super().load_and_process_state_dict(
+            state_dict,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+            refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+        )
+        if exact:
+            with torch.no_grad():
+                params = dict(self.named_parameters())
+                for key, value in exact.items():
+                    params[key].copy_(value)  # in place: keeps the stored layout
 
     def remove_all_hook_fns(
         self,

@@ -5,6 +5,7 @@ One small adapter per architecture family (``llama_like``, ``gpt``) in a registr
 the model's ``unembed``.
 """
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -44,23 +45,49 @@ def supported_architectures() -> list[str]:
 def _from_directory(path: Path, tokenizer: Any) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    if not (path / "config.json").exists():
+    config_file = path / "config.json"
+    if not config_file.exists():
         raise ModelSourceError(
             f"{str(path)!r} has no config.json; pass a directory written by save_pretrained()"
         )
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    _adapter_for(config)
-    architectures = list(getattr(config, "architectures", None) or [])
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelSourceError(f"cannot read {str(config_file)!r}: {err}") from err
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in REGISTRY:
+        custom = isinstance(raw, dict) and "auto_map" in raw
+        raise UnsupportedArchitectureError(
+            f"{str(path)!r} holds a model_type={model_type!r} model"
+            + (" with its own modelling code (auto_map in config.json)" if custom else "")
+            + ". tl_reward converts only architectures whose code ships with transformers and "
+            "that TransformerLens can express; custom-code (trust_remote_code) models are not "
+            f"supported. Supported model_type values: {supported_architectures()}"
+        )
+    architectures = list(raw.get("architectures") or [])
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise NotARewardModelError(
-            f"{str(path)!r} holds a {architectures or config.model_type} model, not a "
+            f"{str(path)!r} holds a {architectures or model_type} model, not a "
             "*ForSequenceClassification reward model: it has no score head"
         )
-    hf_model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+    try:
+        AutoConfig.from_pretrained(path, local_files_only=True)
+        hf_model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to read the checkpoint, with its cause
+        raise ModelSourceError(
+            f"cannot load the {model_type} checkpoint in {str(path)!r} with transformers: "
+            f"{type(err).__name__}: {err}"
+        ) from err
     if tokenizer is None and any(
         (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
     ):
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as err:  # noqa: BLE001
+            raise ModelSourceError(
+                f"cannot load the tokenizer in {str(path)!r}: {type(err).__name__}: {err}. Pass "
+                "tokenizer= explicitly, or remove the broken tokenizer files."
+            ) from err
     return hf_model, tokenizer
 
 
@@ -75,6 +102,14 @@ def _adapter_for(hf_config: Any) -> Adapter:
 
 
 def _score_head(hf_model: Any) -> nn.Linear:
+    classes = [c.__name__ for c in type(hf_model).__mro__]
+    if not any(name.endswith("ForSequenceClassification") for name in classes):
+        raise NotARewardModelError(
+            f"{type(hf_model).__name__} is not a *ForSequenceClassification model, so it has no "
+            "score head (a reward read at the last token); load the "
+            "*ForSequenceClassification class of this architecture, e.g. "
+            "AutoModelForSequenceClassification"
+        )
     score = getattr(hf_model, "score", None)
     if not isinstance(score, nn.Linear):
         raise NotARewardModelError(

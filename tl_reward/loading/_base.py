@@ -1,44 +1,103 @@
-"""What every architecture adapter shares: the adapter type and the config-key audit."""
+"""What every architecture adapter shares: the adapter type and the config-key audit.
 
+The audit's rule: a key of the HF config is refused only where the installed transformers'
+forward for that family reads it and the adapter does not reproduce it. What the forward reads is
+taken from the source of the family's modelling module (and of what that module takes from
+transformers' shared ``masking_utils`` / ``modeling_layers``): every ``config.<key>`` and
+``getattr(config, "<key>")``. Keys it never reads (generation, caching, tokenisation, other
+families, bookkeeping) cannot change the reward and are accepted (logged at debug level).
+"""
+
+import functools
+import importlib
+import inspect
+import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UnsupportedConfigError
 
-# Config keys that never change a float forward pass of a sequence-classification model
-# (bookkeeping, generation, training-only dropout, ids handled by pooling).
-COMMON_IGNORED = frozenset(
-    {
-        "_name_or_path", "_attn_implementation", "_attn_implementation_autoset",
-        "_commit_hash", "add_cross_attention", "architectures", "auto_map", "bad_words_ids",
-        "begin_suppress_tokens", "bos_token_id", "chunk_size_feed_forward", "classifier_dropout",
-        "cross_attention_hidden_size", "decoder_start_token_id", "diversity_penalty", "do_sample",
-        "dtype", "early_stopping", "encoder_no_repeat_ngram_size", "eos_token_id",
-        "exponential_decay_length_penalty", "finetuning_task", "forced_bos_token_id",
-        "forced_eos_token_id", "id2label", "initializer_range", "is_decoder",
-        "is_encoder_decoder", "label2id", "length_penalty", "max_length", "min_length",
-        "model_type", "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_labels",
-        "num_return_sequences", "output_attentions", "output_hidden_states", "output_scores",
-        "pad_token_id", "prefix", "problem_type", "pruned_heads", "remove_invalid_values",
-        "repetition_penalty", "return_dict", "return_dict_in_generate", "sep_token_id",
-        "suppress_tokens", "task_specific_params", "temperature", "tf_legacy_loss",
-        "tie_encoder_decoder", "tie_word_embeddings", "tokenizer_class", "top_k", "top_p",
-        "torch_dtype", "torchscript", "transformers_version", "typical_p", "use_bfloat16",
-        "use_cache", "attention_dropout", "hidden_dropout", "embd_pdrop", "attn_pdrop",
-        "resid_pdrop", "summary_type", "summary_use_proj", "summary_activation",
-        "summary_proj_to_labels", "summary_first_dropout", "pretraining_tp", "output_past",
-    }
-)
+logger = logging.getLogger(__name__)
+
+_DROPOUT = "dropout, off in eval mode"
+_OUTPUTS = "which outputs the HF model returns, not their values"
+
+# Keys the HF forwards read that cannot change the reward of an eval-mode float forward, with why.
+READ_WITHOUT_EFFECT: Mapping[str, str] = {
+    "_attn_implementation": "the attention kernel (eager, sdpa, ...); each computes the same "
+    "attention, and parity is checked against eager",
+    "attention_dropout": _DROPOUT, "hidden_dropout": _DROPOUT, "classifier_dropout": _DROPOUT,
+    "resid_pdrop": _DROPOUT, "embd_pdrop": _DROPOUT, "attn_pdrop": _DROPOUT,
+    "summary_first_dropout": _DROPOUT, "summary_last_dropout": _DROPOUT,
+    "output_attentions": _OUTPUTS, "output_hidden_states": _OUTPUTS, "return_dict": _OUTPUTS,
+    "use_return_dict": _OUTPUTS,
+    "use_cache": "the key/value cache of generation",
+    "initializer_range": "the initialisation of fresh weights; the checkpoint's are loaded",
+    "problem_type": "the training loss",
+    "num_labels": "the score head's width, which tl_reward reads from the head's weights",
+    "pad_token_id": "the pooling rule (rightmost token that is not the pad id), which "
+    "HookedRewardModel applies with the same id",
+    "dtype": "the parameters' dtype; load_reward_model(dtype=...) or the HF model's own",
+    "name_or_path": "bookkeeping",
+    "is_decoder": "encoder-decoder bookkeeping (a warning in the causal-LM class)",
+    "token_classification_bias": "only the *ForTokenClassification class's head",
+}
+
+# Keys every adapter checks (in ``Adapter.audit``): only the value tl_reward reproduces is accepted.
+CAUSAL = "is_causal"
 
 # Activation names TransformerLens implements with the same function as transformers.
 SUPPORTED_ACTIVATIONS = frozenset({"silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "gelu_fast"})
 
+_SHARED_MODULES = ("transformers.masking_utils", "transformers.modeling_layers")
+_READ = re.compile(r"config(?:\.get_text_config\(\))?\.([A-Za-z_]\w*)")
+_GETATTR = re.compile(r"(?:get|has)attr\(\s*(?:self\.)?\w*config\s*,\s*[\"']([A-Za-z_]\w*)[\"']")
 
-def refuse(key: str, value: Any, why: str) -> UnsupportedConfigError:
+
+@functools.cache
+def forward_reads(model_type: str) -> Mapping[str, str] | None:
+    """Config attributes the installed transformers' code for ``model_type`` reads, each with the
+    first source line that reads it; ``None`` where that source cannot be read.
+
+    Read from ``transformers.models.<model_type>.modeling_<model_type>`` and from the classes and
+    functions it imports from ``masking_utils`` / ``modeling_layers``. Attribute aliases
+    (GPT-2's ``hidden_size`` -> ``n_embd``) are mapped to the key the config stores.
+    """
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        config_module = importlib.import_module(
+            f"transformers.models.{model_type}.configuration_{model_type}"
+        )
+        sources = [inspect.getsource(module)]
+        for obj in vars(module).values():
+            if getattr(obj, "__module__", None) in _SHARED_MODULES and (
+                inspect.isclass(obj) or inspect.isfunction(obj)
+            ):
+                sources.append(inspect.getsource(obj))
+    except (ImportError, OSError, TypeError):
+        return None
+    aliases: dict[str, str] = {}
+    for obj in vars(config_module).values():
+        if inspect.isclass(obj) and getattr(obj, "model_type", None) == model_type:
+            aliases.update(getattr(obj, "attribute_map", {}) or {})
+    reads: dict[str, str] = {}
+    for source in sources:
+        for line in source.splitlines():
+            for name in (*_READ.findall(line), *_GETATTR.findall(line)):
+                reads.setdefault(aliases.get(name, name), line.strip())
+    return reads
+
+
+def refuse(key: str, value: Any, why: str, fix: str = "") -> UnsupportedConfigError:
+    """A refusal written for the user: the key, its value, what it changes, what they can do."""
+    fix = fix or (
+        "Score with the HF model itself, or use a checkpoint of this family without this setting"
+    )
     return UnsupportedConfigError(
-        f"HF config {key}={value!r} is not supported: {why}. tl_reward refuses rather than "
-        "analyse a different function than the HF model computes."
+        f"HF config {key}={value!r} cannot be converted: {why}. The converted model would "
+        f"compute different rewards than the HF model, so tl_reward refuses. {fix}."
     )
 
 
@@ -51,8 +110,9 @@ class Adapter:
       reproduce.
     - ``convert``: TransformerLens's weight converter for the trunk; it is given an object whose
       ``base_attr`` is the HF trunk (the score head is written by the loader).
-    - ``handled``: config keys ``config`` reads; every other key must be in ``ignored`` or
-      ``COMMON_IGNORED``, or loading is refused.
+    - ``handled``: config keys ``config`` reads and reproduces (or refuses by value).
+    - ``ignored``: keys this family's HF module reads that cannot change the reward, each with
+      why (beyond :data:`READ_WITHOUT_EFFECT`, shared by every family).
     """
 
     model_type: str
@@ -61,17 +121,51 @@ class Adapter:
     config: Callable[[Any], dict[str, Any]]
     convert: Callable[[Any, Any], Mapping[str, Any]]
     handled: frozenset[str]
-    ignored: frozenset[str] = field(default_factory=frozenset)
+    ignored: Mapping[str, str] = field(default_factory=dict)
 
     def audit(self, hf_config: Any) -> None:
-        """Refuse any config key this adapter neither handles nor knows to be irrelevant."""
-        known = self.handled | self.ignored | COMMON_IGNORED
-        unknown = sorted(k for k in hf_config.to_dict() if k not in known)
-        if unknown:
-            raise UnsupportedConfigError(
-                f"the {self.model_type} adapter does not know the HF config keys {unknown}; they "
-                "may change the forward pass. Add them to the adapter's handled or ignored keys "
-                "(tl_reward/loading) once you have checked what they do."
+        """Refuse a key only where the installed HF forward reads it and this adapter does not
+        reproduce it; accept the rest, logging why at debug level."""
+        if getattr(hf_config, CAUSAL, True) is not True:
+            raise refuse(
+                CAUSAL, getattr(hf_config, CAUSAL), "it makes transformers' attention mask "
+                "bidirectional (tokens see later tokens); TransformerLens's attention is causal",
+            )
+        reads = forward_reads(self.model_type)
+        unread, without_effect = [], []
+        for key, value in sorted(hf_config.to_dict().items()):
+            if key in self.handled or key == CAUSAL:
+                continue
+            if key in self.ignored or key in READ_WITHOUT_EFFECT:
+                without_effect.append(key)
+                continue
+            if reads is not None and key not in reads:
+                unread.append(key)
+                continue
+            if reads is None:
+                raise refuse(
+                    key, value, f"the source of transformers' {self.model_type} modelling code "
+                    "cannot be read here, so tl_reward cannot tell whether its forward uses this "
+                    f"key, and the {self.model_type} adapter does not convert it",
+                    "Install transformers from a wheel or source distribution (with its .py "
+                    "files), or score with the HF model itself",
+                )
+            raise refuse(
+                key, value, f"transformers' {self.model_type} forward reads it "
+                f"(`{reads[key]}`) and the {self.model_type} adapter does not convert it",
+                "If the checkpoint was trained without this setting, remove the key from its "
+                "config.json; otherwise score with the HF model itself",
+            )
+        if unread:
+            logger.debug(
+                "%s config: accepted %s, which transformers' %s forward never reads",
+                self.model_type, unread, self.model_type,
+            )
+        if without_effect:
+            logger.debug(
+                "%s config: accepted %s, read by transformers but without effect on the reward "
+                "(%s)", self.model_type, without_effect,
+                "; ".join(f"{k}: {self.ignored.get(k) or READ_WITHOUT_EFFECT[k]}" for k in without_effect),
             )
 
 
@@ -92,5 +186,8 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
 
 def check_activation(key: str, value: str) -> str:
     if value not in SUPPORTED_ACTIVATIONS:
-        raise refuse(key, value, f"supported activations are {sorted(SUPPORTED_ACTIVATIONS)}")
+        raise refuse(
+            key, value, "it picks the MLP's activation function, and TransformerLens implements "
+            f"the same function as transformers only for {sorted(SUPPORTED_ACTIVATIONS)}",
+        )
     return value

@@ -12,7 +12,10 @@ from ._base import Adapter, check_activation, refuse, rope_parameters
 
 def gpt2_config(hf_config: Any) -> dict[str, Any]:
     if getattr(hf_config, "add_cross_attention", False):
-        raise refuse("add_cross_attention", True, "reward models here are decoder-only")
+        raise refuse(
+            "add_cross_attention", True, "it adds cross-attention to an encoder's states to each "
+            "block; TransformerLens's GPT-2 has none",
+        )
     return {
         "d_model": hf_config.n_embd,
         "d_head": hf_config.n_embd // hf_config.n_head,
@@ -32,12 +35,33 @@ def gpt2_config(hf_config: Any) -> dict[str, Any]:
 
 def neox_config(hf_config: Any) -> dict[str, Any]:
     if not getattr(hf_config, "attention_bias", True):
-        raise refuse("attention_bias", False, "TransformerLens's GPT-NeoX converter needs the biases")
+        raise refuse(
+            "attention_bias", False, "it removes the attention projections' biases, which "
+            "TransformerLens's GPT-NeoX converter reads",
+        )
     params = rope_parameters(hf_config)
     if params["rope_type"] != "default":
-        raise refuse("rope_parameters.rope_type", params["rope_type"], "only default RoPE")
+        raise refuse(
+            "rope_parameters.rope_type", params["rope_type"], "it rescales the rotary position "
+            "frequencies; TransformerLens reproduces only 'default' RoPE for GPT-NeoX",
+        )
     d_head = hf_config.hidden_size // hf_config.num_attention_heads
-    pct = params.get("partial_rotary_factor", getattr(hf_config, "rotary_pct", 1.0))
+    rope_head_dim = getattr(hf_config, "head_dim", None) or d_head
+    if rope_head_dim != d_head:
+        raise refuse(
+            "head_dim", rope_head_dim, f"GPT-NeoX attention heads have hidden_size // "
+            f"num_attention_heads = {d_head} dimensions; a different head_dim changes only the "
+            "rotary frequencies, which TransformerLens cannot express"
+        )
+    pct = params.get("partial_rotary_factor", 1.0)
+    rotary_dim = int(rope_head_dim * pct)  # transformers truncates
+    if rotary_dim % 2:
+        raise refuse(
+            "rope_parameters.partial_rotary_factor", pct, f"it gives an odd rotary dimension "
+            f"int({pct} * {rope_head_dim}) = {rotary_dim}; transformers then rotates "
+            f"{rotary_dim + 1} dimensions with frequencies computed for {rotary_dim}, which "
+            "TransformerLens's rotary embedding does not reproduce"
+        )
     return {
         "d_model": hf_config.hidden_size,
         "d_head": d_head,
@@ -50,7 +74,7 @@ def neox_config(hf_config: Any) -> dict[str, Any]:
         "act_fn": check_activation("hidden_act", hf_config.hidden_act),
         "parallel_attn_mlp": hf_config.use_parallel_residual,
         "positional_embedding_type": "rotary",
-        "rotary_dim": round(pct * d_head),
+        "rotary_dim": rotary_dim,
         "rotary_base": params["rope_theta"],
         "rotary_adjacent_pairs": False,
         "normalization_type": "LN",
@@ -63,14 +87,22 @@ ADAPTERS = (
         frozenset({"n_embd", "n_head", "n_inner", "n_layer", "n_positions", "n_ctx",
                    "layer_norm_epsilon", "vocab_size", "activation_function", "scale_attn_weights",
                    "scale_attn_by_inverse_layer_idx", "add_cross_attention"}),
-        # reorder_and_upcast_attn only changes the precision of the score computation.
-        ignored=frozenset({"reorder_and_upcast_attn"}),
+        ignored={
+            "reorder_and_upcast_attn": "the order and precision of the attention-score "
+            "computation (upcast to float32), not the function",
+            **dict.fromkeys(
+                ("summary_type", "summary_use_proj", "summary_activation",
+                 "summary_proj_to_labels"),
+                "only GPT2DoubleHeadsModel's multiple-choice head",
+            ),
+        },
     ),
     Adapter(
         "gpt_neox", "GPTNeoXForCausalLM", "gpt_neox", neox_config, convert_neox_weights,
         frozenset({"hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
                    "max_position_embeddings", "layer_norm_eps", "vocab_size", "hidden_act",
                    "use_parallel_residual", "rope_parameters", "rope_scaling", "rotary_pct",
-                   "rotary_emb_base", "rope_theta", "attention_bias", "partial_rotary_factor"}),
+                   "rotary_emb_base", "rope_theta", "attention_bias", "partial_rotary_factor",
+                   "head_dim"}),
     ),
 )

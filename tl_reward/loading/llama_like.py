@@ -33,6 +33,13 @@ def _rope(hf_config: Any, cfg: dict[str, Any], *, allow_llama3: bool) -> None:
     if rope_type == "default":
         return
     if rope_type == "llama3" and allow_llama3:
+        pct = params.get("partial_rotary_factor", 1.0)
+        if pct != 1.0:
+            raise refuse(
+                "rope_parameters.partial_rotary_factor", pct, "with llama3 RoPE it computes "
+                "frequencies for part of each head, which transformers' Llama attention then "
+                "applies to the whole head (it fails to run); TransformerLens rotates whole heads",
+            )
         cfg["use_NTK_by_parts_rope"] = True
         cfg["NTK_original_ctx_len"] = params.get(
             "original_max_position_embeddings", hf_config.max_position_embeddings
@@ -41,22 +48,41 @@ def _rope(hf_config: Any, cfg: dict[str, Any], *, allow_llama3: bool) -> None:
         cfg["NTK_by_parts_high_freq_factor"] = params.get("high_freq_factor", 4.0)
         cfg["NTK_by_parts_factor"] = params.get("factor", 1.0)
         return
-    raise refuse("rope_parameters.rope_type", rope_type, "only default (and llama3 for Llama) RoPE")
+    kept = "'default' and (for Llama) 'llama3'" if allow_llama3 else "'default'"
+    raise refuse(
+        "rope_parameters.rope_type", rope_type, f"it rescales the rotary position frequencies "
+        f"(RoPE scaling '{rope_type}'); TransformerLens reproduces only {kept} for this family",
+    )
 
 
-def _attention_layout(hf_config: Any, cfg: dict[str, Any]) -> None:
-    """Sliding-window layers, from ``layer_types`` (transformers 5) or ``sliding_window``."""
+def _attention_layout(hf_config: Any, cfg: dict[str, Any], *, per_layer: bool) -> None:
+    """Sliding-window layers as the installed HF forward applies them.
+
+    ``per_layer``: the family's attention reads ``layer_types`` (Qwen2, Qwen3, Gemma-2); else
+    (Mistral) ``sliding_window`` applies to every layer whatever ``layer_types`` says.
+    """
     window = getattr(hf_config, "sliding_window", None)
-    layer_types = getattr(hf_config, "layer_types", None)
-    if layer_types is None:
-        uses = window is not None and getattr(hf_config, "use_sliding_window", True)
-        layer_types = ["sliding_attention" if uses else "full_attention"] * cfg["n_layers"]
+    if per_layer:
+        layer_types = list(getattr(hf_config, "layer_types", None) or ["full_attention"] * cfg["n_layers"])
+    else:
+        layer_types = ["full_attention" if window is None else "sliding_attention"] * cfg["n_layers"]
     unknown = set(layer_types) - {"sliding_attention", "full_attention"}
     if unknown:
-        raise refuse("layer_types", sorted(unknown), "only sliding_attention and full_attention")
+        raise refuse(
+            "layer_types", sorted(unknown), "only sliding_attention and full_attention layers are "
+            "converted"
+        )
+    if len(layer_types) != cfg["n_layers"]:
+        raise refuse(
+            "layer_types", layer_types, f"it names {len(layer_types)} layers for "
+            f"num_hidden_layers={cfg['n_layers']}"
+        )
     if "sliding_attention" in layer_types:
         if window is None:
-            raise refuse("sliding_window", None, "sliding layers need a window size")
+            raise refuse(
+                "sliding_window", None, "layer_types has sliding_attention layers but no window "
+                "size (the HF model cannot run either)"
+            )
         cfg["use_local_attn"] = True
         cfg["window_size"] = window
         cfg["attn_types"] = [
@@ -64,7 +90,9 @@ def _attention_layout(hf_config: Any, cfg: dict[str, Any]) -> None:
         ]
 
 
-def llama_trunk(hf_config: Any, *, act_key: str = "hidden_act") -> dict[str, Any]:
+def llama_trunk(
+    hf_config: Any, *, act_key: str = "hidden_act", per_layer_windows: bool = True
+) -> dict[str, Any]:
     """HookedTransformerConfig keywords shared by the family."""
     n_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
@@ -87,14 +115,17 @@ def llama_trunk(hf_config: Any, *, act_key: str = "hidden_act") -> dict[str, Any
         "final_rms": True,
         "gated_mlp": True,
     }
-    _attention_layout(hf_config, cfg)
+    _attention_layout(hf_config, cfg, per_layer=per_layer_windows)
     return cfg
 
 
 def _no_biases(hf_config: Any, *keys: str) -> None:
     for key in keys:
         if getattr(hf_config, key, False):
-            raise refuse(key, True, "TransformerLens's converter for this family has no such biases")
+            raise refuse(
+                key, True, f"it adds biases to the {key.split('_')[0]} projections, and "
+                "TransformerLens's weight converter for this family drops them",
+            )
 
 
 def llama_config(hf_config: Any) -> dict[str, Any]:
@@ -105,7 +136,8 @@ def llama_config(hf_config: Any) -> dict[str, Any]:
 
 
 def mistral_config(hf_config: Any) -> dict[str, Any]:
-    cfg = llama_trunk(hf_config)
+    # transformers' Mistral applies sliding_window to every layer; it never reads layer_types.
+    cfg = llama_trunk(hf_config, per_layer_windows=False)
     _rope(hf_config, cfg, allow_llama3=False)
     return cfg
 
@@ -129,8 +161,12 @@ def qwen3_config(hf_config: Any) -> dict[str, Any]:
 def gemma_config(hf_config: Any) -> dict[str, Any]:
     _no_biases(hf_config, "attention_bias")
     if getattr(hf_config, "use_bidirectional_attention", None):
-        raise refuse("use_bidirectional_attention", True, "reward models here are causal")
-    act_key = "hidden_activation" if getattr(hf_config, "hidden_activation", None) else "hidden_act"
+        raise refuse(
+            "use_bidirectional_attention", True, "it makes every token attend to later tokens "
+            "too; TransformerLens's attention is causal",
+        )
+    # transformers' Gemma MLP reads hidden_act, Gemma-2's hidden_activation (each ignores the other)
+    act_key = "hidden_activation" if hf_config.model_type == "gemma2" else "hidden_act"
     cfg = llama_trunk(hf_config, act_key=act_key)
     # TransformerLens's Gemma converter always writes grouped K/V weights.
     cfg["n_key_value_heads"] = hf_config.num_key_value_heads
@@ -165,6 +201,9 @@ ADAPTERS = (
         "gemma2", "Gemma2ForCausalLM", "model", gemma2_config, convert_gemma_weights,
         _GEMMA_KEYS | {"query_pre_attn_scalar", "sliding_window", "layer_types",
                        "attn_logit_softcapping"},
-        ignored=frozenset({"final_logit_softcapping"}),
+        ignored={
+            "final_logit_softcapping": "only Gemma2ForCausalLM caps its vocabulary logits; "
+            "Gemma2ForSequenceClassification's score is not capped",
+        },
     ),
 )
