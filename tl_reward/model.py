@@ -100,7 +100,10 @@ class HookedRewardModel(HookedTransformer):
             warnings.filterwarnings(
                 "ignore", message="HookedTransformer is deprecated", category=DeprecationWarning
             )
-            super().__init__(cfg, tokenizer=None, move_to_device=True)
+            # moved below, unless the parameters are still empty (meta: see loading._build)
+            super().__init__(cfg, tokenizer=None, move_to_device=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self.move_model_modules_to_device()
         # Kept as given: TransformerLens's set_tokenizer would mutate it (and may reach the hub).
         self.tokenizer = tokenizer
         self.pad_token_id = pad_token_id

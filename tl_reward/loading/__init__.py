@@ -5,6 +5,7 @@ One small adapter per architecture family (``llama_like``, ``gpt``) in a registr
 the model's ``unembed``.
 """
 
+import gc
 import logging
 import os
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from ..errors import (
 from ..model import HookedRewardModel
 from . import gpt, llama_like
 from ._base import Adapter
+from ._build import assign_state, buffers_to, empty_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def supported_architectures() -> list[str]:
     return sorted(REGISTRY)
 
 
-def _from_directory(path: Path, tokenizer: Any) -> tuple[Any, Any]:
+def _from_directory(path: Path, tokenizer: Any, **hf_kwargs: Any) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     if not (path / "config.json").exists():
@@ -56,7 +58,9 @@ def _from_directory(path: Path, tokenizer: Any) -> tuple[Any, Any]:
             f"{str(path)!r} holds a {architectures or config.model_type} model, not a "
             "*ForSequenceClassification reward model: it has no score head"
         )
-    hf_model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+    hf_model = AutoModelForSequenceClassification.from_pretrained(
+        path, local_files_only=True, **hf_kwargs
+    )
     if tokenizer is None and any(
         (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
     ):
@@ -83,6 +87,35 @@ def _score_head(hf_model: Any) -> nn.Linear:
             "AutoModelForSequenceClassification"
         )
     return score
+
+
+def _read_kwargs(device: str | None, dtype: torch.dtype | None) -> dict[str, Any]:
+    """``from_pretrained`` arguments that read the checkpoint once, as it will be used: in
+    ``dtype`` (no float32 round trip) and, for an accelerator, straight onto it (no host copy).
+    On the CPU, transformers memory-maps the safetensors file and its tensors are reused as they
+    are."""
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if device is not None and torch.device(device).type != "cpu":
+        kwargs["device_map"] = device
+    return kwargs
+
+
+def _converted_state(hf_model: Any, adapter: Adapter, score: nn.Linear, cfg: Any) -> dict[str, Tensor]:
+    """The TransformerLens state dict of ``hf_model``: views of its tensors where the layout
+    allows (TransformerLens's converters reshape and transpose; the head is ``score.weight.T``)."""
+    trunk = SimpleNamespace(**{adapter.base_attr: getattr(hf_model, adapter.base_attr)})
+    trunk.lm_head = trunk.embed_out = score  # read by some converters; replaced below
+    with torch.no_grad():
+        state = dict(adapter.convert(trunk, cfg))
+        state["unembed.W_U"] = score.weight.T
+        state["unembed.b_U"] = (
+            score.bias
+            if score.bias is not None
+            else torch.zeros(score.out_features, dtype=score.weight.dtype)
+        )
+    return state
 
 
 def load_reward_model(
@@ -113,7 +146,8 @@ def load_reward_model(
     """
     if device is not None:  # before any loading
         device = checked_device(device)
-    if isinstance(model, str | os.PathLike):
+    owned = isinstance(model, str | os.PathLike)
+    if owned:
         path = Path(model)
         if not path.is_dir():
             raise ModelSourceError(
@@ -121,7 +155,8 @@ def load_reward_model(
                 "load the model with transformers and pass the object, or save_pretrained() it "
                 "and pass the directory."
             )
-        model, tokenizer = _from_directory(path, tokenizer)
+        # read once, in the requested dtype, straight to the requested device (memory-mapped)
+        model, tokenizer = _from_directory(path, tokenizer, **_read_kwargs(device, dtype))
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
@@ -164,30 +199,19 @@ def load_reward_model(
     )
     id2label = getattr(hf_config, "id2label", None) or {}
     labels = [str(id2label.get(i, f"reward_{i}")) for i in range(score.out_features)]
-    reward_model = HookedRewardModel(
-        cfg, tokenizer, pad_token_id=getattr(hf_config, "pad_token_id", None), label_names=labels
-    )
-
-    trunk = SimpleNamespace(**{adapter.base_attr: getattr(model, adapter.base_attr)})
-    trunk.lm_head = trunk.embed_out = score  # read by some converters; replaced below
-    with torch.no_grad():
-        state = dict(adapter.convert(trunk, cfg))
-        state["unembed.W_U"] = score.weight.T.clone()
-        state["unembed.b_U"] = (
-            score.bias.clone()
-            if score.bias is not None
-            else torch.zeros(score.out_features, dtype=score.weight.dtype)
+    with empty_parameters():
+        reward_model = HookedRewardModel(
+            cfg, tokenizer, pad_token_id=getattr(hf_config, "pad_token_id", None),
+            label_names=labels,
         )
-        state = {k: v.detach().to(device=cfg.device, dtype=cfg.dtype) for k, v in state.items()}
-        reward_model.load_and_process_state_dict(
-            state,
-            fold_ln=fold_ln,
-            center_writing_weights=center_writing_weights,
-            center_unembed=False,  # would zero a one-column head: never on a reward head
-            fold_value_biases=fold_ln,
-            refactor_factored_attn_matrices=False,
-        )
+    buffers_to(reward_model, cfg.device)
+    state = _converted_state(model, adapter, score, cfg)  # views of the HF tensors
+    name = type(model).__name__
+    del model, score, first_param  # a model read here is freed tensor by tensor as its weights are assigned
+    if owned:
+        gc.collect()
+    assign_state(reward_model, state, fold_ln=fold_ln, center_writing_weights=center_writing_weights)
     reward_model.set_objective(objective)
     reward_model.eval()
-    logger.info("converted %s (%s) into a HookedRewardModel", type(model).__name__, adapter.model_type)
+    logger.info("converted %s (%s) into a HookedRewardModel", name, adapter.model_type)
     return reward_model
