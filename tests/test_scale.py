@@ -73,3 +73,73 @@ def test_directory_load_in_half_precision_is_memory_mapped(tmp_path):
     with torch.no_grad():  # the same rewards as converting the same HF model in memory
         assert torch.equal(model(tokens, attention_mask=mask),
                            load_reward_model(hf)(tokens, attention_mask=mask))
+
+
+def test_memory_budget_picks_smaller_batches_with_the_same_results():
+    """A budget that fits one row's forward runs the tools one row at a time, with the results
+    of one big batch; the budget is restored on leaving the block."""
+    from tl_reward import direct_reward_attribution, memory_budget, reward_lens
+    from tl_reward._memory import forward_bytes_per_row, get_memory_budget, rows_that_fit
+
+    model = load_reward_model(make_hf_model("llama", gqa=True))
+    tokens, mask = pad_batch(ragged_sequences(seed=5), "right")
+    big_lens = reward_lens(model, tokens, mask, batch_size=32)
+    big_attr = direct_reward_attribution(model, tokens, mask, level="head", batch_size=32)
+    one_row = forward_bytes_per_row(model.cfg, tokens.shape[1])
+    outside = get_memory_budget()
+    with memory_budget(1.5 * one_row / 2**30):
+        assert rows_that_fit(model.cfg, tokens.shape[1], 32) == 1
+        lens = reward_lens(model, tokens, mask, batch_size=32)
+        attr = direct_reward_attribution(model, tokens, mask, level="head", batch_size=32)
+    assert get_memory_budget() >= outside // 2  # not left at the tiny budget
+    torch.testing.assert_close(lens.rewards, big_lens.rewards, atol=1e-5, rtol=0)
+    torch.testing.assert_close(attr.values, big_attr.values, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="positive"):
+        memory_budget(0.0).__enter__()
+
+
+def test_pooled_run_keeps_only_the_scoring_token():
+    """The observational tools keep [batch, 1, ...] of each activation they read (the pattern's
+    pooled query row), never the full [batch, pos, ...] activations, and no autograd graph."""
+    from tl_reward._readout import pooled_run
+
+    model = load_reward_model(make_hf_model("llama", gqa=True))
+    tokens, mask = pad_batch(ragged_sequences(seed=6), "right")
+    run = pooled_run(model, tokens, mask, lambda n: "hook_resid" in n or "hook_pattern" in n)
+    assert not run.rewards.requires_grad
+    for name, act in run.cache.cache_dict.items():
+        if name.endswith("hook_pattern"):
+            assert act.shape == (tokens.shape[0], model.cfg.n_heads, 1, tokens.shape[1])
+        else:
+            assert act.shape[:2] == (tokens.shape[0], 1), name
+    _, full = model.run_with_cache(tokens, attention_mask=mask)
+    rows = torch.arange(tokens.shape[0])
+    torch.testing.assert_close(run.cache["blocks.1.hook_resid_pre"][:, 0],
+                               full["blocks.1.hook_resid_pre"][rows, run.pool_index])
+
+
+def test_a_chat_longer_than_n_ctx_says_how_to_raise_it():
+    model = load_reward_model(make_hf_model("llama", gqa=True), n_ctx=16)
+    with pytest.raises(ValueError, match=r"load_reward_model\(\.\.\., n_ctx=\.\.\.\)"):
+        model(torch.full((1, 17), 5))
+
+
+def test_bench_scale_runs_at_tiny_scale():
+    """benchmarks/bench_scale.py, the GPU scale check, at tiny shapes on the CPU: it runs, and its
+    figures hold together (attribution adds up, the lens ends at the reward, grids have the
+    model's shape, bf16 agrees with float32)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_scale.py"
+    spec = importlib.util.spec_from_file_location("bench_scale", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.run("tiny", "cpu")
+    n_layers, n_heads = 2, 4
+    assert r["attribution_completeness"] < 1e-2 and r["lens_last_vs_reward"] < 1e-2
+    assert r["resid_grid_shape"][0] == n_layers and r["head_grid_shape"][:2] == [n_layers, n_heads]
+    assert r["atp_cells"] == n_layers * (n_heads + 128) * bench.SIZES["tiny"][2]
+    assert r["bf16_effect_corr"] > 0.99
+    assert r["bf16_reward_gap"] < 0.05 * r["bf16_reward_scale"] + 1e-3
+    assert "| forward 2 x 128" in bench.table(r)

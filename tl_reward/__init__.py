@@ -1,6 +1,8 @@
 """tl_reward: mechanistic interpretability of RLHF reward models on TransformerLens hooks."""
 
 from . import errors as errors
+from ._memory import memory_budget as memory_budget
+from ._memory import set_memory_budget as set_memory_budget
 from .agreement import AgreementReport as AgreementReport
 from .agreement import agreement_report as agreement_report
 from .agreement import compare_attribution_and_patching as compare_attribution_and_patching

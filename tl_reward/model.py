@@ -23,6 +23,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.hook_points import HookPoint
 
+from ._memory import rows_that_fit
 from .errors import InvalidInputError, ObjectiveError
 
 logger = logging.getLogger(__name__)
@@ -553,6 +554,8 @@ class HookedRewardModel(HookedTransformer):
         if batch_size < 1:
             raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
         ids = self.tokenize(texts)
+        # at most the rows whose forward fits the memory budget (tl_reward.set_memory_budget)
+        batch_size = rows_that_fit(self.cfg, max(len(x) for x in ids), batch_size)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         chunks = []
         for start in tqdm(

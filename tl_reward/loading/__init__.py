@@ -5,7 +5,6 @@ One small adapter per architecture family (``llama_like``, ``gpt``) in a registr
 the model's ``unembed``.
 """
 
-import gc
 import logging
 import os
 from collections.abc import Sequence
@@ -146,8 +145,7 @@ def load_reward_model(
     """
     if device is not None:  # before any loading
         device = checked_device(device)
-    owned = isinstance(model, str | os.PathLike)
-    if owned:
+    if isinstance(model, str | os.PathLike):
         path = Path(model)
         if not path.is_dir():
             raise ModelSourceError(
@@ -208,8 +206,6 @@ def load_reward_model(
     state = _converted_state(model, adapter, score, cfg)  # views of the HF tensors
     name = type(model).__name__
     del model, score, first_param  # a model read here is freed tensor by tensor as its weights are assigned
-    if owned:
-        gc.collect()
     assign_state(reward_model, state, fold_ln=fold_ln, center_writing_weights=center_writing_weights)
     reward_model.set_objective(objective)
     reward_model.eval()

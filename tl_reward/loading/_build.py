@@ -211,7 +211,12 @@ def assign_state(
                     tensor = _default(model.get_submodule(module_name), name, tensor)
                 chunk[key] = tensor.to(device=cfg.device, dtype=cfg.dtype)
             if processing:
+                # folding never changes the embeddings (only centring does): not through the
+                # float32 round trip of process_weights, which would copy them for nothing
+                skip = {} if center_writing_weights else {
+                    k: chunk.pop(k) for k in ("embed.W_E", "pos_embed.W_pos") if k in chunk}
                 chunk = _process(chunk, layer, cfg, fold_ln=fold_ln, center=center_writing_weights)
+                chunk.update(skip)
             for key in list(chunk):
                 _assign(model, key, chunk.pop(key))
     empty = [n for n, p in model.named_parameters() if p.is_meta]
