@@ -190,10 +190,13 @@ def assign_state(
     *,
     fold_ln: bool,
     center_writing_weights: bool,
+    overrides: dict[str, Tensor] | None = None,
 ) -> None:
     """Fill the empty model with ``state`` (TransformerLens layout), layer by layer, emptying
     ``state`` as it goes; process the weights as TransformerLens's ``load_and_process_state_dict``
-    does (never ``center_unembed``)."""
+    does (never ``center_unembed``). ``overrides``: processed values that replace
+    TransformerLens's for the same keys (folds it gets wrong), cast to the model's dtype."""
+    overrides = dict(overrides or {})
     cfg = model.cfg
     state = model.fill_missing_keys(state)
     for key in [k for k in state if _is_buffer(model, k)]:
@@ -217,6 +220,8 @@ def assign_state(
                     k: chunk.pop(k) for k in ("embed.W_E", "pos_embed.W_pos") if k in chunk}
                 chunk = _process(chunk, layer, cfg, fold_ln=fold_ln, center=center_writing_weights)
                 chunk.update(skip)
+            for key in [k for k in chunk if k in overrides]:
+                chunk[key] = overrides.pop(key).to(device=cfg.device, dtype=cfg.dtype)
             for key in list(chunk):
                 _assign(model, key, chunk.pop(key))
     empty = [n for n, p in model.named_parameters() if p.is_meta]
