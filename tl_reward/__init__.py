@@ -13,6 +13,8 @@ from .errors import TLRewardError as TLRewardError
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
+    "memory_budget": "_memory",
+    "set_memory_budget": "_memory",
     "AgreementReport": "agreement",
     "agreement_report": "agreement",
     "compare_attribution_and_patching": "agreement",
@@ -72,6 +74,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from ._memory import memory_budget as memory_budget
+    from ._memory import set_memory_budget as set_memory_budget
     from .agreement import AgreementReport as AgreementReport
     from .agreement import agreement_report as agreement_report
     from .agreement import compare_attribution_and_patching as compare_attribution_and_patching

@@ -98,29 +98,35 @@ def pooled_run(
     attention_mask: Tensor | None,
     names: Callable[[str], bool],
 ) -> PooledRun:
-    """Run once, cache only ``names`` (plus the final-norm scale), gather them at the pooled token,
-    in :func:`readout_dtype`.
+    """Run once (no autograd graph), keep only ``names`` (plus the final-norm scale), each
+    gathered at the pooled token as the forward produces it, in :func:`readout_dtype`.
 
-    Attention patterns keep their key axis (``[batch, head, 1, key_pos]``); values ``hook_v`` keep
-    every position.
+    Attention patterns keep their key axis (``[batch, head, 1, key_pos]``, the pooled query's
+    row only); values ``hook_v`` keep every position. Nothing else of the forward is kept, so
+    the memory held is the weights, one layer's working set and ``[batch, d_model]`` per name.
     """
     dt = readout_dtype(model)
     pool_index = model.pooled_index(tokens, attention_mask)
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    n_pos = tokens.shape[1]
+    gathered: dict[str, Tensor] = {}
 
     def wanted(name: str) -> bool:
         return name == "ln_final.hook_scale" or names(name)
 
-    rewards, raw = model.run_with_cache(
-        tokens, attention_mask=attention_mask, names_filter=wanted, pool_index=pool_index
-    )
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
-    gathered = {}
-    for name, act in raw.cache_dict.items():
+    def keep(act: Tensor, hook) -> None:
+        name = hook.name
         if name.endswith("hook_pattern"):
-            act = act[rows, :, pool_index][:, :, None, :]
-        elif name.rsplit(".", 1)[-1] in _POSITIONAL and act.ndim >= 2 and act.shape[1] == tokens.shape[1]:
-            act = act[rows, pool_index][:, None]
-        gathered[name] = act.to(dt)
+            act = act[rows, :, pool_index.to(act.device)][:, :, None, :]
+        elif name.rsplit(".", 1)[-1] in _POSITIONAL and act.ndim >= 2 and act.shape[1] == n_pos:
+            act = act[rows.to(act.device), pool_index.to(act.device)][:, None]
+        gathered[name] = act.detach().to(dt)
+
+    with torch.no_grad():
+        rewards = model.run_with_hooks(
+            tokens, attention_mask=attention_mask, pool_index=pool_index,
+            fwd_hooks=[(wanted, keep)],
+        )
     return PooledRun(
         rewards=rewards,
         cache=ActivationCache(gathered, model),

@@ -34,6 +34,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ._memory import rows_that_fit
 from ._readout import as_tokens, choose, readout_dtype
 from .errors import InvalidInputError
 from .model import HookedRewardModel, Text
@@ -219,6 +220,9 @@ def attribution_patch(
         )
     if batch_size < 1:
         raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+    # the memory budget: the target run's graph, kept for the backward, bounds the pairs per chunk
+    batch_size = rows_that_fit(cfg, max(clean_t.shape[1], corrupt_t.shape[1]), batch_size,
+                               grad=True)
     names = {f"blocks.{l}.{HOOKS[h][0]}": (h, l) for h in hooks for l in layers}
     t_tokens, t_mask = (corrupt_t, corrupt_m) if mode == "denoise" else (clean_t, clean_m)
     s_tokens, s_mask = (clean_t, clean_m) if mode == "denoise" else (corrupt_t, corrupt_m)

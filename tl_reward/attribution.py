@@ -13,6 +13,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ._memory import rows_that_fit
 from ._readout import as_tokens, batches, centers, choose, pooled_run, read_out
 from .errors import InvalidInputError
 from .model import HookedRewardModel, Text
@@ -201,6 +202,8 @@ def direct_reward_attribution(
             "head_source labels are source positions of one padded batch: pass at most "
             f"batch_size={batch_size} sequences or raise batch_size"
         )
+    if level != "head_source":  # head_source: one padded batch by contract (its labels)
+        batch_size = rows_that_fit(model.cfg, tokens.shape[1], batch_size)  # the memory budget
     chunks, rewards, labels = [], [], None
     for rows in batches(tokens.shape[0], batch_size, progress, f"attribution ({level})"):
         mask = None if attention_mask is None else attention_mask[rows]

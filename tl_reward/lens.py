@@ -10,6 +10,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ._memory import rows_that_fit
 from ._readout import as_tokens, batches, choose, pooled_run, read_out, readout_dtype
 from .errors import InvalidInputError
 from .model import HookedRewardModel, Text
@@ -136,6 +137,7 @@ def reward_lens(
     tokens, attention_mask = as_tokens(model, tokens, attention_mask)
     weights, bias = read_out(model)
     incl_mid = hook == "resid_mid"
+    batch_size = rows_that_fit(model.cfg, tokens.shape[1], batch_size)  # the memory budget
     chunks, labels = [], None
     for rows in batches(tokens.shape[0], batch_size, progress, "reward lens"):
         mask = None if attention_mask is None else attention_mask[rows]

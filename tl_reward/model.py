@@ -23,6 +23,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.hook_points import HookPoint
 
+from ._memory import rows_that_fit
 from .errors import InvalidInputError, ObjectiveError
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def pooled_positions(
     return (index * valid).argmax(dim=-1)
 
 
-def _exact_ambiguous_folds(
+def exact_ambiguous_folds(
     state_dict: dict[str, Tensor], cfg: HookedTransformerConfig, center_unembed: bool = False
 ) -> dict[str, Tensor]:
     """The folded weights TransformerLens 3.9 would get wrong: MLP input weights of a square MLP
@@ -159,7 +160,10 @@ class HookedRewardModel(HookedTransformer):
             warnings.filterwarnings(
                 "ignore", message="HookedTransformer is deprecated", category=DeprecationWarning
             )
-            super().__init__(cfg, tokenizer=None, move_to_device=True)
+            # moved below, unless the parameters are still empty (meta: see loading._build)
+            super().__init__(cfg, tokenizer=None, move_to_device=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self.move_model_modules_to_device()
         # Kept as given: TransformerLens's set_tokenizer would mutate it (and may reach the hub).
         self.tokenizer = tokenizer
         self.pad_token_id = pad_token_id
@@ -222,7 +226,7 @@ class HookedRewardModel(HookedTransformer):
         folded here in the HookedTransformer layout (``W_in`` [d_model, d_mlp], ``W_U``
         [d_model, n_rewards]) and written over TransformerLens's result.
         """
-        exact = _exact_ambiguous_folds(state_dict, self.cfg, center_unembed) if fold_ln else {}
+        exact = exact_ambiguous_folds(state_dict, self.cfg, center_unembed) if fold_ln else {}
         super().load_and_process_state_dict(
             state_dict,
             fold_ln=fold_ln,
@@ -844,6 +848,8 @@ class HookedRewardModel(HookedTransformer):
     def _score_ids(self, ids: list[list[int]], batch_size: int, progress: bool) -> Tensor:
         from tqdm.auto import tqdm
 
+        # at most the rows whose forward fits the memory budget (tl_reward.set_memory_budget)
+        batch_size = rows_that_fit(self.cfg, max(len(x) for x in ids), batch_size)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         chunks = []
         for start in tqdm(

@@ -42,6 +42,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from ._device import checked_device
+from ._memory import rows_that_fit
 from ._readout import as_tokens, choose, readout_dtype
 from .errors import InvalidInputError
 from .model import HookedRewardModel, Text
@@ -489,6 +490,9 @@ def activation_patch_grids(
 
     clean_t, clean_m, corrupt_t, corrupt_m = _pair_tokens(model, clean, corrupt, clean_mask,
                                                           corrupt_mask, mode)
+    # the memory budget: a patched forward's rows run at up to the full length
+    n_pos = max(t.shape[1] for t in (clean_t, corrupt_t) if t is not None)
+    max_rows = rows_that_fit(cfg, n_pos, max_rows)
 
     hook_names = {HOOKS[hook][0] for hook, _ in grids}
     act_names = {f"blocks.{l}.{h}" for l in layers for h in hook_names}

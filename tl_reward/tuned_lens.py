@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from ._memory import rows_that_fit
 from ._readout import as_tokens, batches, pooled_run, readout_dtype
 from .errors import InvalidInputError
 from .lens import LensResult, _head, _head_bias
@@ -52,6 +53,7 @@ def _r2(pred: Float[Tensor, "layer n"], target: Float[Tensor, "n"]) -> Float[Ten
 
 def _pooled_stack(model, tokens, mask, batch_size, progress):
     stacks, rewards, labels = [], [], None
+    batch_size = rows_that_fit(model.cfg, tokens.shape[1], batch_size)  # the memory budget
     for rows in batches(tokens.shape[0], batch_size, progress, "collecting residuals"):
         run = pooled_run(model, tokens[rows], None if mask is None else mask[rows],
                          lambda n: "hook_resid" in n)

@@ -24,9 +24,10 @@ from ..errors import (
     UnsupportedArchitectureError,
     UnsupportedConfigError,
 )
-from ..model import HookedRewardModel
+from ..model import HookedRewardModel, exact_ambiguous_folds
 from . import gpt, llama_like
 from ._base import Adapter
+from ._build import assign_state, buffers_to, empty_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def supported_architectures() -> list[str]:
     return sorted(REGISTRY)
 
 
-def _from_directory(path: Path, tokenizer: Any) -> tuple[Any, Any]:
+def _from_directory(path: Path, tokenizer: Any, **hf_kwargs: Any) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     config_file = path / "config.json"
@@ -72,7 +73,9 @@ def _from_directory(path: Path, tokenizer: Any) -> tuple[Any, Any]:
         )
     try:
         AutoConfig.from_pretrained(path, local_files_only=True)
-        hf_model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+        hf_model = AutoModelForSequenceClassification.from_pretrained(
+            path, local_files_only=True, **hf_kwargs
+        )
     except Exception as err:  # noqa: BLE001 - any failure to read the checkpoint, with its cause
         raise ModelSourceError(
             f"cannot load the {model_type} checkpoint in {str(path)!r} with transformers: "
@@ -120,6 +123,35 @@ def _score_head(hf_model: Any) -> nn.Linear:
     return score
 
 
+def _read_kwargs(device: str | None, dtype: torch.dtype | None) -> dict[str, Any]:
+    """``from_pretrained`` arguments that read the checkpoint once, as it will be used: in
+    ``dtype`` (no float32 round trip) and, for an accelerator, straight onto it (no host copy).
+    On the CPU, transformers memory-maps the safetensors file and its tensors are reused as they
+    are."""
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if device is not None and torch.device(device).type != "cpu":
+        kwargs["device_map"] = device
+    return kwargs
+
+
+def _converted_state(hf_model: Any, adapter: Adapter, score: nn.Linear, cfg: Any) -> dict[str, Tensor]:
+    """The TransformerLens state dict of ``hf_model``: views of its tensors where the layout
+    allows (TransformerLens's converters reshape and transpose; the head is ``score.weight.T``)."""
+    trunk = SimpleNamespace(**{adapter.base_attr: getattr(hf_model, adapter.base_attr)})
+    trunk.lm_head = trunk.embed_out = score  # read by some converters; replaced below
+    with torch.no_grad():
+        state = dict(adapter.convert(trunk, cfg))
+        state["unembed.W_U"] = score.weight.T
+        state["unembed.b_U"] = (
+            score.bias
+            if score.bias is not None
+            else torch.zeros(score.out_features, dtype=score.weight.dtype)
+        )
+    return state
+
+
 def load_reward_model(
     model: Any,
     tokenizer: Any = None,
@@ -156,7 +188,8 @@ def load_reward_model(
                 "load the model with transformers and pass the object, or save_pretrained() it "
                 "and pass the directory."
             )
-        model, tokenizer = _from_directory(path, tokenizer)
+        # read once, in the requested dtype, straight to the requested device (memory-mapped)
+        model, tokenizer = _from_directory(path, tokenizer, **_read_kwargs(device, dtype))
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
@@ -199,30 +232,22 @@ def load_reward_model(
     )
     id2label = getattr(hf_config, "id2label", None) or {}
     labels = [str(id2label.get(i, f"reward_{i}")) for i in range(score.out_features)]
-    reward_model = HookedRewardModel(
-        cfg, tokenizer, pad_token_id=getattr(hf_config, "pad_token_id", None), label_names=labels
+    with empty_parameters():
+        reward_model = HookedRewardModel(
+            cfg, tokenizer, pad_token_id=getattr(hf_config, "pad_token_id", None),
+            label_names=labels,
+        )
+    buffers_to(reward_model, cfg.device)
+    state = _converted_state(model, adapter, score, cfg)  # views of the HF tensors
+    name = type(model).__name__
+    del model, score, first_param  # a model read here is freed tensor by tensor as its weights are assigned
+    # the folds TransformerLens's shape-guessing gets wrong (square MLPs, d_model outputs)
+    overrides = exact_ambiguous_folds(state, cfg) if fold_ln else None
+    assign_state(
+        reward_model, state, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+        overrides=overrides,
     )
-
-    trunk = SimpleNamespace(**{adapter.base_attr: getattr(model, adapter.base_attr)})
-    trunk.lm_head = trunk.embed_out = score  # read by some converters; replaced below
-    with torch.no_grad():
-        state = dict(adapter.convert(trunk, cfg))
-        state["unembed.W_U"] = score.weight.T.clone()
-        state["unembed.b_U"] = (
-            score.bias.clone()
-            if score.bias is not None
-            else torch.zeros(score.out_features, dtype=score.weight.dtype)
-        )
-        state = {k: v.detach().to(device=cfg.device, dtype=cfg.dtype) for k, v in state.items()}
-        reward_model.load_and_process_state_dict(
-            state,
-            fold_ln=fold_ln,
-            center_writing_weights=center_writing_weights,
-            center_unembed=False,  # would zero a one-column head: never on a reward head
-            fold_value_biases=fold_ln,
-            refactor_factored_attn_matrices=False,
-        )
     reward_model.set_objective(objective)
     reward_model.eval()
-    logger.info("converted %s (%s) into a HookedRewardModel", type(model).__name__, adapter.model_type)
+    logger.info("converted %s (%s) into a HookedRewardModel", name, adapter.model_type)
     return reward_model

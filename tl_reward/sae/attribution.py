@@ -25,6 +25,7 @@ from sae_lens import SAE
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
+from .._memory import rows_that_fit
 from .._readout import as_tokens, batches, centers, choose, read_out, readout_dtype
 from ..errors import InvalidInputError
 from ..model import HookedRewardModel, Text
@@ -205,35 +206,50 @@ def positions_mask(act: Tensor, mask: Tensor | None) -> Tensor | None:
 
 
 def _attribute_chunk(model, sae, hook, method, tokens, mask):
-    """Rows ``[d_sae + 2 (+1), batch]``, totals ``[batch]``, rewards, max activations."""
+    """Rows ``[d_sae + 2 (+1), batch]``, totals ``[batch]``, rewards, max activations.
+
+    ``direct`` keeps, of each activation, the scoring token's row only (and the features' maxima
+    over the real tokens), taken as the forward produces it; ``gradient`` keeps the activations
+    the gradient is taken against, at every position."""
     pooled = model.pooled_index(tokens, mask)
+    n = tokens.shape[0]
+    rows_ = torch.arange(n, device=tokens.device)
     store: dict[str, Tensor] = {}
     names = [f"{hook}.hook_sae_acts_post", f"{hook}.hook_sae_error", f"{hook}.hook_sae_input"]
     grad = method == "gradient"
 
     def keep(act: Tensor, hook) -> Tensor:
-        if grad and not hook.name.endswith("hook_sae_input"):
-            act = act.detach().requires_grad_(True)  # a leaf: its gradient is what we want
-        store[hook.name] = act
+        if grad:
+            if not hook.name.endswith("hook_sae_input"):
+                act = act.detach().requires_grad_(True)  # a leaf: its gradient is what we want
+            store[hook.name] = act
+            return act
+        if hook.name.endswith("hook_sae_acts_post"):
+            where = positions_mask(act, mask)
+            masked = act if where is None else act * where
+            store["max"] = masked.reshape(n, -1, act.shape[-1]).amax(1).T  # [d_sae, batch]
+        if act.ndim >= 3 and act.shape[1] == tokens.shape[1]:
+            store[hook.name] = act[rows_, pooled]  # the scoring token's row
+        else:
+            store[hook.name] = act
         return act
 
-    fwd = [(n, keep) for n in names]
+    fwd = [(name, keep) for name in names]
     if method == "direct":
-        fwd += [(n, keep) for n in ("ln_final.hook_scale", "ln_final.hook_normalized")]
+        fwd += [(name, keep) for name in ("ln_final.hook_scale", "ln_final.hook_normalized")]
     with torch.set_grad_enabled(grad), attach_saes(model, [sae], use_error_term=True):
         reward = model.run_with_hooks(tokens, attention_mask=mask, pool_index=pooled, fwd_hooks=fwd)
     if reward.ndim != 1:
         raise InvalidInputError(
             "SAE attribution needs a scalar reward; choose an objective with model.set_objective(...)"
         )
-    acts, err, x = (store[n] for n in names)
+    acts, err, x = (store[name] for name in names)
     dt = readout_dtype(model)  # sums of many small terms: float32 at least
-    n = tokens.shape[0]
-    where = positions_mask(acts, mask)
-    masked = acts.detach() if where is None else acts.detach() * where
-    max_act = masked.reshape(n, -1, acts.shape[-1]).amax(1).T  # [d_sae, batch]
     b0 = decoder_bias(sae).to(dt)
     if grad:
+        where = positions_mask(acts, mask)
+        masked = acts.detach() if where is None else acts.detach() * where
+        max_act = masked.reshape(n, -1, acts.shape[-1]).amax(1).T  # [d_sae, batch]
         g_acts, g_out = torch.autograd.grad(reward.sum(), [acts, err])
         with torch.no_grad():
             g_acts, g_out = g_acts.to(dt), g_out.to(dt)
@@ -247,21 +263,20 @@ def _attribute_chunk(model, sae, hook, method, tokens, mask):
         rows = [feat, error[None], bias_row[None]]
         return torch.cat(rows), totals, reward.detach().to(dt), max_act.to(dt)
     with torch.no_grad():
-        rows_ = torch.arange(n, device=tokens.device)
-        scale = store["ln_final.hook_scale"][rows_, pooled].to(dt)  # [batch, 1]
+        scale = store["ln_final.hook_scale"].to(dt)  # [batch, 1], at the scoring token
         u = reward_readout(model, scale)  # reward = final_resid . u + bias
         bias = read_out(model)[1]
-        a = acts[rows_, pooled].to(dt)  # [batch, d_sae]
+        a = acts.to(dt)  # [batch, d_sae]
         feat = (a * decoder_dot(sae, u)).T
-        error = (err[rows_, pooled].to(dt) * u).sum(-1)
+        error = (err.to(dt) * u).sum(-1)
         bias_row = u @ b0
         # the centred final residual
-        final = store["ln_final.hook_normalized"][rows_, pooled].to(dt) * scale
-        rest = ((final - x[rows_, pooled].to(dt)) * u).sum(-1)
+        final = store["ln_final.hook_normalized"].to(dt) * scale
+        rest = ((final - x.to(dt)) * u).sum(-1)
         reward = reward.to(dt)
         totals = reward - bias[0]
     return (torch.cat([feat, error[None], bias_row[None], rest[None]]), totals, reward,
-            max_act.to(dt))
+            store["max"].to(dt))
 
 
 def attribution_rows(model, saes, tokens, attention_mask, method, batch_size, progress) -> dict:
@@ -280,7 +295,12 @@ def attribution_rows(model, saes, tokens, attention_mask, method, batch_size, pr
     reward = None
     for sae, hook, m in zip(items, hooks, methods, strict=True):
         chunks = []
-        for rows in batches(tokens.shape[0], batch_size, progress, f"SAE attribution ({hook})"):
+        # the memory budget: a forward per batch (and its graph for the gradient method), plus
+        # the SAE's activations kept at every position for the gradient
+        kept = 3 * sae.cfg.d_sae * tokens.shape[1] * 4 if m == "gradient" else 0
+        fit = rows_that_fit(model.cfg, tokens.shape[1], batch_size, kept_per_row=kept,
+                            grad=m == "gradient")
+        for rows in batches(tokens.shape[0], fit, progress, f"SAE attribution ({hook})"):
             mask = None if attention_mask is None else attention_mask[rows]
             chunks.append(_attribute_chunk(model, sae, hook, m, tokens[rows], mask))
         v, t, r, mx = (torch.cat([c[i] for c in chunks], dim=-1) for i in range(4))

@@ -1,0 +1,78 @@
+"""A memory budget for the tools' working sets, and the batch sizes it allows.
+
+The tools run batches of sequences; at long inputs a batch's working memory grows with
+``batch x n_heads x pos^2`` (the attention scores TransformerLens materialises) and
+``batch x pos x (d_model, d_mlp)`` (the residual stream and MLP activations). Each tool asks
+:func:`rows_that_fit` how many rows of its batch fit the budget and never runs more (at least
+one: a single sequence that does not fit still runs, as it must).
+
+The budget is, in order: what :func:`set_memory_budget` was given (also as a context manager,
+``with memory_budget(8): ...``); else half the memory available now on the model's device
+(``psutil``'s available host memory, or the free memory of the GPU).
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from .errors import InvalidInputError
+
+_budget: int | None = None
+
+
+def set_memory_budget(gib: int | float | None) -> None:
+    """Bytes the tools may use for activations beyond the weights, in GiB (``None``: half of the
+    memory available when each tool starts)."""
+    global _budget
+    if gib is not None and not gib > 0:
+        raise InvalidInputError(f"memory budget must be a positive number of GiB, got {gib!r}")
+    _budget = None if gib is None else int(gib * 2**30)
+
+
+def get_memory_budget(device: str | torch.device = "cpu") -> int:
+    """The budget in bytes on ``device``: the one set, else half of what is available now."""
+    if _budget is not None:
+        return _budget
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return free // 2
+    import psutil
+
+    return psutil.virtual_memory().available // 2
+
+
+@contextmanager
+def memory_budget(gib: int | float | None) -> Iterator[None]:
+    """``set_memory_budget`` for the duration of a ``with`` block."""
+    global _budget
+    previous = _budget
+    set_memory_budget(gib)
+    try:
+        yield
+    finally:
+        _budget = previous
+
+
+def forward_bytes_per_row(cfg, n_pos: int, *, grad: bool = False) -> int:
+    """Working memory of one sequence of ``n_pos`` tokens through a HookedTransformer forward:
+    the attention scores of one layer (scores, mask, softmax and pattern: four
+    ``[n_heads, pos, pos]`` tensors, float32 at most), the MLP's hidden activations and a few
+    residual-stream tensors. With ``grad`` (a backward pass follows), every layer's are kept."""
+    item = max(torch.tensor([], dtype=cfg.dtype).element_size(), 4)
+    attn = 4 * cfg.n_heads * n_pos * n_pos * item
+    mlp = 3 * (cfg.d_mlp or 4 * cfg.d_model) * n_pos * item
+    resid = 8 * cfg.d_model * n_pos * item
+    per_layer = attn + mlp + resid
+    return per_layer * (cfg.n_layers if grad else 1)
+
+
+def rows_that_fit(cfg, n_pos: int, requested: int, *, kept_per_row: int = 0,
+                  grad: bool = False) -> int:
+    """The batch size to use: ``requested``, or fewer so that the rows' forward working memory
+    plus what the tool keeps of each row (``kept_per_row`` bytes) fits the budget; at least 1."""
+    if requested < 1:
+        raise InvalidInputError(f"batch_size must be >= 1, got {requested}")
+    per_row = forward_bytes_per_row(cfg, n_pos, grad=grad) + kept_per_row
+    return max(1, min(requested, get_memory_budget(cfg.device) // max(per_row, 1)))
