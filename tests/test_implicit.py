@@ -137,3 +137,178 @@ def test_encode_finds_the_boundary_from_texts_and_chats():
     scores = model.score_pairs([prompt] * 2, [response] * 2, [" answer w004 w005"] * 2,
                                progress=False)
     assert scores.margin.shape == (2,)
+
+
+# ------------------------------------------------------------------------------ the tools
+def _batch(side: str = "left"):
+    from tl_reward.implicit import response_batch_from_ids
+
+    prompts, responses = prompts_and_responses(seed=4)
+    return response_batch_from_ids(prompts, responses, pad_token_id=PAD, padding_side=side)
+
+
+def test_lens_last_layer_is_the_reward(pair):
+    from tl_reward.implicit_analysis import implicit_reward_lens
+
+    arch, _, _, variants = pair
+    batch = _batch()
+    for name in ("dpo", "no_reference"):
+        model = variants[name]
+        lens = implicit_reward_lens(model, batch)
+        assert lens.per_token.shape[0] == model.policy.cfg.n_layers + 1
+        torch.testing.assert_close(lens.rewards[-1], model(batch), atol=1e-4, rtol=0, msg=arch)
+        assert bool((lens.per_token[:, ~batch.response_mask.bool()] == 0).all())
+    lp = variants["dpo"].log_probs(batch)
+    w = variants["dpo"].token_weights(batch)
+    for k, v in lens.log_probs.items():
+        torch.testing.assert_close(v[-1], (lp[k] * w).sum(-1), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("level", ["component", "head"])
+def test_linearised_attribution_adds_up(pair, level):
+    from tl_reward.implicit_analysis import implicit_reward_attribution
+
+    arch, policy, reference, variants = pair
+    batch = _batch("right")
+    model = variants["normalised"]
+    result = implicit_reward_attribution(model, batch, level=level)
+    torch.testing.assert_close(result.values.sum(0) + result.remainder.sum(-1), result.total,
+                               atol=1e-4, rtol=0, msg=f"{arch} {level}")
+    torch.testing.assert_close(result.total, model(batch), atol=1e-5, rtol=0)
+    n_parts = len(result.labels) // 2
+    assert result.labels[0] == "policy/embed" and result.labels[n_parts].startswith("reference/")
+    if arch in ("llama", "qwen2"):
+        # no biases anywhere in the head: the remainder is the entropy term, -H(p), per model
+        rows, pos = torch.nonzero(batch.response_mask.bool(), as_tuple=True)
+        w = model.token_weights(batch)[rows, pos]
+        expected = torch.zeros(len(rows))
+        for hf, sign in ((policy, 1.0), (reference, -1.0)):
+            with torch.no_grad():
+                for k, (b, t) in enumerate(zip(rows.tolist(), pos.tolist(), strict=True)):
+                    ids = batch.tokens[b][batch.attention_mask[b].bool()]
+                    start = int(batch.attention_mask[b].argmax())  # right padding: 0
+                    logp = torch.log_softmax(hf(ids[None]).logits[0, t - 1 - start].float(), -1)
+                    expected[k] += sign * w[k] * (logp.exp() * logp).sum()  # -H(p)
+        torch.testing.assert_close(result.remainder[rows, pos], expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_linearisation_against_finite_differences(arch):
+    """Each attribution is d reward / d eps when eps * (the component's centred, scaled
+    contribution) is added to the final norm's normalised state of its model."""
+    from tl_reward import load_causal_lm, load_implicit_reward_model
+    from tl_reward.implicit_analysis import implicit_reward_attribution
+
+    models = [load_causal_lm(causal_lm(arch, s), dtype=torch.float64) for s in (0, 1)]
+    model = load_implicit_reward_model(*models, beta=BETA)
+    batch = _batch("left")
+    result = implicit_reward_attribution(model, batch)
+    eps = 1e-4
+    checked = 0
+    for index, label in enumerate(result.labels):
+        name, part = label.split("/")
+        if part not in ("pos_embed", "0_attn_out", "1_mlp_out"):
+            continue
+        m = model.models[name]
+        hook = {"embed": "hook_embed", "pos_embed": "hook_pos_embed"}.get(
+            part, f"blocks.{part[0]}.hook_{part[2:]}")
+        with torch.no_grad():
+            _, cache = m.run_with_cache(batch.tokens, attention_mask=batch.attention_mask,
+                                        padding_side="right")
+        d = cache[hook]
+        if m.cfg.normalization_type == "LN":
+            d = d - d.mean(-1, keepdim=True)
+        d = d / cache["ln_final.hook_scale"]
+
+        def shifted(e, m=m, d=d):
+            def hook_fn(act, hook):
+                return act + e * d
+
+            with m.hooks(fwd_hooks=[("ln_final.hook_normalized", hook_fn)]), torch.no_grad():
+                return model(batch)
+
+        fd = (shifted(eps) - shifted(-eps)) / (2 * eps)
+        torch.testing.assert_close(fd, result.values[index], atol=1e-6, rtol=1e-5, msg=label)
+        checked += 1
+    assert checked == (6 if arch == "gpt2" else 4)
+
+
+def _perturbed_copy(hooked, param: str, std: float, seed: int = 0):
+    import copy
+
+    other = copy.deepcopy(hooked)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        p = other.get_parameter(param)
+        p.add_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return other
+
+
+def test_patching_localises_a_planted_change():
+    """The reference differs from the policy only in layer 1's MLP: patching policy -> reference
+    finds that MLP (it removes the whole reward) and nothing upstream of it."""
+    from tl_reward import load_causal_lm, load_implicit_reward_model
+    from tl_reward.implicit_analysis import implicit_activation_patch, implicit_attribution_patch
+
+    policy = load_causal_lm(causal_lm("qwen2", 0))
+    reference = _perturbed_copy(policy, "blocks.1.mlp.W_out", 0.3)
+    model = load_implicit_reward_model(policy, reference, beta=BETA)
+    batch = _batch("left")
+    assert bool((model(batch).abs() > 1e-3).all())
+    for hook in ("attn_out", "mlp_out", "z"):
+        result = implicit_activation_patch(model, batch, hook=hook)
+        for cell, frac, eff in zip(result.cells, result.fraction, result.effects, strict=True):
+            if cell == "1_mlp_out":
+                torch.testing.assert_close(frac, torch.ones_like(frac), atol=1e-4, rtol=0)
+            else:  # everything else runs on identical inputs with identical weights
+                torch.testing.assert_close(eff, torch.zeros_like(eff), atol=1e-5, rtol=0)
+    atp = implicit_attribution_patch(model, batch, hook="mlp_out")
+    assert atp.cells == ("0_mlp_out", "1_mlp_out")
+    torch.testing.assert_close(atp.effects[0], torch.zeros_like(atp.effects[0]), atol=1e-6, rtol=0)
+
+
+def test_patching_matches_transformer_lens_and_atp_is_first_order():
+    import transformer_lens.patching as tlp
+
+    from tl_reward import load_causal_lm, load_implicit_reward_model
+    from tl_reward.implicit import log_probs_from_logits, response_batch_from_ids
+    from tl_reward.implicit_analysis import implicit_activation_patch, implicit_attribution_patch
+
+    policy = load_causal_lm(causal_lm("llama", 0))
+    reference = load_causal_lm(causal_lm("llama", 1))
+    model = load_implicit_reward_model(policy, reference, beta=BETA)
+    prompts, responses = prompts_and_responses(seed=5, n=3)
+    batch = response_batch_from_ids(prompts, responses, pad_token_id=PAD, padding_side="left")
+    ours = {h: implicit_activation_patch(model, batch, hook=h) for h in ("mlp_out", "z")}
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        one = response_batch_from_ids([p], [r])
+        lp_policy = model.log_probs(one)["policy"]
+        w = model.token_weights(one)
+
+        def metric(logits, lp_policy=lp_policy, one=one, w=w):
+            return ((lp_policy - log_probs_from_logits(logits, one.tokens)) * w).sum()
+
+        _, policy_cache = policy.run_with_cache(one.tokens)
+        base = metric(reference(one.tokens))
+        heads = tlp.get_act_patch_attn_head_out_all_pos(reference, one.tokens, policy_cache, metric)
+        torch.testing.assert_close(ours["z"].effects[:, i], (heads - base).flatten(), atol=1e-4,
+                                   rtol=0)
+
+        def whole_layer(corrupted, index, clean):
+            corrupted[:] = clean
+            return corrupted
+
+        layers = tlp.generic_activation_patch(reference, one.tokens, policy_cache, metric,
+                                              whole_layer, "mlp_out", ["layer"])
+        torch.testing.assert_close(ours["mlp_out"].effects[:, i], layers - base, atol=1e-4, rtol=0)
+
+    # AtP is exact to first order: its relative error shrinks with the policy-reference distance
+    policy64 = load_causal_lm(causal_lm("llama", 0), dtype=torch.float64)
+    errors = []
+    for step in (1e-2, 1e-3):
+        near = load_implicit_reward_model(
+            policy64, _perturbed_copy(policy64, "blocks.0.attn.W_Q", step), beta=BETA)
+        exact = implicit_activation_patch(near, batch, hook="z").effects
+        approx = implicit_attribution_patch(near, batch, hook="z").effects
+        errors.append(float((approx - exact).abs().max() / exact.abs().max()))
+    assert errors[1] < errors[0] / 5 and errors[1] < 0.05, errors

@@ -114,7 +114,7 @@ def test_judge_template_and_text_tools():
     report = run_probes(judge, builtin_probe_sets(("length",), n=8), min_units=5, n_resamples=99,
                         progress=False)
     assert len(report.to_dataframe()) == 1
-    data = task.sample(40, seed=0, alpha=0.5)
+    data = task.sample(24, seed=0, alpha=0.5)
     all_texts = [t for p in data for t in (p.chosen_text, p.rejected_text)]
     tail, head = cart.split_texts(all_texts, lambda t: "urgent" in t.split())
     found = cart.discover(judge, tail, head, top_k=4, max_validation=16, progress=False)
