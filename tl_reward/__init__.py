@@ -19,6 +19,14 @@ from .hacking import distortion_index as distortion_index
 from .hacking import probe_cascade as probe_cascade
 from .implicit import ImplicitRewardModel as ImplicitRewardModel
 from .implicit import ResponseBatch as ResponseBatch
+from .implicit import response_batch_from_ids as response_batch_from_ids
+from .implicit_analysis import ImplicitAttributionResult as ImplicitAttributionResult
+from .implicit_analysis import ImplicitLensResult as ImplicitLensResult
+from .implicit_analysis import ImplicitPatchResult as ImplicitPatchResult
+from .implicit_analysis import implicit_activation_patch as implicit_activation_patch
+from .implicit_analysis import implicit_attribution_patch as implicit_attribution_patch
+from .implicit_analysis import implicit_reward_attribution as implicit_reward_attribution
+from .implicit_analysis import implicit_reward_lens as implicit_reward_lens
 from .judge import HookedJudgeModel as HookedJudgeModel
 from .lens import LensResult as LensResult
 from .lens import PairLensResult as PairLensResult
