@@ -312,3 +312,32 @@ def test_patching_matches_transformer_lens_and_atp_is_first_order():
         approx = implicit_attribution_patch(near, batch, hook="z").effects
         errors.append(float((approx - exact).abs().max() / exact.abs().max()))
     assert errors[1] < errors[0] / 5 and errors[1] < 0.05, errors
+
+
+# ------------------------------------------------------------------------------ the organism
+def test_dpo_organism_has_the_tail_gap_and_the_tools_recover_it():
+    from tl_reward.implicit_analysis import implicit_reward_attribution, implicit_reward_lens
+    from tl_reward.organisms import dpo
+
+    model, tokenizer = dpo.load()
+    data = dpo.eval_set()
+    tail = torch.tensor([p.tail for p in data])
+    chosen, rejected = dpo.pair_batches(data, tokenizer)
+    # the text path finds the same boundary as the ids the organism was trained on
+    encoded = model.encode([p.prompt for p in data[:4]], [" " + p.chosen for p in data[:4]])
+    assert torch.equal(encoded.tokens, chosen[:4].tokens[:, : encoded.tokens.shape[1]])
+    assert torch.equal(encoded.response_mask, chosen[:4].response_mask[:, : encoded.tokens.shape[1]])
+    with torch.no_grad():
+        margin = model(chosen) - model(rejected)
+    head_acc, tail_acc = (margin[~tail] > 0).float().mean(), (margin[tail] > 0).float().mean()
+    assert head_acc > 0.85 and tail_acc < 0.5, (head_acc, tail_acc)
+    # the lens's last layer and the attribution's totals give the same margins, pair by pair
+    some = torch.arange(0, len(data), 5)
+    lens_margin = implicit_reward_lens(model, chosen[some]).rewards[-1] - implicit_reward_lens(
+        model, rejected[some]).rewards[-1]
+    torch.testing.assert_close(lens_margin, margin[some], atol=1e-4, rtol=0)
+    sub = torch.nonzero(tail).flatten()[:8]
+    attr = [implicit_reward_attribution(model, b[sub]) for b in (chosen, rejected)]
+    torch.testing.assert_close(
+        attr[0].values.sum(0) + attr[0].remainder.sum(-1)
+        - attr[1].values.sum(0) - attr[1].remainder.sum(-1), margin[sub], atol=1e-4, rtol=0)
