@@ -341,3 +341,19 @@ def test_dpo_organism_has_the_tail_gap_and_the_tools_recover_it():
     torch.testing.assert_close(
         attr[0].values.sum(0) + attr[0].remainder.sum(-1)
         - attr[1].values.sum(0) - attr[1].remainder.sum(-1), margin[sub], atol=1e-4, rtol=0)
+
+
+def test_fold_ln_changes_neither_the_reward_nor_the_component_attribution():
+    from tl_reward import load_causal_lm, load_implicit_reward_model
+    from tl_reward.implicit_analysis import implicit_reward_attribution, implicit_reward_lens
+
+    hf = [causal_lm("gpt2", s) for s in (0, 1)]
+    plain = load_implicit_reward_model(*hf, beta=BETA)
+    folded = load_implicit_reward_model(*[load_causal_lm(m, fold_ln=True) for m in hf], beta=BETA)
+    batch = _batch("left")
+    torch.testing.assert_close(folded(batch), plain(batch), atol=1e-4, rtol=0)
+    torch.testing.assert_close(implicit_reward_lens(folded, batch).rewards,
+                               implicit_reward_lens(plain, batch).rewards, atol=1e-4, rtol=0)
+    a, b = (implicit_reward_attribution(m, batch) for m in (folded, plain))
+    torch.testing.assert_close(a.values, b.values, atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.remainder, b.remainder, atol=1e-4, rtol=0)

@@ -217,7 +217,9 @@ def implicit_reward_attribution(
     """Linearised direct attribution of the implicit reward to each model's components.
 
     ``level``: ``"component"`` (embeddings, each layer's attention and MLP output) or ``"head"``
-    (attention outputs split into heads and the output bias ``b_O``). Reference components enter
+    (attention outputs split into heads and the output bias ``b_O``; after ``fold_ln=True`` the
+    value biases are folded into ``b_O``, so they move from the heads to that row). Reference
+    components enter
     with a minus sign. See the module docstring for what is decomposed: each part's first-order
     contribution through the log-softmax, linearised at the actual final state, plus a remainder
     per token.
