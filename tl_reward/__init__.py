@@ -31,6 +31,20 @@ _EXPORTS: dict[str, str] = {
     "distortion_index": "hacking",
     "effort_distortion": "hacking",
     "probe_cascade": "hacking",
+    "ImplicitRewardModel": "implicit",
+    "ResponseBatch": "implicit",
+    "response_batch_from_ids": "implicit",
+    "ImplicitAttributionResult": "implicit_analysis",
+    "ImplicitLensResult": "implicit_analysis",
+    "ImplicitPatchResult": "implicit_analysis",
+    "implicit_activation_patch": "implicit_analysis",
+    "implicit_attribution_patch": "implicit_analysis",
+    "implicit_reward_attribution": "implicit_analysis",
+    "implicit_reward_lens": "implicit_analysis",
+    "HookedJudgeModel": "judge",
+    "load_causal_lm": "loading.causal_lm",
+    "load_implicit_reward_model": "loading.causal_lm",
+    "load_judge_reward_model": "loading.causal_lm",
     "LensResult": "lens",
     "PairLensResult": "lens",
     "pair_reward_lens": "lens",
@@ -92,12 +106,26 @@ if TYPE_CHECKING:
     from .hacking import distortion_index as distortion_index
     from .hacking import effort_distortion as effort_distortion
     from .hacking import probe_cascade as probe_cascade
+    from .implicit import ImplicitRewardModel as ImplicitRewardModel
+    from .implicit import ResponseBatch as ResponseBatch
+    from .implicit import response_batch_from_ids as response_batch_from_ids
+    from .implicit_analysis import ImplicitAttributionResult as ImplicitAttributionResult
+    from .implicit_analysis import ImplicitLensResult as ImplicitLensResult
+    from .implicit_analysis import ImplicitPatchResult as ImplicitPatchResult
+    from .implicit_analysis import implicit_activation_patch as implicit_activation_patch
+    from .implicit_analysis import implicit_attribution_patch as implicit_attribution_patch
+    from .implicit_analysis import implicit_reward_attribution as implicit_reward_attribution
+    from .implicit_analysis import implicit_reward_lens as implicit_reward_lens
+    from .judge import HookedJudgeModel as HookedJudgeModel
     from .lens import LensResult as LensResult
     from .lens import PairLensResult as PairLensResult
     from .lens import pair_reward_lens as pair_reward_lens
     from .lens import reward_lens as reward_lens
     from .loading import load_reward_model as load_reward_model
     from .loading import supported_architectures as supported_architectures
+    from .loading.causal_lm import load_causal_lm as load_causal_lm
+    from .loading.causal_lm import load_implicit_reward_model as load_implicit_reward_model
+    from .loading.causal_lm import load_judge_reward_model as load_judge_reward_model
     from .model import HookedRewardModel as HookedRewardModel
     from .model import PairScores as PairScores
     from .model import SuspectInputWarning as SuspectInputWarning

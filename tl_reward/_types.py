@@ -8,6 +8,7 @@ Dimension names used in every jaxtyping annotation of the package:
 - ``layer``: layers (and the embedding read-out, where a lens includes it)
 - ``head``: attention heads of a layer; ``d_head``: their width
 - ``d_mlp``: MLP hidden width
+- ``d_vocab``: vocabulary (logits of a causal LM)
 - ``n_rewards``: outputs of the reward head (1 for a scalar reward model)
 - ``d_sae``: SAE dictionary size
 - ``pair``: preference pairs

@@ -1,0 +1,142 @@
+"""Generative judges as reward models: exact against HF's own logits; the tools decompose them."""
+
+import pytest
+import torch
+import transformers as T
+from helpers import make_config, pad_batch, ragged_sequences, randomize_
+
+ARCHS = ["llama", "qwen2", "gemma2", "gpt2"]
+YES, NO = 5, 7
+TEMPLATE = "{text}"
+
+
+def causal_lm(arch: str, seed: int = 0):
+    config = make_config(arch, gqa=arch != "gpt2")
+    if arch == "gemma2":
+        config.final_logit_softcapping = None  # a capped judge is refused (tested below)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return randomize_(model, seed).eval()
+
+
+@torch.no_grad()
+def hf_judge(hf, seqs, weights: dict[int, float]) -> torch.Tensor:
+    """The truth: each sequence alone through the HF model, the weighted logits at its last token."""
+    out = []
+    for s in seqs:
+        last = hf(torch.tensor([s])).logits[0, -1].float()
+        out.append(sum(w * last[t] for t, w in weights.items()))
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_lm(request):
+    return request.param, causal_lm(request.param)
+
+
+def test_judge_matches_hf_logits(arch_lm):
+    from tl_reward import HookedRewardModel, load_judge_reward_model
+
+    arch, hf = arch_lm
+    seqs = ragged_sequences()
+    reads = {"yes_no": {YES: 1.0, NO: -1.0}, "weighted": {YES: 1.0, NO: -0.5, 9: 2.0}}
+    for name, weights in reads.items():
+        truth = hf_judge(hf, seqs, weights)
+        read = "yes_no" if name == "yes_no" else weights
+        for fold in (False, True):
+            judge = load_judge_reward_model(hf, template=TEMPLATE, read=read, yes=YES, no=NO,
+                                            fold_ln=fold)
+            assert isinstance(judge, HookedRewardModel)
+            for side in ("left", "right"):
+                tokens, mask = pad_batch(seqs, side)
+                with torch.no_grad():
+                    got = judge(tokens, attention_mask=mask)
+                torch.testing.assert_close(got, truth, atol=1e-4, rtol=0,
+                                           msg=f"{arch} {name} fold_ln={fold} {side}")
+
+
+@pytest.mark.parametrize("level", ["component", "head", "neuron"])
+def test_direct_attribution_of_the_judge_adds_up(arch_lm, level):
+    from tl_reward import direct_reward_attribution, load_judge_reward_model
+
+    arch, hf = arch_lm
+    seqs = ragged_sequences(seed=1)
+    tokens, mask = pad_batch(seqs, "left")
+    judge = load_judge_reward_model(hf, template=TEMPLATE, yes=YES, no=NO)
+    result = direct_reward_attribution(judge, tokens, mask, level=level, progress=False)
+    truth = hf_judge(hf, seqs, {YES: 1.0, NO: -1.0})
+    torch.testing.assert_close(result.total, truth, atol=1e-4, rtol=0)
+    torch.testing.assert_close(result.values.sum(0) + result.bias, truth, atol=1e-4, rtol=0)
+
+
+def test_lens_and_patching_read_the_judge_score():
+    from tl_reward import activation_patch, attribution_patch, load_judge_reward_model, reward_lens
+
+    hf = causal_lm("llama", 2)
+    judge = load_judge_reward_model(hf, template=TEMPLATE, yes=YES, no=NO)
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randint(3, 97, (3, 9), generator=gen)
+    corrupt = clean.clone()
+    corrupt[:, 2] = torch.randint(3, 97, (3,), generator=gen)
+    truth_clean = hf_judge(hf, clean.tolist(), {YES: 1.0, NO: -1.0})
+    truth_corrupt = hf_judge(hf, corrupt.tolist(), {YES: 1.0, NO: -1.0})
+    lens = reward_lens(judge, clean, progress=False)
+    torch.testing.assert_close(lens.rewards[-1], truth_clean, atol=1e-4, rtol=0)
+    # denoising the whole residual stream before layer 0 gives the clean judge score
+    patch = activation_patch(judge, clean, corrupt, hook="resid_pre", per="layer", progress=False)
+    torch.testing.assert_close(patch.clean_reward, truth_clean, atol=1e-4, rtol=0)
+    torch.testing.assert_close(patch.effects[0], truth_clean - truth_corrupt, atol=1e-4, rtol=0)
+    atp = attribution_patch(judge, clean, corrupt, hooks=("z",), progress=False)
+    torch.testing.assert_close(atp.clean_reward, truth_clean, atol=1e-4, rtol=0)
+    torch.testing.assert_close(atp.corrupt_reward, truth_corrupt, atol=1e-4, rtol=0)
+
+
+def test_judge_template_and_text_tools():
+    from tl_reward import cart, load_judge_reward_model, run_probes
+    from tl_reward.data.probe_sets import builtin_probe_sets
+    from tl_reward.data.synthetic import LongTailTask, word_tokenizer
+
+    task = LongTailTask()
+    tok = word_tokenizer([*task.vocabulary, "Yes", "No", "verdict"])
+    config = T.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                           num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=128,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    hf = randomize_(T.LlamaForCausalLM(config), 0).eval()
+    judge = load_judge_reward_model(hf, tok, template="{text} verdict")
+    texts = ["query w001 answer good w002", "query urgent answer brief"]
+    ids = [tok(t + " verdict")["input_ids"] for t in texts]
+    assert judge.tokenize(texts) == ids
+    yes, no = tok.convert_tokens_to_ids(["Yes", "No"])
+    torch.testing.assert_close(judge.score(texts, progress=False), hf_judge(hf, ids, {yes: 1, no: -1}),
+                               atol=1e-4, rtol=0)
+    # the probes and CART discovery run on the judge's score
+    report = run_probes(judge, builtin_probe_sets(("length",), n=8), min_units=5, n_resamples=99,
+                        progress=False)
+    assert len(report.to_dataframe()) == 1
+    data = task.sample(24, seed=0, alpha=0.5)
+    all_texts = [t for p in data for t in (p.chosen_text, p.rejected_text)]
+    tail, head = cart.split_texts(all_texts, lambda t: "urgent" in t.split())
+    found = cart.discover(judge, tail, head, top_k=4, max_validation=16, progress=False)
+    assert len(found.candidates) == 4
+
+
+def test_judge_refusals():
+    from tl_reward import load_judge_reward_model
+    from tl_reward.data.synthetic import LongTailTask, word_tokenizer
+    from tl_reward.errors import InvalidInputError, UnsupportedConfigError
+
+    capped = causal_lm("gemma2")
+    capped.config.final_logit_softcapping = 30.0
+    with pytest.raises(UnsupportedConfigError, match="final_logit_softcapping"):
+        load_judge_reward_model(capped, template=TEMPLATE, yes=YES, no=NO)
+    hf = causal_lm("llama")
+    with pytest.raises(UnsupportedConfigError, match="expected_score"):
+        load_judge_reward_model(hf, template=TEMPLATE, read="expected_score")
+    with pytest.raises(InvalidInputError, match="outside the vocabulary"):
+        load_judge_reward_model(hf, template=TEMPLATE, yes=YES, no=1000)
+    with pytest.raises(InvalidInputError, match="text"):
+        load_judge_reward_model(hf, template="no field", yes=YES, no=NO)
+    tok = word_tokenizer(LongTailTask().vocabulary)
+    with pytest.raises(InvalidInputError, match="2 tokens"):
+        load_judge_reward_model(hf, tok, template=TEMPLATE, yes="good clear", no="w001")

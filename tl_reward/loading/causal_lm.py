@@ -1,0 +1,371 @@
+"""Convert HF causal LMs (``*ForCausalLM``, ``GPT2LMHeadModel``) into TransformerLens models.
+
+The same family adapters as the reward-model loader (:mod:`tl_reward.loading.llama_like`,
+:mod:`tl_reward.loading.gpt`) map the config and convert the trunk through TransformerLens's
+converters; only the head differs:
+
+- :func:`load_causal_lm`: a plain ``HookedTransformer`` with the LM head as its ``unembed`` (and
+  Gemma-2's final logit softcap as TransformerLens's ``output_logits_soft_cap``): the logits of
+  the HF model. The implicit reward (:mod:`tl_reward.implicit`) is built from two of these.
+- :func:`load_judge_reward_model`: a :class:`~tl_reward.judge.HookedJudgeModel`, a
+  :class:`~tl_reward.model.HookedRewardModel` whose head is a fixed linear read-out of the
+  next-token logits (``logit(Yes) - logit(No)``, or any weighted sum of token logits): one
+  column ``W_U[:, tokens] @ weights``, so every reward-model tool works on a judge unchanged.
+"""
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from .._device import checked_device
+from ..errors import (
+    InvalidInputError,
+    ModelSourceError,
+    NotARewardModelError,
+    UnsupportedConfigError,
+)
+from ..implicit import ImplicitRewardModel
+from ..judge import HookedJudgeModel, JudgeRead, Template
+from . import DEFAULT_MAX_N_CTX, _adapter_for
+
+logger = logging.getLogger(__name__)
+
+
+def _causal_from_directory(path: Path, tokenizer: Any) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").exists():
+        raise ModelSourceError(
+            f"{str(path)!r} has no config.json; pass a directory written by save_pretrained()"
+        )
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    _adapter_for(config)
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise NotARewardModelError(
+            f"{str(path)!r} holds a {architectures or config.model_type} model, not a causal LM "
+            "(*ForCausalLM): it has no language-model head"
+        )
+    hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    if tokenizer is None and any(
+        (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    ):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return hf_model, tokenizer
+
+
+def _as_causal_lm(model: Any, tokenizer: Any) -> tuple[Any, Any, nn.Linear]:
+    """The HF causal LM object (loaded from a local directory if one is given) and its LM head."""
+    if isinstance(model, str | os.PathLike):
+        path = Path(model)
+        if not path.is_dir():
+            raise ModelSourceError(
+                f"{str(model)!r} is not a local directory. tl_reward never downloads from a hub: "
+                "load the model with transformers and pass the object, or save_pretrained() it "
+                "and pass the directory."
+            )
+        model, tokenizer = _causal_from_directory(path, tokenizer)
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise ModelSourceError(
+            f"model must be an HF causal LM (*ForCausalLM) or a local directory, got "
+            f"{type(model).__name__}"
+        )
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise NotARewardModelError(
+            f"{type(model).__name__} has no language-model head (get_output_embeddings() is not a "
+            "Linear); load the *ForCausalLM class of this architecture, e.g. AutoModelForCausalLM"
+        )
+    return model, tokenizer, head
+
+
+def _softcap(hf_config: Any) -> float | None:
+    cap = getattr(hf_config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def _build(
+    model: Any,
+    head_weight: Tensor,
+    head_bias: Tensor,
+    make: Any,
+    *,
+    fold_ln: bool,
+    center_writing_weights: bool,
+    device: Any,
+    dtype: torch.dtype | None,
+    n_ctx: int | None,
+    extra_cfg: Mapping[str, Any] | None = None,
+):
+    """Shared construction: adapter config, HookedTransformerConfig with ``d_vocab_out`` head
+    columns, TransformerLens's trunk converter, then ``unembed = (head_weight, head_bias)``.
+
+    ``make(cfg)`` builds the empty TransformerLens model.
+    """
+    hf_config = model.config
+    adapter = _adapter_for(hf_config)
+    adapter.audit(hf_config)
+    cfg_kwargs = adapter.config(hf_config)
+    cfg_kwargs.update(extra_cfg or {})
+    if center_writing_weights and cfg_kwargs["normalization_type"] != "LN":
+        raise UnsupportedConfigError(
+            f"center_writing_weights=True needs LayerNorm, which removes the mean; this "
+            f"{adapter.model_type} model uses RMSNorm, where centring would change the output. "
+            "Use fold_ln=True alone."
+        )
+    hf_ctx = cfg_kwargs["n_ctx"]
+    if n_ctx is not None:
+        if n_ctx < 1 or n_ctx > hf_ctx:
+            raise UnsupportedConfigError(
+                f"n_ctx={n_ctx} must be between 1 and the HF model's context {hf_ctx}"
+            )
+        cfg_kwargs["n_ctx"] = n_ctx
+    elif cfg_kwargs["positional_embedding_type"] != "standard":
+        cfg_kwargs["n_ctx"] = min(hf_ctx, DEFAULT_MAX_N_CTX)
+    first_param = next(model.parameters())
+    cfg = HookedTransformerConfig(
+        **cfg_kwargs,
+        d_vocab_out=head_weight.shape[0],
+        original_architecture=adapter.original_architecture,
+        model_name=Path(getattr(hf_config, "_name_or_path", "") or adapter.model_type).name,
+        dtype=dtype or first_param.dtype,
+        device=device if device is not None else str(first_param.device),
+        init_weights=False,
+        default_prepend_bos=False,
+    )
+    hooked = make(cfg)
+    trunk = SimpleNamespace(**{adapter.base_attr: getattr(model, adapter.base_attr)})
+    lm_head = model.get_output_embeddings()
+    trunk.lm_head = trunk.embed_out = lm_head  # read by the converters; replaced below
+    with torch.no_grad():
+        state = dict(adapter.convert(trunk, cfg))
+        state["unembed.W_U"] = head_weight.T.clone()
+        state["unembed.b_U"] = head_bias.clone()
+        state = {k: v.detach().to(device=cfg.device, dtype=cfg.dtype) for k, v in state.items()}
+        hooked.load_and_process_state_dict(
+            state,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=False,  # would change a read-out column; never applied here
+            fold_value_biases=fold_ln,
+            refactor_factored_attn_matrices=False,
+        )
+    hooked.eval()
+    return hooked
+
+
+def load_causal_lm(
+    model: Any,
+    tokenizer: Any = None,
+    *,
+    fold_ln: bool = False,
+    center_writing_weights: bool = False,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    n_ctx: int | None = None,
+) -> HookedTransformer:
+    """Convert an HF causal LM into a ``HookedTransformer`` with the same logits.
+
+    Args:
+        model: an HF ``*ForCausalLM`` (or ``GPT2LMHeadModel``) object, or a local directory
+            written by ``save_pretrained`` (never a hub id).
+        tokenizer: kept on the model as ``.tokenizer`` unchanged (loaded from the directory when
+            omitted and present there).
+        fold_ln, center_writing_weights: TransformerLens's weight processing; logits unchanged
+            (``center_unembed`` is never applied, so log-probabilities are read from the very
+            logits HF computes).
+        device, dtype, n_ctx: as :func:`tl_reward.load_reward_model`.
+
+    Gemma-2's ``final_logit_softcapping`` becomes ``cfg.output_logits_soft_cap``. Padding (left or
+    right) is given by ``attention_mask``; positions start at each row's first real token.
+    """
+    if device is not None:
+        device = checked_device(device)
+    model, tokenizer, head = _as_causal_lm(model, tokenizer)
+    bias = head.bias if head.bias is not None else torch.zeros(head.out_features)
+    cap = _softcap(model.config)
+
+    def make(cfg: HookedTransformerConfig) -> HookedTransformer:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="HookedTransformer is deprecated", category=DeprecationWarning
+            )
+            hooked = HookedTransformer(cfg, tokenizer=None, move_to_device=True)
+        hooked.tokenizer = tokenizer  # as given: TransformerLens's set_tokenizer would mutate it
+        return hooked
+
+    hooked = _build(
+        model, head.weight, bias, make, fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights, device=device, dtype=dtype, n_ctx=n_ctx,
+        extra_cfg={"output_logits_soft_cap": cap} if cap else None,
+    )
+    logger.info("converted %s into a HookedTransformer", type(model).__name__)
+    return hooked
+
+
+def _token_id(tokenizer: Any, token: str | int, vocab: int) -> int:
+    if isinstance(token, bool):
+        raise InvalidInputError(f"a judge read token must be a string or an id, got {token!r}")
+    if isinstance(token, int):
+        tid = token
+    else:
+        if tokenizer is None:
+            raise InvalidInputError(
+                f"the judge reads token {token!r} but no tokenizer was given; pass the tokenizer "
+                "or token ids"
+            )
+        ids = tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise InvalidInputError(
+                f"judge read token {token!r} is {len(ids)} tokens {ids} under this tokenizer, not "
+                "one; pick a single-token string (e.g. with a leading space) or pass its id"
+            )
+        tid = ids[0]
+    if not 0 <= tid < vocab:
+        raise InvalidInputError(f"judge read token id {tid} is outside the vocabulary [0, {vocab})")
+    return tid
+
+
+def _read_weights(read: JudgeRead, yes: str | int, no: str | int) -> dict[str | int, float]:
+    if isinstance(read, str):
+        if read == "yes_no":
+            return {yes: 1.0, no: -1.0}
+        if read == "expected_score":
+            raise UnsupportedConfigError(
+                "read='expected_score' (a softmax over score tokens) is not linear in the final "
+                "residual, so it cannot be a reward head that the attribution and patching tools "
+                "decompose exactly. Use read='yes_no' or read={token: weight, ...} (a weighted sum "
+                "of logits); an expected-score judge is not implemented yet."
+            )
+        raise InvalidInputError(
+            f"read={read!r} is not one of 'yes_no' or a mapping {{token: weight}}"
+        )
+    if not isinstance(read, Mapping) or not read:
+        raise InvalidInputError(
+            f"read must be 'yes_no' or a non-empty mapping {{token: weight}}, got {read!r}"
+        )
+    return {k: float(v) for k, v in read.items()}
+
+
+def load_judge_reward_model(
+    model: Any,
+    tokenizer: Any = None,
+    *,
+    template: Template,
+    read: JudgeRead = "yes_no",
+    yes: str | int = "Yes",
+    no: str | int = "No",
+    fold_ln: bool = False,
+    center_writing_weights: bool = False,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    n_ctx: int | None = None,
+) -> HookedJudgeModel:
+    """A generative judge as a reward model: a linear read-out of its next-token logits.
+
+    The reward of a text is read at the last real token of ``template(text)``:
+
+    - ``read="yes_no"``: ``logit(yes) - logit(no)`` (= ``log p(yes) - log p(no)``);
+    - ``read={token: weight, ...}``: ``sum_k weight_k * logit(token_k)``.
+
+    Both are ``w . ln_final(h) + b`` with ``w = W_U[:, ids] @ weights`` and
+    ``b = b_U[ids] @ weights``: a one-column reward head on the final normalised residual, so the
+    result is a :class:`~tl_reward.model.HookedRewardModel` and every tool (lens, attribution,
+    patching, AtP, probes, CART discovery) decomposes the judge's score exactly.
+
+    Args:
+        model, tokenizer: an HF causal LM object or local directory, and its tokenizer.
+        template: how a text becomes the judge prompt: a format string with one ``{text}``
+            field, or a callable returning a string or a chat (rendered with the tokenizer's
+            chat template and ``add_generation_prompt=True``).
+        read: ``"yes_no"`` or a mapping from tokens (single-token strings or ids) to weights.
+            ``"expected_score"`` (a softmax expectation, not linear) is refused.
+        yes, no: the tokens ``read="yes_no"`` contrasts.
+        fold_ln, center_writing_weights, device, dtype, n_ctx: as
+            :func:`tl_reward.load_reward_model`.
+
+    A model with a final logit softcap (Gemma-2's ``final_logit_softcapping``) is refused: the
+    difference of capped logits is not linear in the residual.
+    """
+    if device is not None:
+        device = checked_device(device)
+    model, tokenizer, head = _as_causal_lm(model, tokenizer)
+    cap = _softcap(model.config)
+    if cap:
+        raise UnsupportedConfigError(
+            f"final_logit_softcapping={cap}: the judge's capped logits cap*tanh(logit/cap) make "
+            "its score nonlinear in the residual, so it is not a reward head. Set "
+            "model.config.final_logit_softcapping = None to analyse the uncapped logit "
+            "difference (a different, monotone-per-token quantity), or use load_causal_lm."
+        )
+    weights_by_token = _read_weights(read, yes, no)
+    vocab = head.out_features
+    ids = [_token_id(tokenizer, t, vocab) for t in weights_by_token]
+    if len(set(ids)) != len(ids):
+        raise InvalidInputError(f"judge read tokens {list(weights_by_token)} map to repeated ids {ids}")
+    w = torch.tensor(list(weights_by_token.values()), dtype=head.weight.dtype)
+    column = (w @ head.weight[ids].detach())[None]  # [1, d_model]
+    bias = head.bias[ids].detach() @ w if head.bias is not None else torch.zeros((), dtype=w.dtype)
+    label = (
+        f"logit({yes!s})-logit({no!s})" if read == "yes_no"
+        else " + ".join(f"{v:g}*logit({k!s})" for k, v in weights_by_token.items())
+    )
+
+    def make(cfg: HookedTransformerConfig) -> HookedJudgeModel:
+        return HookedJudgeModel(
+            cfg, tokenizer, template=template, read_token_ids=tuple(ids),
+            read_weights=tuple(float(x) for x in w), label_names=(label,),
+        )
+
+    judge = _build(
+        model, column, bias.reshape(1), make, fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights, device=device, dtype=dtype, n_ctx=n_ctx,
+    )
+    logger.info("converted %s into a judge reading %s", type(model).__name__, label)
+    return judge
+
+
+def load_implicit_reward_model(
+    policy: Any,
+    reference: Any = None,
+    *,
+    beta: float,
+    length_normalize: bool = False,
+    tokenizer: Any = None,
+    fold_ln: bool = False,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    n_ctx: int | None = None,
+) -> ImplicitRewardModel:
+    """The DPO implicit reward ``beta * sum_t [log pi(y_t|..) - log pi_ref(y_t|..)]``.
+
+    Args:
+        policy, reference: HF causal LMs (objects or local ``save_pretrained`` directories; never
+            hub ids), or ``HookedTransformer`` models already converted with
+            :func:`load_causal_lm`. ``reference=None`` drops the reference term (SimPO-style).
+        beta: the DPO temperature (> 0).
+        length_normalize: average the log-ratio over the response tokens instead of summing.
+        tokenizer: the shared tokenizer (taken from the policy's directory when omitted).
+        fold_ln, device, dtype, n_ctx: as :func:`load_causal_lm`, for both models.
+    """
+
+    def convert(m: Any, tok: Any) -> tuple[HookedTransformer, Any]:
+        if isinstance(m, HookedTransformer):
+            return m, tok if tok is not None else getattr(m, "tokenizer", None)
+        hooked = load_causal_lm(m, tok, fold_ln=fold_ln, device=device, dtype=dtype, n_ctx=n_ctx)
+        return hooked, hooked.tokenizer
+
+    pol, tokenizer = convert(policy, tokenizer)
+    ref = None if reference is None else convert(reference, tokenizer)[0]
+    return ImplicitRewardModel(pol, ref, beta=beta, length_normalize=length_normalize,
+                               tokenizer=tokenizer)
