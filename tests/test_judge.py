@@ -56,6 +56,27 @@ def test_judge_matches_hf_logits(arch_lm):
                                            msg=f"{arch} {name} fold_ln={fold} {side}")
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_causal_lm_fold_ln_with_a_square_mlp(arch):
+    """TransformerLens's own fold scales the wrong axis of a square MLP (d_mlp == d_model); the
+    causal-LM loader must apply the same exact folds as the reward-model loader."""
+    from tl_reward import load_causal_lm
+
+    config = make_config(arch, gqa=arch != "gpt2")
+    if arch == "gpt2":
+        config.n_inner = config.n_embd
+    else:
+        config.intermediate_size = config.hidden_size
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = randomize_(T.AutoModelForCausalLM.from_config(config, attn_implementation="eager"), 0)
+    tokens = torch.tensor([ragged_sequences()[0]])
+    with torch.no_grad():
+        truth = hf.eval()(tokens).logits
+        got = load_causal_lm(hf, fold_ln=True)(tokens)
+    torch.testing.assert_close(got, truth, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("level", ["component", "head", "neuron"])
 def test_direct_attribution_of_the_judge_adds_up(arch_lm, level):
     from tl_reward import direct_reward_attribution, load_judge_reward_model

@@ -43,9 +43,12 @@ def supported_architectures() -> list[str]:
     return sorted(REGISTRY)
 
 
-def _from_directory(path: Path, tokenizer: Any, **hf_kwargs: Any) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
+def _checked_config(path: Path, suffixes: tuple[str, ...], kind: str) -> str:
+    """The ``model_type`` of the checkpoint directory ``path``, read from its ``config.json``
+    without transformers (which would raise its own error for an unknown or custom-code type),
+    after checking it is a supported architecture whose ``architectures`` end in ``suffixes``.
+    ``kind``: what the loader needs, for the error (e.g. "a *ForSequenceClassification reward
+    model: it has no score head")."""
     config_file = path / "config.json"
     if not config_file.exists():
         raise ModelSourceError(
@@ -66,11 +69,20 @@ def _from_directory(path: Path, tokenizer: Any, **hf_kwargs: Any) -> tuple[Any, 
             f"supported. Supported model_type values: {supported_architectures()}"
         )
     architectures = list(raw.get("architectures") or [])
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+    if not any(a.endswith(suffixes) for a in architectures):
         raise NotARewardModelError(
-            f"{str(path)!r} holds a {architectures or model_type} model, not a "
-            "*ForSequenceClassification reward model: it has no score head"
+            f"{str(path)!r} holds a {architectures or model_type} model, not {kind}"
         )
+    return model_type
+
+
+def _from_directory(path: Path, tokenizer: Any, **hf_kwargs: Any) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    model_type = _checked_config(
+        path, ("ForSequenceClassification",),
+        "a *ForSequenceClassification reward model: it has no score head",
+    )
     try:
         AutoConfig.from_pretrained(path, local_files_only=True)
         hf_model = AutoModelForSequenceClassification.from_pretrained(

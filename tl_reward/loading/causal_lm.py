@@ -34,7 +34,8 @@ from ..errors import (
 )
 from ..implicit import ImplicitRewardModel
 from ..judge import HookedJudgeModel, JudgeRead, Template
-from . import DEFAULT_MAX_N_CTX, _adapter_for
+from ..model import load_with_exact_folds
+from . import DEFAULT_MAX_N_CTX, _adapter_for, _checked_config
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +43,18 @@ logger = logging.getLogger(__name__)
 def _causal_from_directory(path: Path, tokenizer: Any) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if not (path / "config.json").exists():
+    model_type = _checked_config(
+        path, ("ForCausalLM", "LMHeadModel"),
+        "a causal LM (*ForCausalLM): it has no language-model head",
+    )
+    try:
+        AutoConfig.from_pretrained(path, local_files_only=True)
+        hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to read the checkpoint, with its cause
         raise ModelSourceError(
-            f"{str(path)!r} has no config.json; pass a directory written by save_pretrained()"
-        )
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    _adapter_for(config)
-    architectures = list(getattr(config, "architectures", None) or [])
-    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        raise NotARewardModelError(
-            f"{str(path)!r} holds a {architectures or config.model_type} model, not a causal LM "
-            "(*ForCausalLM): it has no language-model head"
-        )
-    hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            f"cannot load the {model_type} checkpoint in {str(path)!r} with transformers: "
+            f"{type(err).__name__}: {err}"
+        ) from err
     if tokenizer is None and any(
         (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
     ):
@@ -152,7 +152,8 @@ def _build(
         state["unembed.W_U"] = head_weight.T.clone()
         state["unembed.b_U"] = head_bias.clone()
         state = {k: v.detach().to(device=cfg.device, dtype=cfg.dtype) for k, v in state.items()}
-        hooked.load_and_process_state_dict(
+        load_with_exact_folds(  # TransformerLens's, with the folds its shapes do not tell
+            hooked,
             state,
             fold_ln=fold_ln,
             center_writing_weights=center_writing_weights,
