@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 
 REGISTRY: dict[str, Adapter] = {a.model_type: a for a in (*llama_like.ADAPTERS, *gpt.ADAPTERS)}
 
-# TransformerLens keeps an [n_ctx, n_ctx] causal mask per attention layer: cap n_ctx by default so
-# a 128k-context config does not allocate gigabytes. load_reward_model(n_ctx=...) raises it.
+# TransformerLens builds [n_ctx, rotary_dim] rotary tables for every attention layer (the loader
+# keeps one shared copy; its causal mask is built per forward): n_ctx is capped by default so a
+# 128k-context config does not build tables it will not use. load_reward_model(n_ctx=...) raises it.
 DEFAULT_MAX_N_CTX = 4096
 
 
