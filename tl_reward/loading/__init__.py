@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformer_lens import HookedTransformerConfig
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from .._device import checked_device
 from ..errors import (
@@ -149,9 +149,12 @@ def _read_kwargs(device: str | None, dtype: torch.dtype | None) -> dict[str, Any
     return kwargs
 
 
-def _converted_state(hf_model: Any, adapter: Adapter, score: nn.Linear, cfg: Any) -> dict[str, Tensor]:
+def converted_state(
+    hf_model: Any, adapter: Adapter, score: nn.Linear | SimpleNamespace, cfg: Any
+) -> dict[str, Tensor]:
     """The TransformerLens state dict of ``hf_model``: views of its tensors where the layout
-    allows (TransformerLens's converters reshape and transpose; the head is ``score.weight.T``)."""
+    allows (TransformerLens's converters reshape and transpose; the head is ``score.weight.T``;
+    ``score``: the Linear, or its ``weight``, ``bias`` and ``out_features`` for a computed head)."""
     trunk = SimpleNamespace(**{adapter.base_attr: getattr(hf_model, adapter.base_attr)})
     trunk.lm_head = trunk.embed_out = score  # read by some converters; replaced below
     with torch.no_grad():
@@ -163,6 +166,69 @@ def _converted_state(hf_model: Any, adapter: Adapter, score: nn.Linear, cfg: Any
             else torch.zeros(score.out_features, dtype=score.weight.dtype)
         )
     return state
+
+
+def hooked_config(
+    hf_model: Any,
+    adapter: Adapter,
+    n_out: int,
+    *,
+    center_writing_weights: bool,
+    n_ctx: int | None,
+    dtype: torch.dtype | None,
+    device: str | torch.device | None,
+    extra_cfg: dict[str, Any] | None = None,
+) -> HookedTransformerConfig:
+    """The HookedTransformerConfig of ``hf_model`` (checked by its adapter) with ``n_out`` head
+    outputs, in ``dtype`` on ``device`` (default: the HF model's), ``n_ctx`` checked and capped."""
+    hf_config = hf_model.config
+    adapter.audit(hf_config)
+    cfg_kwargs = adapter.config(hf_config)
+    cfg_kwargs.update(extra_cfg or {})
+    if center_writing_weights and cfg_kwargs["normalization_type"] != "LN":
+        raise UnsupportedConfigError(
+            f"center_writing_weights=True needs LayerNorm, which removes the mean; this "
+            f"{adapter.model_type} model uses RMSNorm, where centring would change the output. "
+            "Use fold_ln=True alone."
+        )
+    hf_ctx = cfg_kwargs["n_ctx"]
+    if n_ctx is not None:
+        if n_ctx < 1 or n_ctx > hf_ctx:
+            raise UnsupportedConfigError(
+                f"n_ctx={n_ctx} must be between 1 and the HF model's context {hf_ctx}"
+            )
+        cfg_kwargs["n_ctx"] = n_ctx
+    elif cfg_kwargs["positional_embedding_type"] != "standard":
+        cfg_kwargs["n_ctx"] = min(hf_ctx, DEFAULT_MAX_N_CTX)
+    first_param = next(hf_model.parameters())
+    return HookedTransformerConfig(
+        **cfg_kwargs,
+        d_vocab_out=n_out,
+        original_architecture=adapter.original_architecture,
+        model_name=Path(getattr(hf_config, "_name_or_path", "") or adapter.model_type).name,
+        dtype=dtype or first_param.dtype,
+        device=device if device is not None else str(first_param.device),
+        init_weights=False,
+        default_prepend_bos=False,
+    )
+
+
+def fill(
+    model: HookedTransformer,
+    state: dict[str, Tensor],
+    *,
+    fold_ln: bool,
+    center_writing_weights: bool,
+) -> None:
+    """Fill ``model`` (built under ``empty_parameters``) with ``state`` (TransformerLens layout),
+    processed as asked, with the folds TransformerLens's shape-guessing gets wrong (square MLPs,
+    ``d_model`` outputs) done exactly; ``state`` is emptied as it goes."""
+    buffers_to(model, model.cfg.device)
+    overrides = exact_ambiguous_folds(state, model.cfg) if fold_ln else None
+    assign_state(
+        model, state, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+        overrides=overrides,
+    )
 
 
 def load_reward_model(
@@ -213,35 +279,9 @@ def load_reward_model(
     hf_config = model.config
     adapter = _adapter_for(hf_config)
     score = _score_head(model)
-    adapter.audit(hf_config)
-    cfg_kwargs = adapter.config(hf_config)
-
-    if center_writing_weights and cfg_kwargs["normalization_type"] != "LN":
-        raise UnsupportedConfigError(
-            f"center_writing_weights=True needs LayerNorm, which removes the mean; this "
-            f"{adapter.model_type} model uses RMSNorm, where centring would change the rewards. "
-            "Use fold_ln=True alone."
-        )
-    hf_ctx = cfg_kwargs["n_ctx"]
-    if n_ctx is not None:
-        if n_ctx < 1 or n_ctx > hf_ctx:
-            raise UnsupportedConfigError(
-                f"n_ctx={n_ctx} must be between 1 and the HF model's context {hf_ctx}"
-            )
-        cfg_kwargs["n_ctx"] = n_ctx
-    elif cfg_kwargs["positional_embedding_type"] != "standard":
-        cfg_kwargs["n_ctx"] = min(hf_ctx, DEFAULT_MAX_N_CTX)
-
-    first_param = next(model.parameters())
-    cfg = HookedTransformerConfig(
-        **cfg_kwargs,
-        d_vocab_out=score.out_features,
-        original_architecture=adapter.original_architecture,
-        model_name=Path(getattr(hf_config, "_name_or_path", "") or adapter.model_type).name,
-        dtype=dtype or first_param.dtype,
-        device=device if device is not None else str(first_param.device),
-        init_weights=False,
-        default_prepend_bos=False,
+    cfg = hooked_config(
+        model, adapter, score.out_features, center_writing_weights=center_writing_weights,
+        n_ctx=n_ctx, dtype=dtype, device=device,
     )
     id2label = getattr(hf_config, "id2label", None) or {}
     labels = [str(id2label.get(i, f"reward_{i}")) for i in range(score.out_features)]
@@ -250,16 +290,10 @@ def load_reward_model(
             cfg, tokenizer, pad_token_id=getattr(hf_config, "pad_token_id", None),
             label_names=labels,
         )
-    buffers_to(reward_model, cfg.device)
-    state = _converted_state(model, adapter, score, cfg)  # views of the HF tensors
+    state = converted_state(model, adapter, score, cfg)  # views of the HF tensors
     name = type(model).__name__
-    del model, score, first_param  # a model read here is freed tensor by tensor as its weights are assigned
-    # the folds TransformerLens's shape-guessing gets wrong (square MLPs, d_model outputs)
-    overrides = exact_ambiguous_folds(state, cfg) if fold_ln else None
-    assign_state(
-        reward_model, state, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-        overrides=overrides,
-    )
+    del model, score  # a model read here is freed tensor by tensor as its weights are assigned
+    fill(reward_model, state, fold_ln=fold_ln, center_writing_weights=center_writing_weights)
     reward_model.set_objective(objective)
     reward_model.eval()
     logger.info("converted %s (%s) into a HookedRewardModel", name, adapter.model_type)
