@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from _host_memory import peak, reset_peak, rss
 
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -36,24 +37,6 @@ TOOLS = ("score", "lens", "lens_recomputed", "tuned_lens", "attribution_componen
 D_SAE = 4096
 
 
-def _rss() -> int:
-    import os
-
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def floor_activations(tool: str, cfg, n: int) -> int:
@@ -120,7 +103,7 @@ def measure(model, tool: str, n: int, base: int) -> dict:
     a = torch.randint(2, vocab, (1, n), generator=gen)
     b = torch.randint(2, vocab, (1, n), generator=gen)
     _trim()
-    _reset_peak()
+    reset_peak()
     start = time.perf_counter()
     if tool == "score":
         with torch.no_grad():
@@ -154,9 +137,9 @@ def measure(model, tool: str, n: int, base: int) -> dict:
         raise KeyError(tool)
     seconds = time.perf_counter() - start
     floor = weights + floor_activations(tool, model.cfg, n)
-    peak = _peak() - base
-    return {"tool": tool, "n": n, "weights": weights, "floor": floor, "peak": peak,
-            "ratio": peak / floor, "seconds": seconds}
+    peak_bytes = peak() - base
+    return {"tool": tool, "n": n, "weights": weights, "floor": floor, "peak": peak_bytes,
+            "ratio": peak_bytes / floor, "seconds": seconds}
 
 
 def main() -> None:
@@ -176,7 +159,7 @@ def main() -> None:
 
     import tl_reward.sae  # noqa: F401
 
-    base = _rss()
+    base = rss()
     model = build(args.shape, getattr(torch, args.dtype))
     results = []
     for tool in args.tools.split(","):
