@@ -149,6 +149,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--lengths", default="512,1024,2048")
     parser.add_argument("--tools", default=",".join(TOOLS))
+    parser.add_argument("--budget-gib", type=float, default=None,
+                        help="tl_reward.set_memory_budget for the run (default: the library's)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.tiny:
@@ -157,8 +159,11 @@ def main() -> None:
     import sae_lens  # noqa: F401  (libraries imported before the baseline)
     import transformers  # noqa: F401
 
+    import tl_reward
     import tl_reward.sae  # noqa: F401
 
+    if args.budget_gib is not None:
+        tl_reward.set_memory_budget(args.budget_gib)
     base = rss()
     model = build(args.shape, getattr(torch, args.dtype))
     results = []
@@ -181,7 +186,7 @@ def main() -> None:
     from _results import machine, write_section
 
     body = "\n".join([
-        f"## Peak host memory of every tool at long inputs (issue 19){' [tiny]' if args.tiny else ''}",
+        f"## Peak host memory of every tool at long inputs (issue 19), {args.shape} shapes",
         "",
         f"`.venv/bin/python benchmarks/bench_memory.py {' '.join(sys.argv[1:])}` ({machine()}).",
         "",
@@ -190,7 +195,10 @@ def main() -> None:
         "weights plus the activations the tool must read (see the script); one process, the peak "
         "reset before each tool (memory a tool's predecessors left in the heap counts against "
         "it, so the peaks are upper bounds). The forward's own "
-        "working set (one layer's attention scores) is what lifts the ratio above 1.",
+        "working set (one layer's attention scores) is what lifts the ratio above 1. "
+        + (f"Memory budget: {args.budget_gib} GiB (`tl_reward.set_memory_budget`)."
+           if args.budget_gib is not None else "Memory budget: the default (half the "
+           "available memory), which the batched tools may fill."),
         "",
         header + " |",
         "|---|" + "---|" * len(lengths),
@@ -198,7 +206,8 @@ def main() -> None:
     ])
     print(body)
     if not args.no_write:
-        write_section("bench-memory" + ("-tiny" if args.tiny else ""), body)
+        shape = "" if args.shape == "small" else f"-{args.shape}"
+        write_section("bench-memory" + shape, body)
 
 
 if __name__ == "__main__":
