@@ -7,7 +7,7 @@
     tl-reward report MODEL --pairs pairs.jsonl --out report/
 
 MODEL is a ``save_pretrained`` directory or the name of a shipped organism (``longtail``,
-``planted``, ``dpo_longtail``). A causal LM directory is read as a generative judge
+``planted``, ``dpo_longtail``, ``judge_longtail``). A causal LM directory is read as a generative judge
 (``--judge-template "...{text}..."``) or as the policy of a DPO implicit reward
 (``--beta B [--reference DIR]``). Pairs files are JSONL, JSON or CSV with ``chosen``/``rejected`` (and optionally
 ``prompt``) columns. A bad input prints one line to stderr and exits with status 1.
@@ -152,13 +152,14 @@ def _save_table(df: Any, out: Path | None) -> None:
 
 
 IMPLICIT_ORGANISM = "dpo_longtail"  # a DPO policy / reference pair: an implicit reward
+JUDGE_ORGANISM = "judge_longtail"  # a causal LM with its own judge template and read-out
 
 
 def _organism_names() -> list[str]:
     """The shipped organisms, read from the package folder (importing them would import torch)."""
     weights = Path(__file__).with_name("organisms") / "weights"
     return sorted(d.name for d in weights.iterdir()
-                  if (d / "config.json").is_file() or (d / "policy" / "config.json").is_file())
+                  if any((d / sub / "config.json").is_file() for sub in ("", "policy", "model")))
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,9 @@ def _check_kind(src: Source) -> None:
     if src.model == IMPLICIT_ORGANISM and (src.beta is not None or src.reference is not None):
         _fail(f"the {IMPLICIT_ORGANISM} organism has its own reference and beta; drop --beta and "
               "--reference")
+    if src.model == JUDGE_ORGANISM and (src.template is not None or src.beta is not None):
+        _fail(f"the {JUDGE_ORGANISM} organism is a judge with its own template and read-out; drop "
+              "--judge-template and --beta")
     if src.reference is not None and src.beta is None and src.model != IMPLICIT_ORGANISM:
         _fail("--reference needs --beta (the DPO temperature of the implicit reward)")
     if src.beta is not None and not src.beta > 0:
@@ -267,6 +271,10 @@ def _model(source: str | Source, device: str | None, dtype: DType, objective: in
             from .organisms import dpo
 
             return dpo.load(**kwargs)[0]
+        if source.model == JUDGE_ORGANISM:
+            from .organisms import judge
+
+            return judge.load(**kwargs)
         if source.implicit:
             from .loading.causal_lm import load_implicit_reward_model
 
