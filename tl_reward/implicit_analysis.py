@@ -107,7 +107,7 @@ def implicit_reward_lens(model: ImplicitRewardModel, batch: ResponseBatch) -> Im
     """Logit lens of the implicit reward: both models read out after the embeddings and after each
     layer (``resid_post``), the final norm recomputed on each layer's residual (the logit-lens
     convention: a log-probability needs a normalised residual, so no cached scale)."""
-    batch = model._check(batch)
+    batch = model.checked(batch)
     rows, pos = _targets(batch)
     weights = model.token_weights(batch)[rows, pos]
     targets = batch.tokens[rows, pos]
@@ -226,7 +226,7 @@ def implicit_reward_attribution(
     per token.
     """
     choose("level", level, LEVELS)
-    batch = model._check(batch)
+    batch = model.checked(batch)
     rows, pos = _targets(batch)
     src = pos - 1  # the position whose logits predict each response token
     weights = model.token_weights(batch)[rows, pos]
@@ -336,7 +336,7 @@ def implicit_activation_patch(
     choose("hook", hook, PATCH_HOOKS)
     choose("direction", direction, DIRECTIONS)
     _check_same_shape(model)
-    batch = model._check(batch)
+    batch = model.checked(batch)
     source_name, target_name = direction.split("_to_")
     source, target = model.models[source_name], model.models[target_name]
     layers = list(range(target.cfg.n_layers)) if layers is None else list(layers)
@@ -392,7 +392,7 @@ def implicit_attribution_patch(
     choose("hook", hook, PATCH_HOOKS)
     choose("direction", direction, DIRECTIONS)
     _check_same_shape(model)
-    batch = model._check(batch)
+    batch = model.checked(batch)
     source_name, target_name = direction.split("_to_")
     source, target = model.models[source_name], model.models[target_name]
     layers = list(range(target.cfg.n_layers)) if layers is None else list(layers)
