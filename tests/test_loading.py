@@ -612,3 +612,14 @@ def test_keys_no_hf_forward_reads_are_accepted_and_logged(caplog):
     with caplog.at_level("DEBUG", logger="tl_reward.loading._base"):
         load_reward_model(hf)
     assert "cache_implementation" in caplog.text and "never reads" in caplog.text
+
+
+def test_a_row_of_pad_ids_alone_is_refused_not_pooled_at_its_last_position():
+    """HF pools the last position of a row with no non-pad token (its argmax finds none); that
+    reward reads a pad token, so tl_reward refuses the row, naming it."""
+    hf = make_hf_model("llama")
+    model = load_reward_model(hf)
+    pad = hf.config.pad_token_id
+    tokens = torch.tensor([[5, 6, 7], [pad, pad, pad]])
+    with pytest.raises(errors.InvalidInputError, match=r"rows \[1\] have no token to score"):
+        model(tokens)

@@ -115,7 +115,10 @@ def configs(draw, family: str) -> T.PretrainedConfig:
 def sequences(draw, pad_id) -> list[list[int]]:
     seqs = []
     for _ in range(4):
-        seq = draw(st.lists(st.integers(2, VOCAB - 1), min_size=1, max_size=9))
+        # at least one token that is not the pad id: a row of pad ids alone has no token to
+        # score, which tl_reward refuses (InvalidInputError) where HF silently pools the last one
+        seq = draw(st.lists(st.integers(2, VOCAB - 1), min_size=1, max_size=9)
+                   .filter(lambda s: any(t != pad_id for t in s)))
         if pad_id is not None and draw(st.booleans()):
             seq = seq + [pad_id]  # a trailing pad/eos id: HF pools the token before it
         seqs.append(seq)
