@@ -75,6 +75,28 @@ def test_directory_load_in_half_precision_is_memory_mapped(tmp_path):
                            load_reward_model(hf)(tokens, attention_mask=mask))
 
 
+def test_a_sequence_that_cannot_fit_the_available_memory_is_refused_before_it_runs(monkeypatch):
+    """AtP's backward keeps every layer's attention scores: where one sequence's need exceeds the
+    memory available (measured: AtP at 2,048 tokens on a 1B model was killed by the system's OOM
+    killer at 23 GB), the tool says so instead; a forward-only tool on the same input still runs.
+    Only the available-memory reading is replaced here, not any number the tools compute."""
+    import tl_reward._memory as memory
+    from tl_reward import attribution_patch, errors, reward_lens
+
+    model = load_reward_model(make_hf_model("llama", gqa=True))
+    tokens, mask = pad_batch(ragged_sequences(seed=5), "right")
+    n = tokens.shape[1]
+    forward = memory.forward_bytes_per_row(model.cfg, n)
+    backward = memory.forward_bytes_per_row(model.cfg, n, grad=True)
+    assert backward > forward
+    monkeypatch.setattr(memory, "available_memory", lambda device="cpu": (forward + backward) // 2)
+    with memory.memory_budget(forward / 2**30 / 4):  # below one row: one row at a time
+        reward_lens(model, tokens, mask)
+        with pytest.raises(errors.InsufficientMemoryError, match=rf"one sequence of {n} tokens.*"
+                           r"backward pass keeps every layer"):
+            attribution_patch(model, tokens[:2], tokens[2:4], progress=False)
+
+
 def test_memory_budget_picks_smaller_batches_with_the_same_results():
     """A budget that fits one row's forward runs the tools one row at a time, with the results
     of one big batch; the budget is restored on leaving the block."""

@@ -4,7 +4,9 @@ The tools run batches of sequences; at long inputs a batch's working memory grow
 ``batch x n_heads x pos^2`` (the attention scores TransformerLens materialises) and
 ``batch x pos x (d_model, d_mlp)`` (the residual stream and MLP activations). Each tool asks
 :func:`rows_that_fit` how many rows of its batch fit the budget and never runs more (at least
-one: a single sequence that does not fit still runs, as it must).
+one: a single sequence that does not fit the budget still runs, as it must, unless it does not
+fit the memory available at all: then :class:`~tl_reward.errors.InsufficientMemoryError` says so
+before anything is allocated, instead of the process being killed by the system).
 
 The budget is, in order: what :func:`set_memory_budget` was given (also as a context manager,
 ``with memory_budget(8): ...``); else half the memory available now on the model's device
@@ -16,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .errors import InvalidInputError
+from .errors import InsufficientMemoryError, InvalidInputError
 
 _budget: int | None = None
 
@@ -30,17 +32,22 @@ def set_memory_budget(gib: int | float | None) -> None:
     _budget = None if gib is None else int(gib * 2**30)
 
 
+def available_memory(device: str | torch.device = "cpu") -> int:
+    """Bytes available now on ``device``: the GPU's free memory, or the host's available memory."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return free
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 def get_memory_budget(device: str | torch.device = "cpu") -> int:
     """The budget in bytes on ``device``: the one set, else half of what is available now."""
     if _budget is not None:
         return _budget
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        return free // 2
-    import psutil
-
-    return psutil.virtual_memory().available // 2
+    return available_memory(device) // 2
 
 
 @contextmanager
@@ -75,4 +82,18 @@ def rows_that_fit(cfg, n_pos: int, requested: int, *, kept_per_row: int = 0,
     if requested < 1:
         raise InvalidInputError(f"batch_size must be >= 1, got {requested}")
     per_row = forward_bytes_per_row(cfg, n_pos, grad=grad) + kept_per_row
-    return max(1, min(requested, get_memory_budget(cfg.device) // max(per_row, 1)))
+    budget = get_memory_budget(cfg.device)
+    if per_row > budget:
+        available = available_memory(cfg.device)
+        if per_row > available:
+            raise InsufficientMemoryError(
+                f"one sequence of {n_pos} tokens needs about {per_row / 2**30:.1f} GiB of working "
+                f"memory for this tool"
+                + (" (its backward pass keeps every layer's attention scores, "
+                   f"{cfg.n_layers} x {cfg.n_heads} x {n_pos}^2)" if grad else "")
+                + f", more than the {available / 2**30:.1f} GiB available on {cfg.device}. "
+                "Shorten the input"
+                + (", use exact activation patching (no backward), " if grad else ", ")
+                + "or run on a device with more memory."
+            )
+    return max(1, min(requested, budget // max(per_row, 1)))

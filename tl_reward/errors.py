@@ -47,3 +47,7 @@ class SAEMismatchError(TLRewardError, ValueError):
 
 class NotAnSAEError(TLRewardError, TypeError):
     """An object that is not a sae-lens ``SAE`` was passed where one is needed."""
+
+
+class InsufficientMemoryError(TLRewardError, MemoryError):
+    """One sequence's working memory for a tool exceeds the memory available on the device."""
