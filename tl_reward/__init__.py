@@ -28,6 +28,8 @@ _EXPORTS: dict[str, str] = {
     "concept_dose_response": "concepts",
     "concept_vector": "concepts",
     "divergence_aware_patch": "divergence",
+    "GatedHead": "heads",
+    "MLPHead": "heads",
     "distortion_index": "hacking",
     "effort_distortion": "hacking",
     "probe_cascade": "hacking",
@@ -106,6 +108,8 @@ if TYPE_CHECKING:
     from .hacking import distortion_index as distortion_index
     from .hacking import effort_distortion as effort_distortion
     from .hacking import probe_cascade as probe_cascade
+    from .heads import GatedHead as GatedHead
+    from .heads import MLPHead as MLPHead
     from .implicit import ImplicitRewardModel as ImplicitRewardModel
     from .implicit import ResponseBatch as ResponseBatch
     from .implicit import response_batch_from_ids as response_batch_from_ids

@@ -47,3 +47,13 @@ class SAEMismatchError(TLRewardError, ValueError):
 
 class NotAnSAEError(TLRewardError, TypeError):
     """An object that is not a sae-lens ``SAE`` was passed where one is needed."""
+
+
+class HeadError(TLRewardError, ValueError):
+    """A reward head that does not fit the model (width, outputs), or a published head layout
+    that cannot be read."""
+
+
+class LinearHeadRequiredError(TLRewardError, TypeError):
+    """A tool that reads the linear head's weights (``W_R``) was given a model whose head is
+    nonlinear (an MLP, a gated head, a user's module)."""

@@ -24,10 +24,12 @@ from ..errors import (
     UnsupportedArchitectureError,
     UnsupportedConfigError,
 )
+from ..heads import as_reward_head
 from ..model import HookedRewardModel, exact_ambiguous_folds
 from . import gpt, llama_like
 from ._base import Adapter
 from ._build import assign_state, buffers_to, empty_parameters
+from .heads import head_of
 
 logger = logging.getLogger(__name__)
 
@@ -104,25 +106,6 @@ def _adapter_for(hf_config: Any) -> Adapter:
     return REGISTRY[model_type]
 
 
-def _score_head(hf_model: Any) -> nn.Linear:
-    classes = [c.__name__ for c in type(hf_model).__mro__]
-    if not any(name.endswith("ForSequenceClassification") for name in classes):
-        raise NotARewardModelError(
-            f"{type(hf_model).__name__} is not a *ForSequenceClassification model, so it has no "
-            "score head (a reward read at the last token); load the "
-            "*ForSequenceClassification class of this architecture, e.g. "
-            "AutoModelForSequenceClassification"
-        )
-    score = getattr(hf_model, "score", None)
-    if not isinstance(score, nn.Linear):
-        raise NotARewardModelError(
-            f"{type(hf_model).__name__} has no score head (a Linear `score` module); load the "
-            "*ForSequenceClassification class of this architecture, e.g. "
-            "AutoModelForSequenceClassification"
-        )
-    return score
-
-
 def _read_kwargs(device: str | None, dtype: torch.dtype | None) -> dict[str, Any]:
     """``from_pretrained`` arguments that read the checkpoint once, as it will be used: in
     ``dtype`` (no float32 round trip) and, for an accelerator, straight onto it (no host copy).
@@ -136,10 +119,25 @@ def _read_kwargs(device: str | None, dtype: torch.dtype | None) -> dict[str, Any
     return kwargs
 
 
+def _trunk_of(hf_model: Any, adapter: Adapter) -> Any:
+    """The HF trunk (``LlamaModel``, ...): the model's ``base_attr``, or the model itself when
+    it is the trunk."""
+    trunk = getattr(hf_model, adapter.base_attr, None)
+    if trunk is None and getattr(hf_model, "base_model", None) is hf_model:
+        return hf_model
+    if trunk is None:
+        raise NotARewardModelError(
+            f"{type(hf_model).__name__} has no {adapter.base_attr!r} trunk (the "
+            f"{adapter.model_type} transformer); pass the HF model object that holds it"
+        )
+    return trunk
+
+
 def _converted_state(hf_model: Any, adapter: Adapter, score: nn.Linear, cfg: Any) -> dict[str, Tensor]:
     """The TransformerLens state dict of ``hf_model``: views of its tensors where the layout
-    allows (TransformerLens's converters reshape and transpose; the head is ``score.weight.T``)."""
-    trunk = SimpleNamespace(**{adapter.base_attr: getattr(hf_model, adapter.base_attr)})
+    allows (TransformerLens's converters reshape and transpose; the head is ``score.weight.T``;
+    a nonlinear head's model gets a zero ``unembed``, never read)."""
+    trunk = SimpleNamespace(**{adapter.base_attr: _trunk_of(hf_model, adapter)})
     trunk.lm_head = trunk.embed_out = score  # read by some converters; replaced below
     with torch.no_grad():
         state = dict(adapter.convert(trunk, cfg))
@@ -162,13 +160,25 @@ def load_reward_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     n_ctx: int | None = None,
+    head: nn.Module | None = None,
+    gate_pattern: Sequence[int] | None = None,
 ) -> HookedRewardModel:
     """Convert an HF reward model into a :class:`HookedRewardModel` with identical rewards.
 
     Args:
         model: an instantiated HF ``*ForSequenceClassification`` model, or a local directory
-            written by ``save_pretrained`` (never a hub id: nothing is downloaded).
+            written by ``save_pretrained`` (never a hub id: nothing is downloaded). With
+            ``head=``, the trunk (``LlamaModel``, ...) or any HF model object holding it. An
+            object carrying a published nonlinear head is read in that layout
+            (:data:`tl_reward.loading.heads.HEAD_ADAPTERS`): a GRM ``v_head`` (MLP head), an
+            ArmoRM ``regression_layer`` + ``gating`` (gated head).
         tokenizer: the HF tokenizer (loaded from the directory when omitted and present there).
+        head: the reward head to use instead of the model's own: an
+            :class:`~tl_reward.heads.MLPHead`, :class:`~tl_reward.heads.GatedHead`, or any
+            ``nn.Module`` mapping the pooled state ``[batch, d_model]`` to ``[batch, n_rewards]``
+            (see :mod:`tl_reward.heads`). A nonlinear head needs ``fold_ln=False``.
+        gate_pattern: for an ArmoRM model object, the token ids that end the prompt (see
+            :class:`~tl_reward.heads.GatedHead`).
         objective: for a multi-objective head, the scalar reward: an output index or a weight
             vector over the outputs (``None`` keeps every output).
         fold_ln: fold the norms' weights into the following weights (the final norm into the
@@ -199,9 +209,22 @@ def load_reward_model(
         )
     hf_config = model.config
     adapter = _adapter_for(hf_config)
-    score = _score_head(model)
+    if head is not None:
+        reward_head, score = as_reward_head(head), None
+    else:
+        reward_head, score = head_of(model, gate_pattern)
     adapter.audit(hf_config)
     cfg_kwargs = adapter.config(hf_config)
+    if score is None:  # a nonlinear head: the unembed is unused (zeros)
+        if fold_ln:
+            raise UnsupportedConfigError(
+                f"fold_ln=True with a {reward_head.kind} head: the final norm would have to be "
+                "folded into the head's first layers, which tl_reward does not do. Load with "
+                "fold_ln=False (the default); rewards are the same."
+            )
+        n_out = reward_head.n_outputs(cfg_kwargs["d_model"])
+        score = nn.Linear(cfg_kwargs["d_model"], n_out, bias=False)
+        nn.init.zeros_(score.weight)
 
     if center_writing_weights and cfg_kwargs["normalization_type"] != "LN":
         raise UnsupportedConfigError(
@@ -247,6 +270,8 @@ def load_reward_model(
         reward_model, state, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
         overrides=overrides,
     )
+    if not reward_head.is_linear:
+        reward_model.set_reward_head(reward_head)
     reward_model.set_objective(objective)
     reward_model.eval()
     logger.info("converted %s (%s) into a HookedRewardModel", name, adapter.model_type)

@@ -1,0 +1,144 @@
+"""Nonlinear reward heads (MLP, gated, custom) against reference implementations of the
+published code on the HF trunk, and what each tool does with them."""
+
+import pytest
+import torch
+from head_references import ArmoRMReference, GRMReference, randomized
+from helpers import VOCAB, make_config, pad_batch
+from torch import nn
+
+from tl_reward import errors, load_reward_model
+from tl_reward.heads import HEAD_KINDS, GatedHead, MLPHead
+
+TOL = 1e-4
+ARCHS = ["llama", "qwen2", "qwen3", "gemma2"]
+PATTERN = [4, 5]  # the "end of prompt" tokens of the tiny gated models
+
+
+def sequences(seed: int, n: int = 5, with_pattern: bool = False) -> list[list[int]]:
+    """Ragged sequences of ids 6.. (no pad id, no pattern token unless inserted)."""
+    gen = torch.Generator().manual_seed(seed)
+    seqs = []
+    for _ in range(n):
+        length = int(torch.randint(5, 13, (1,), generator=gen))
+        seq = torch.randint(6, VOCAB, (length,), generator=gen).tolist()
+        if with_pattern:
+            cut = int(torch.randint(1, length - 2, (1,), generator=gen))
+            seq = seq[:cut] + PATTERN + seq[cut:]
+        seqs.append(seq)
+    return seqs
+
+
+def grm(arch: str, seed: int = 0, **kw) -> GRMReference:
+    return randomized(GRMReference(make_config(arch), **kw), seed)
+
+
+def armorm(arch: str, seed: int = 0, **kw) -> ArmoRMReference:
+    return randomized(ArmoRMReference(make_config(arch), PATTERN, **kw), seed)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_mlp_head_matches_the_grm_reference(arch, side):
+    ref = grm(arch, n_layers=1 if arch != "qwen3" else 2)
+    model = load_reward_model(ref)
+    assert model.head_kind == "mlp"
+    seqs = sequences(1)
+    tokens, mask = pad_batch(seqs, side)
+    with torch.no_grad():
+        truth = ref(tokens, mask)
+        alone = torch.cat([ref(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
+                           for s in seqs])
+        ours = model(tokens, attention_mask=mask)
+    torch.testing.assert_close(truth, alone, atol=TOL, rtol=0)  # the reference agrees with itself
+    torch.testing.assert_close(ours, truth, atol=TOL, rtol=0)
+    assert float(truth.std()) > 0.05  # rewards vary: the comparison means something
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_gated_head_matches_the_armorm_reference(arch, side):
+    ref = armorm(arch)
+    model = load_reward_model(ref, gate_pattern=PATTERN)
+    assert model.head_kind == "gated"
+    seqs = sequences(2, with_pattern=True)
+    tokens, mask = pad_batch(seqs, side)
+    with torch.no_grad():
+        outs = [ref(torch.tensor([s])) for s in seqs]
+        score, objectives, gate = (torch.cat(x) for x in zip(*outs, strict=True))
+        ours, cache = model.run_with_cache(tokens, attention_mask=mask)
+    torch.testing.assert_close(ours, score, atol=TOL, rtol=0)
+    torch.testing.assert_close(cache["reward_head.hook_objectives"], objectives, atol=TOL, rtol=0)
+    torch.testing.assert_close(cache["reward_head.hook_gate"], gate, atol=TOL, rtol=0)
+    assert float(gate.std(0).max()) > 0.01  # the gate depends on the prompt
+
+
+def test_user_head_and_hooks():
+    ref = grm("llama")
+    seqs = sequences(3)
+    tokens, mask = pad_batch(seqs, "right")
+    head = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 2))
+    model = load_reward_model(ref.model, head=head)  # the trunk alone and a plain module
+    assert model.head_kind == "custom" and model.n_rewards == 2
+    with torch.no_grad():
+        hidden = ref.model(input_ids=tokens, attention_mask=mask).last_hidden_state
+        truth = head(hidden[torch.arange(len(seqs)), mask.sum(-1) - 1])
+        ours, cache = model.run_with_cache(tokens, attention_mask=mask)
+    torch.testing.assert_close(ours, truth, atol=TOL, rtol=0)
+    torch.testing.assert_close(cache["reward_head.hook_reward"], truth, atol=TOL, rtol=0)
+    # every intermediate of an MLP head is a hook point
+    mlp = load_reward_model(ref)
+    _, cache = mlp.run_with_cache(tokens, attention_mask=mask)
+    assert cache["reward_head.hook_hidden"].shape == (len(seqs), 24)
+    assert cache["reward_head.hook_pooled"].shape == (len(seqs), 64)
+    assert set(HEAD_KINDS) == {"linear", "mlp", "gated", "custom"}
+
+
+def test_per_position_and_fast_pooling_agree_with_the_full_forward():
+    ref = grm("qwen2")
+    model = load_reward_model(ref)
+    tokens, mask = pad_batch(sequences(4), "left")
+    with torch.no_grad():
+        fast = model(tokens, attention_mask=mask)
+        model.fast_pooling = False
+        full = model(tokens, attention_mask=mask)
+        per_pos = model(tokens, attention_mask=mask, return_type="per_position")
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(per_pos[:, -1], full, atol=1e-5, rtol=0)
+
+
+def test_head_refusals():
+    ref = grm("llama")
+    with pytest.raises(errors.UnsupportedConfigError, match="fold_ln=False"):
+        load_reward_model(ref, fold_ln=True)
+    model = load_reward_model(ref)
+    with pytest.raises(errors.LinearHeadRequiredError, match="reward_lens"):
+        _ = model.W_R
+    with pytest.raises(errors.LinearHeadRequiredError):
+        _ = model.reward_direction
+    with pytest.raises(errors.HeadError, match="gate_pattern"):
+        load_reward_model(armorm("llama"))
+    with pytest.raises(errors.HeadError, match=r"\[batch, n_rewards\]"):
+        load_reward_model(ref.model, head=_BadHead())
+    gated = load_reward_model(armorm("llama"), gate_pattern=PATTERN)
+    tokens, mask = pad_batch(sequences(5), "right")  # no pattern in these
+    with pytest.raises(errors.InvalidInputError, match="gate pattern"):
+        gated(tokens, attention_mask=mask)
+
+
+class _BadHead(nn.Module):
+    def forward(self, x):
+        return x[:, :, None]
+
+
+def test_published_layouts_round_trip():
+    ref = grm("llama", n_layers=2)
+    head = MLPHead.from_state_dict({f"v_head.{k}": v for k, v in ref.v_head.state_dict().items()},
+                                   prefix="v_head.")
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(head.compute(x, None), ref.v_head(x), atol=1e-6, rtol=0)
+    arm = armorm("llama")
+    gated = GatedHead.from_state_dict(arm.state_dict(), PATTERN, temperature=0.7)
+    y = torch.randn(3, 64)
+    score = (arm.gating(y) * (arm.regression_layer(x) @ arm.reward_transform_matrix)).sum(1)
+    torch.testing.assert_close(gated.compute(x, None, y)[:, 0], score, atol=1e-6, rtol=0)

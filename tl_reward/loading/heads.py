@@ -1,0 +1,100 @@
+"""Head adapters: which head a loaded model object has, read in its published layout.
+
+One adapter per published head layout, tried in order (:data:`HEAD_ADAPTERS`); the first whose
+``matches`` holds builds the head. The linear ``score`` of a ``*ForSequenceClassification``
+model is the last one (it also gives the refusals of objects with no head).
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..errors import HeadError, NotARewardModelError
+from ..heads import ACTIVATIONS, ARMORM_LLAMA3_GATE_PATTERN, GatedHead, MLPHead, RewardHead
+
+
+@dataclass(frozen=True)
+class HeadAdapter:
+    """``matches(hf_model)``: whether the object carries this layout; ``build(hf_model,
+    gate_pattern)``: the head, and the ``score`` Linear that becomes ``unembed`` (linear only)."""
+
+    kind: str
+    matches: Callable[[Any], bool]
+    build: Callable[[Any, Sequence[int] | None], tuple[RewardHead, nn.Linear | None]]
+
+
+def score_head(hf_model: Any) -> nn.Linear:
+    """The ``score`` Linear of a ``*ForSequenceClassification`` model, or the reason it has none."""
+    classes = [c.__name__ for c in type(hf_model).__mro__]
+    if not any(name.endswith("ForSequenceClassification") for name in classes):
+        raise NotARewardModelError(
+            f"{type(hf_model).__name__} is not a *ForSequenceClassification model, so it has no "
+            "score head (a reward read at the last token); load the "
+            "*ForSequenceClassification class of this architecture, e.g. "
+            "AutoModelForSequenceClassification, or pass head= (an MLPHead, GatedHead or any "
+            "module mapping the pooled state to rewards) with the trunk"
+        )
+    score = getattr(hf_model, "score", None)
+    if not isinstance(score, nn.Linear):
+        raise NotARewardModelError(
+            f"{type(hf_model).__name__} has no score head (a Linear `score` module); load the "
+            "*ForSequenceClassification class of this architecture, e.g. "
+            "AutoModelForSequenceClassification"
+        )
+    return score
+
+
+def _grm_matches(hf_model: Any) -> bool:
+    summary = getattr(getattr(hf_model, "v_head", None), "summary", None)
+    return isinstance(summary, nn.Sequential)
+
+
+def _grm_build(hf_model: Any, gate_pattern: Sequence[int] | None):
+    summary = hf_model.v_head.summary
+    kinds = {type(m) for m in summary if not isinstance(m, nn.Linear)}
+    names = [name for name, make in ACTIVATIONS.items() if {type(make())} == kinds]
+    if len(names) != 1:
+        raise HeadError(
+            f"the v_head of {type(hf_model).__name__} uses {sorted(k.__name__ for k in kinds)} "
+            f"between its Linear layers; an MLP head takes one of {sorted(ACTIVATIONS)}"
+        )
+    state = {k: v for k, v in hf_model.v_head.state_dict().items() if k.startswith("summary.")}
+    return MLPHead.from_state_dict(state, activation=names[0]), None
+
+
+def _armorm_matches(hf_model: Any) -> bool:
+    return (isinstance(getattr(hf_model, "regression_layer", None), nn.Linear)
+            and hasattr(getattr(hf_model, "gating", None), "layers"))
+
+
+def _armorm_build(hf_model: Any, gate_pattern: Sequence[int] | None):
+    if gate_pattern is None:
+        raise HeadError(
+            f"{type(hf_model).__name__} has a gated (ArmoRM) head, which gates on the state at "
+            "the end of the prompt, found from a token pattern of the chat template: pass "
+            "load_reward_model(..., gate_pattern=[ids]); ArmoRM-Llama3-8B-v0.1 uses "
+            f"{list(ARMORM_LLAMA3_GATE_PATTERN)} (tl_reward.heads.ARMORM_LLAMA3_GATE_PATTERN)"
+        )
+    state = {k: v for k, v in hf_model.state_dict().items()
+             if k.startswith(("regression_layer.", "gating.")) or k == "reward_transform_matrix"}
+    temperature = float(getattr(hf_model.gating, "temperature", 10.0))
+    return GatedHead.from_state_dict(state, gate_pattern, temperature=temperature), None
+
+
+def _linear_build(hf_model: Any, gate_pattern: Sequence[int] | None):
+    return RewardHead(), score_head(hf_model)
+
+
+HEAD_ADAPTERS: tuple[HeadAdapter, ...] = (
+    HeadAdapter("mlp", _grm_matches, _grm_build),
+    HeadAdapter("gated", _armorm_matches, _armorm_build),
+    HeadAdapter("linear", lambda hf_model: True, _linear_build),
+)
+
+
+def head_of(hf_model: Any, gate_pattern: Sequence[int] | None) -> tuple[RewardHead, nn.Linear | None]:
+    """The head an HF model object carries (first matching adapter), and its ``score`` Linear."""
+    adapter = next(a for a in HEAD_ADAPTERS if a.matches(hf_model))
+    return adapter.build(hf_model, gate_pattern)
