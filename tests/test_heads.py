@@ -112,6 +112,8 @@ def test_head_refusals():
     with pytest.raises(errors.UnsupportedConfigError, match="fold_ln=False"):
         load_reward_model(ref, fold_ln=True)
     model = load_reward_model(ref)
+    with pytest.raises(errors.UnsupportedConfigError, match="fold_ln=False"):
+        model.process_weights_(fold_ln=True)  # after loading, too
     with pytest.raises(errors.LinearHeadRequiredError, match="reward_lens"):
         _ = model.W_R
     with pytest.raises(errors.LinearHeadRequiredError):

@@ -187,10 +187,11 @@ class _GatingNetwork(nn.Module):
             [nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)]
             + [nn.Linear(widths[-1], k, bias=bias)]
         )
+        self.relu = nn.ReLU()  # a module, so that its kinks can be found (head_attribution)
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.layers[:-1]:
-            x = torch.relu(layer(x))
+            x = self.relu(layer(x))
         x = self.layers[-1](x)
         return torch.softmax(x / self.temperature, dim=-1) * self.logit_scale[0]
 

@@ -28,7 +28,13 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from ._memory import rows_that_fit
-from .errors import HeadError, InvalidInputError, LinearHeadRequiredError, ObjectiveError
+from .errors import (
+    HeadError,
+    InvalidInputError,
+    LinearHeadRequiredError,
+    ObjectiveError,
+    UnsupportedConfigError,
+)
 from .heads import RewardHead, as_reward_head
 
 logger = logging.getLogger(__name__)
@@ -222,6 +228,12 @@ class HookedRewardModel(HookedTransformer):
         folded here in the HookedTransformer layout (``W_in`` [d_model, d_mlp], ``W_U``
         [d_model, n_rewards]) and written over TransformerLens's result.
         """
+        if fold_ln and not self.reward_head.is_linear:
+            raise UnsupportedConfigError(
+                f"fold_ln=True with a {self.head_kind} head: TransformerLens would fold the "
+                "final norm into the unused unembed, not into the head, and the head would read "
+                "an unweighted state. Keep the norms unfolded (fold_ln=False)."
+            )
         exact = exact_ambiguous_folds(state_dict, self.cfg, center_unembed) if fold_ln else {}
         super().load_and_process_state_dict(
             state_dict,

@@ -44,7 +44,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 from ._device import checked_device
 from ._memory import rows_that_fit
 from ._readout import as_tokens, choose, readout_dtype
-from .errors import InvalidInputError
+from .errors import HeadError, InvalidInputError
 from .model import HookedRewardModel, Text
 
 # name -> (hook inside a block, kind of activation)
@@ -481,6 +481,14 @@ def activation_patch_grids(
         )
     if max_rows < 1:
         raise InvalidInputError(f"max_rows must be >= 1, got {max_rows}")
+    if model.reward_head.reads_prompt_end:
+        raise HeadError(
+            f"activation_patch runs patched forwards from cached prefixes with the last block at "
+            f"the scoring token alone; the {model.head_kind} head also reads the end of the "
+            "prompt, which those forwards do not carry. Patch this model with path_patch, "
+            "attribution_patch, tl_reward.gated.gate_patch, or transformer_lens.patching / "
+            "run_with_hooks on model(tokens, attention_mask=mask) (full forwards)."
+        )
     started = time.perf_counter()
     cfg = model.cfg
     layers = list(range(cfg.n_layers)) if layers is None else list(layers)
