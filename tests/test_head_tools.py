@@ -214,3 +214,55 @@ def test_tools_that_read_the_linear_head_refuse_a_nonlinear_one():
         gated_outputs(model, tokens, mask)
     with pytest.raises(errors.InvalidInputError, match="method"):
         head_attribution(model, tokens, mask, method="shap")
+
+
+def test_sae_gradient_attribution_works_through_an_mlp_head_and_direct_refuses():
+    from test_sae import random_sae
+
+    from tl_reward import sae as S
+
+    model = load_reward_model(grm("llama"))
+    tokens, mask = pad_batch(sequences(15), "right")
+    hook = "blocks.1.hook_resid_post"  # a final write: "auto" would be "direct" on a linear head
+    sae = random_sae(hook)
+    res = S.sae_reward_attribution(model, sae, tokens, mask, progress=False)
+    assert res.methods == ("gradient",) and torch.isnan(res.bias)
+    store = {}
+
+    def leaf(x, hook):
+        store["x"] = x.detach().requires_grad_(True)
+        return store["x"]
+
+    reward = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[(hook, leaf)])
+    (g,) = torch.autograd.grad(reward.sum(), store["x"])
+    acts = sae.encode(store["x"].detach()).detach() * mask[..., None]
+    expected = torch.einsum("bpf,fd,bpd->fb", acts, sae.W_dec.detach(), g)
+    torch.testing.assert_close(res.feature_values(), expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(errors.LinearHeadRequiredError, match="method='gradient'"):
+        S.sae_reward_attribution(model, sae, tokens, mask, method="direct", progress=False)
+
+
+def test_cart_interventions_on_an_mlp_head_equal_activation_patching():
+    """CART's unit interventions read the model's output: with an MLP head swapped into the
+    planted organism, zeroing a neuron equals activation_patch's zero ablation (itself checked
+    against transformer_lens.patching above)."""
+    from tl_reward import cart, organisms
+    from tl_reward.cart.units import intervention_hooks, reward_runner
+    from tl_reward.heads import MLPHead
+
+    model, _, _ = organisms.load("planted")
+    torch.manual_seed(0)
+    model.set_reward_head(MLPHead(model.cfg.d_model, 16, activation="gelu"))
+    texts = ["query w001 urgent w002 answer good w003", "query w004 answer w005",
+             "query urgent answer w013 helpful"]
+    tokens, mask = model.pad(model.tokenize(texts))
+    ref = activation_patch(model, tokens, clean_mask=mask, hook="mlp_post", per="neuron",
+                           mode="zero", layers=[1], progress=False)
+    circuit = cart.Circuit([cart.neuron(1, 11)], position="mean")
+    pool = model.pooled_index(tokens, mask)
+    with torch.no_grad():
+        clean = model(tokens, attention_mask=mask)
+        ours = reward_runner(model, tokens, mask, 1)(
+            intervention_hooks(model, circuit, pool, mask, values=torch.zeros(1))) - clean
+    torch.testing.assert_close(ours, ref.effects[0, 11], atol=1e-5, rtol=1e-5)
+    assert float(ours.abs().max()) > 1e-3
