@@ -105,3 +105,22 @@ def randomized(ref: nn.Module, seed: int) -> nn.Module:
             k = ref.reward_transform_matrix.shape[0]
             ref.reward_transform_matrix.copy_(torch.eye(k) + 0.3 * torch.randn(k, k, generator=gen))
     return ref.eval()
+
+
+class PRMReference(T.PreTrainedModel):
+    """Qwen2.5-Math-PRM: ``score`` = Linear(h, h), ReLU, Linear(h, 2) at every token; a step's
+    score is softmax(logits)[..., 1] at each step-separator token."""
+
+    base_model_prefix = "model"
+
+    def __init__(self, config, separator: int):
+        super().__init__(config)
+        self.separator = separator
+        self.model = T.AutoModel.from_config(config, attn_implementation="eager")
+        h = config.hidden_size
+        self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 2))
+
+    def forward(self, input_ids):
+        """One unpadded sequence: the positive probability at each separator."""
+        logits = self.score(self.model(input_ids=input_ids).last_hidden_state)[0]
+        return logits.softmax(-1)[input_ids[0] == self.separator, 1]

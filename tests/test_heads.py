@@ -136,7 +136,7 @@ class _BadHead(nn.Module):
 def test_published_layouts_round_trip():
     ref = grm("llama", n_layers=2)
     head = MLPHead.from_state_dict({f"v_head.{k}": v for k, v in ref.v_head.state_dict().items()},
-                                   prefix="v_head.")
+                                   prefix="v_head.summary.")
     x = torch.randn(3, 64)
     torch.testing.assert_close(head.compute(x, None), ref.v_head(x), atol=1e-6, rtol=0)
     arm = armorm("llama")
@@ -144,3 +144,32 @@ def test_published_layouts_round_trip():
     y = torch.randn(3, 64)
     score = (arm.gating(y) * (arm.regression_layer(x) @ arm.reward_transform_matrix)).sum(1)
     torch.testing.assert_close(gated.compute(x, None, y)[:, 0], score, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma2"])
+def test_step_rewards_match_the_process_reward_reference(arch):
+    from head_references import PRMReference
+
+    sep = 4
+    ref = randomized(PRMReference(make_config(arch), sep), 0)
+    with torch.no_grad():  # logits of order 1: probabilities away from 0 and 1
+        for p in ref.score.parameters():
+            p.mul_(0.1)
+    model = load_reward_model(ref)
+    assert model.head_kind == "mlp" and model.n_rewards == 2
+    seq = sequences(16, n=1)[0]
+    steps = seq[:3] + [sep] + seq[3:6] + [sep] + seq[6:] + [sep]
+    with torch.no_grad():
+        truth = ref(torch.tensor([steps]))
+    out = model.step_rewards(torch.tensor(steps), sep)
+    assert out.positions.tolist() == [i for i, t in enumerate(steps) if t == sep]
+    torch.testing.assert_close(out.rewards, truth, atol=TOL, rtol=0)
+    assert float(truth.max() - truth.min()) > 1e-3
+    torch.testing.assert_close(out.aggregate("min"), truth.min())
+    torch.testing.assert_close(out.aggregate("last"), truth[-1])
+    torch.testing.assert_close(out.aggregate("product"), truth.prod())
+    torch.testing.assert_close(out.aggregate("mean"), truth.mean())
+    with pytest.raises(errors.InvalidInputError, match="no step separator"):
+        model.step_rewards(torch.tensor(seq), sep)
+    with pytest.raises(errors.InvalidInputError, match="aggregate"):
+        out.aggregate("max")

@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "head_attribution": "head_attribution",
     "GatedHead": "heads",
     "MLPHead": "heads",
+    "StepRewards": "process",
     "distortion_index": "hacking",
     "effort_distortion": "hacking",
     "probe_cascade": "hacking",
@@ -150,6 +151,7 @@ if TYPE_CHECKING:
     from .probes import ProbeReport as ProbeReport
     from .probes import localise_probe as localise_probe
     from .probes import run_probes as run_probes
+    from .process import StepRewards as StepRewards
     from .sae import SAEAttributionResult as SAEAttributionResult
     from .sae import sae_pair_attribution as sae_pair_attribution
     from .sae import sae_reward_attribution as sae_reward_attribution

@@ -15,7 +15,10 @@ Kinds (:data:`HEAD_KINDS`, one class each):
 - ``linear``: ``r = W_R^T h + b_R``, the HF ``score`` Linear. Its weights are the model's
   TransformerLens ``unembed`` (so ``fold_ln`` folds the final norm into it); every tool applies.
 - ``mlp``: Linear -> activation -> ... -> Linear on the pooled state, the value head of the GRM
-  family. Layout as published in GRM's ``ValueHead`` (``summary`` = ``nn.Sequential`` of
+  family and the per-token head of Qwen2.5-Math-PRM (``score`` = Sequential(Linear(h, h), ReLU,
+  Linear(h, 2)), the step score ``softmax(logits)[..., 1]`` at each step-separator token
+  ``<extra_0>``; source: the ``Qwen2ForProcessRewardModel`` classes of vLLM and SGLang, which
+  load that checkpoint). Layout as published in GRM's ``ValueHead`` (``summary`` = ``nn.Sequential`` of
   ``vhead_num_layers`` x (Linear(., vhead_num_neurons), ReLU) then Linear(., 1); state keys
   ``v_head.summary.{0,2,..}.weight/bias``; dropout off in eval; the reward read at the last
   token of ``hidden_states[-1]``, the final-normalised state). Source: Ray2333/GRM-* model code
@@ -150,26 +153,28 @@ class MLPHead(RewardHead):
         return self.hook_reward(self._run(pooled, hook=True))
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, Tensor], *, prefix: str = "",
+    def from_state_dict(cls, state: Mapping[str, Tensor], *, prefix: str = "summary.",
                         activation: str = "relu") -> "MLPHead":
-        """An MLP head from the published layout: ``{prefix}summary.{i}.weight`` (and ``.bias``)
-        for the Linear layers at even ``i`` (GRM: ``prefix="v_head."``)."""
+        """An MLP head from a published ``nn.Sequential``'s state: ``{prefix}{i}.weight`` (and
+        ``.bias``) for its Linear layers at even ``i``. GRM: ``prefix="v_head.summary."``;
+        Qwen2.5-Math-PRM: ``prefix="score."``."""
         keys = sorted(
-            (int(k[len(prefix) + len("summary."):].split(".")[0]), k)
-            for k in state if k.startswith(prefix + "summary.") and k.endswith(".weight")
+            (int(k[len(prefix):].split(".")[0]), k)
+            for k in state if k.startswith(prefix) and k.endswith(".weight")
+            and k[len(prefix):].split(".")[0].isdigit()
         )
         if len(keys) < 2:
             raise HeadError(
-                f"no MLP head in this state dict: expected {prefix}summary.<i>.weight for at least "
-                f"two Linear layers, found {[k for _, k in keys]}"
+                f"no MLP head in this state dict: expected {prefix}<i>.weight for at least two "
+                f"Linear layers, found {[k for _, k in keys]}"
             )
         weights = [state[k] for _, k in keys]
         head = cls(weights[0].shape[1], weights[0].shape[0], weights[-1].shape[0],
                    n_layers=len(weights) - 1, activation=activation,
-                   bias=f"{prefix}summary.{keys[0][0]}.bias" in state)
-        mine = {f"summary.{2 * j}.{p}": state[f"{prefix}summary.{i}.{p}"]
+                   bias=f"{prefix}{keys[0][0]}.bias" in state)
+        mine = {f"summary.{2 * j}.{p}": state[f"{prefix}{i}.{p}"]
                 for j, (i, _) in enumerate(keys) for p in ("weight", "bias")
-                if f"{prefix}summary.{i}.{p}" in state}
+                if f"{prefix}{i}.{p}" in state}
         head.load_state_dict(mine)
         return head
 

@@ -18,7 +18,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -36,6 +36,9 @@ from .errors import (
     UnsupportedConfigError,
 )
 from .heads import RewardHead, as_reward_head
+
+if TYPE_CHECKING:
+    from .process import StepRewards
 
 logger = logging.getLogger(__name__)
 
@@ -522,6 +525,14 @@ class HookedRewardModel(HookedTransformer):
             out = head.compute(flat, self.unembed, prompt)
             return self._reduce(out.reshape(*normed.shape[:2], out.shape[-1]))
         return self._head(normed[batch_index, pool_index.to(normed.device)], return_type, prompt)
+
+    def step_rewards(self, text: "Text | Tensor", separator: int, *,
+                     score: str | None = None) -> "StepRewards":
+        """One reward per step of a text, read at each ``separator`` token (a process reward
+        model; see :func:`tl_reward.process.step_rewards`)."""
+        from .process import step_rewards
+
+        return step_rewards(self, text, separator, score=score)
 
     def prompt_end_index(
         self, tokens: Int[Tensor, "batch pos"] | None,

@@ -51,17 +51,31 @@ def _grm_matches(hf_model: Any) -> bool:
     return isinstance(summary, nn.Sequential)
 
 
-def _grm_build(hf_model: Any, gate_pattern: Sequence[int] | None):
-    summary = hf_model.v_head.summary
-    kinds = {type(m) for m in summary if not isinstance(m, nn.Linear)}
+def _activation_of(seq: nn.Sequential, owner: Any) -> str:
+    kinds = {type(m) for m in seq if not isinstance(m, nn.Linear)}
     names = [name for name, make in ACTIVATIONS.items() if {type(make())} == kinds]
     if len(names) != 1:
         raise HeadError(
-            f"the v_head of {type(hf_model).__name__} uses {sorted(k.__name__ for k in kinds)} "
+            f"the MLP head of {type(owner).__name__} uses {sorted(k.__name__ for k in kinds)} "
             f"between its Linear layers; an MLP head takes one of {sorted(ACTIVATIONS)}"
         )
-    state = {k: v for k, v in hf_model.v_head.state_dict().items() if k.startswith("summary.")}
-    return MLPHead.from_state_dict(state, activation=names[0]), None
+    return names[0]
+
+
+def _grm_build(hf_model: Any, gate_pattern: Sequence[int] | None):
+    summary = hf_model.v_head.summary
+    return MLPHead.from_state_dict(summary.state_dict(), prefix="",
+                                   activation=_activation_of(summary, hf_model)), None
+
+
+def _prm_matches(hf_model: Any) -> bool:
+    return isinstance(getattr(hf_model, "score", None), nn.Sequential)
+
+
+def _prm_build(hf_model: Any, gate_pattern: Sequence[int] | None):
+    score = hf_model.score
+    return MLPHead.from_state_dict(score.state_dict(), prefix="",
+                                   activation=_activation_of(score, hf_model)), None
 
 
 def _armorm_matches(hf_model: Any) -> bool:
@@ -88,7 +102,8 @@ def _linear_build(hf_model: Any, gate_pattern: Sequence[int] | None):
 
 
 HEAD_ADAPTERS: tuple[HeadAdapter, ...] = (
-    HeadAdapter("mlp", _grm_matches, _grm_build),
+    HeadAdapter("mlp", _grm_matches, _grm_build),  # GRM: v_head.summary
+    HeadAdapter("mlp", _prm_matches, _prm_build),  # Qwen2.5-Math-PRM: an MLP as `score`
     HeadAdapter("gated", _armorm_matches, _armorm_build),
     HeadAdapter("linear", lambda hf_model: True, _linear_build),
 )
