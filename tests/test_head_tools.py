@@ -266,3 +266,43 @@ def test_cart_interventions_on_an_mlp_head_equal_activation_patching():
             intervention_hooks(model, circuit, pool, mask, values=torch.zeros(1))) - clean
     torch.testing.assert_close(ours, ref.effects[0, 11], atol=1e-5, rtol=1e-5)
     assert float(ours.abs().max()) > 1e-3
+
+
+# ------------------------------------------------------------------ the gated organism
+@pytest.fixture(scope="module")
+def gated_organism():
+    from tl_reward.organisms import gated as G
+
+    model, _, data = G.load()
+    pairs = [p for p in data if p.scenario == "trigger" and G.prompt_has_trigger(p.chosen_text)]
+    return model, data, pairs, G
+
+
+def test_gated_organism_gate_follows_the_planted_prompt_feature(gated_organism):
+    model, data, pairs, G = gated_organism
+    texts = [t for p in list(data)[:120] for t in (p.chosen_text, p.rejected_text)]
+    out = gated_outputs(model, texts)
+    truth = torch.tensor([G.prompt_has_trigger(t) for t in texts])
+    assert 10 <= int(truth.sum()) < len(texts) - 10  # both kinds of prompt are there
+    assert torch.equal(out.top_objective.bool(), truth)
+    assert out.objective_names == G.OBJECTIVES
+    # `urgent` in the response only: the gate stays on `helpful`
+    response_only = [p.chosen_text for p in data if p.scenario == "trigger"
+                     and "urgent" in p.chosen_text and not G.prompt_has_trigger(p.chosen_text)]
+    assert response_only and not gated_outputs(model, response_only).top_objective.any()
+
+
+def test_gated_organism_mechanism_recovered_by_patching(gated_organism):
+    model, _, pairs, G = gated_organism
+    clean = [p.chosen_text for p in pairs[:8]]  # `urgent` in the prompt
+    corrupt = [p.rejected_text for p in pairs[:8]]  # the same text without it
+    # the gate as a component: the clean gate in the corrupt run flips the score's sign
+    effect = gate_patch(model, corrupt, clean)
+    base = gated_outputs(model, corrupt).score
+    assert bool((effect * base < 0).all()) and bool(((base + effect) * base < 0).all())
+    # which head switches it: path patching each head's direct path to the reward
+    paths = path_patch(model, clean, corrupt, receiver="reward", progress=False)
+    mean = paths.effects.abs().mean(-1)  # [layer, head]
+    layer, head = divmod(int(mean.argmax()), mean.shape[1])
+    assert f"L{layer}H{head}" == G.GATE_COMPONENT
+    assert float(mean.max()) > 10 * float(mean.flatten().sort().values[-2])
