@@ -173,3 +173,33 @@ def test_step_rewards_match_the_process_reward_reference(arch):
         model.step_rewards(torch.tensor(seq), sep)
     with pytest.raises(errors.InvalidInputError, match="aggregate"):
         out.aggregate("max")
+
+
+def test_step_views_give_each_steps_reward_to_every_tool():
+    from head_references import PRMReference
+
+    from tl_reward import reward_lens
+    from tl_reward.head_attribution import head_attribution
+    from tl_reward.process import step_tokens
+
+    sep = 4
+    ref = randomized(PRMReference(make_config("qwen2"), sep), 1)
+    with torch.no_grad():
+        for p in ref.score.parameters():
+            p.mul_(0.1)
+    model = load_reward_model(ref)
+    seq = sequences(17, n=1)[0]
+    steps = seq[:4] + [sep] + seq[4:7] + [sep] + seq[7:] + [sep]
+    with torch.no_grad():
+        truth = ref(torch.tensor([steps]))
+    tokens, mask = step_tokens(model, torch.tensor(steps), sep)
+    assert tokens.shape[0] == 3 and model.pooled_index(tokens, mask).tolist() == [4, 8, len(steps) - 1]
+    model.set_objective([-1.0, 1.0])  # the step's log-odds
+    log_odds = model(tokens, attention_mask=mask)
+    torch.testing.assert_close(torch.sigmoid(log_odds), truth, atol=TOL, rtol=0)
+    lens = reward_lens(model, tokens, mask, progress=False)
+    torch.testing.assert_close(lens.rewards[-1], log_odds, atol=1e-5, rtol=0)
+    ig = head_attribution(model, tokens, mask, progress=False)
+    assert float(ig.completeness_gap.abs().max()) < 1e-4
+    with pytest.raises(errors.InvalidInputError, match="pad"):
+        step_tokens(model, torch.tensor(steps), 1)  # the pad id of the tiny configs

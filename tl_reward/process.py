@@ -13,6 +13,13 @@ return_type="per_position")`` at the separator positions):
 
 A solution's reward is an aggregate of its steps (:meth:`StepRewards.aggregate`): ``min`` (the
 weakest step), ``last``, ``product`` (all steps right, for probabilities) or ``mean``.
+
+Per-step analysis with every tool: attention is causal, so step ``i``'s reward is the pooled
+reward of the text cut right after its separator. :func:`step_tokens` gives those cuts, one row
+per step (right-padded, with the mask); with ``model.set_objective([-1.0, 1.0])`` a two-output
+head's pooled reward is the step's log-odds ``logit_1 - logit_0`` (``sigmoid`` of it is the
+step's probability), so the lens, ``head_attribution``, patching (a chosen step of a clean and a
+corrupt solution as the pair) read a chosen step's reward.
 """
 
 from dataclasses import dataclass
@@ -51,6 +58,43 @@ class StepRewards:
                              "reward": self.rewards.detach().cpu().numpy()})
 
 
+def _ids(model: HookedRewardModel, text: "Text | Tensor") -> Tensor:
+    if isinstance(text, Tensor):
+        tokens = text.to(model.cfg.device).long()
+        if tokens.ndim != 1:
+            raise InvalidInputError(f"one text's token ids [pos] are needed, got shape "
+                                    f"{tuple(tokens.shape)}")
+        return tokens[None]
+    return model.to_tokens(text)
+
+
+def _separators(tokens: Tensor, separator: int) -> Tensor:
+    if isinstance(separator, bool) or not isinstance(separator, int):
+        raise InvalidInputError(f"separator must be a token id (an int), got {separator!r}")
+    positions = (tokens[0] == separator).nonzero().flatten()
+    if len(positions) == 0:
+        raise InvalidInputError(
+            f"the text has no step separator (token id {separator}); end each step with it"
+        )
+    return positions
+
+
+def step_tokens(
+    model: HookedRewardModel, text: Text | Int[Tensor, "pos"], separator: int
+) -> tuple[Int[Tensor, "step pos"], Int[Tensor, "step pos"]]:
+    """``(tokens, attention_mask)``: row ``i`` is the text up to and including step ``i``'s
+    separator, right-padded, so that its scoring token is that separator (see the module
+    docstring)."""
+    tokens = _ids(model, text)
+    if separator == model.pad_token_id:
+        raise InvalidInputError(
+            f"the separator {separator} is the pad id: the pooled token of a cut would be the one "
+            "before it. Use a separator that is not the pad token."
+        )
+    ends = _separators(tokens, separator).tolist()
+    return model.pad([tokens[0, : end + 1].tolist() for end in ends])
+
+
 def step_rewards(
     model: HookedRewardModel,
     text: Text | Int[Tensor, "pos"],
@@ -64,8 +108,6 @@ def step_rewards(
     ids ``[pos]``. ``separator``: the step-separator token id (Qwen2.5-Math-PRM: the id of
     ``<extra_0>``). ``score``: ``"probability"`` or ``"reward"`` (see the module docstring).
     """
-    if isinstance(separator, bool) or not isinstance(separator, int):
-        raise InvalidInputError(f"separator must be a token id (an int), got {separator!r}")
     two_outputs = model.n_rewards == 2 and model.objective_weights is None
     score = score or ("probability" if two_outputs else "reward")
     if score not in STEP_SCORES:
@@ -80,19 +122,8 @@ def step_rewards(
             f"this head has {model.n_rewards} outputs {list(model.label_names)}: use "
             "score='probability' (two outputs) or choose one with model.set_objective(...)"
         )
-    if isinstance(text, Tensor):
-        tokens = text.to(model.cfg.device).long()
-        if tokens.ndim != 1:
-            raise InvalidInputError(f"step_rewards takes one text: token ids [pos], got shape "
-                                    f"{tuple(tokens.shape)}")
-        tokens = tokens[None]
-    else:
-        tokens = model.to_tokens(text)
-    positions = (tokens[0] == separator).nonzero().flatten()
-    if len(positions) == 0:
-        raise InvalidInputError(
-            f"the text has no step separator (token id {separator}); end each step with it"
-        )
+    tokens = _ids(model, text)
+    positions = _separators(tokens, separator)
     with torch.no_grad():
         per_pos = model(tokens, return_type="per_position")[0, positions]
     dt = readout_dtype(model)
