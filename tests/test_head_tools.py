@@ -306,3 +306,54 @@ def test_gated_organism_mechanism_recovered_by_patching(gated_organism):
     layer, head = divmod(int(mean.argmax()), mean.shape[1])
     assert f"L{layer}H{head}" == G.GATE_COMPONENT
     assert float(mean.max()) > 10 * float(mean.flatten().sort().values[-2])
+
+
+# ------------------------------------------------------------------ the process organism
+def _solutions(n: int, seed: int) -> list[str]:
+    """Solutions of 3-4 steps of filler words; `urgent` replaces one word of a random step in
+    three of four."""
+    import random
+
+    rng = random.Random(seed)
+    texts = []
+    for i in range(n):
+        steps = [[f"w{rng.randrange(100):03d}" for _ in range(rng.randint(2, 5))]
+                 for _ in range(rng.randint(3, 4))]
+        if i % 4:
+            step = rng.choice(steps)
+            step[rng.randrange(len(step))] = "urgent"
+        texts.append("query w001 answer " + " <eos> ".join(" ".join(s) for s in steps))
+    return texts
+
+
+def test_process_organism_step_scores_drop_at_the_planted_error():
+    from tl_reward.organisms import process as P
+
+    model, _, sep = P.load()
+    for text in _solutions(16, 0):
+        steps = model.step_rewards(text, sep)
+        first = P.first_error_step(text)
+        n = len(steps.rewards)
+        want = torch.tensor([first is None or i < first for i in range(n)])
+        assert torch.equal(steps.rewards > 0.5, want), (text, steps.rewards)
+        assert (float(steps.aggregate("min")) > 0.5) == (first is None)
+
+
+def test_process_organism_error_found_by_lens_and_patching_on_the_step():
+    from tl_reward.organisms import process as P
+    from tl_reward.process import step_tokens
+
+    model, _, sep = P.load()
+    model.set_objective([-1.0, 1.0])  # a step's log-odds
+    clean_text = "query w001 answer w010 w011 <eos> w012 urgent w013 <eos> w014 w015"
+    corrupt_text = clean_text.replace("urgent", "w016")
+    clean, c_mask = step_tokens(model, clean_text, sep)
+    corrupt, x_mask = step_tokens(model, corrupt_text, sep)
+    # step 1 holds the error: the lens puts the drop after layer 0, where L0H0 writes
+    lens = reward_lens(model, clean[1:2], c_mask[1:2], progress=False)
+    assert float(lens.rewards[0, 0]) > 1.0 and float(lens.rewards[1, 0]) < -5.0
+    paths = path_patch(model, clean[1:2], corrupt[1:2], receiver="reward", progress=False)
+    mean = paths.effects.abs().mean(-1)
+    layer, head = divmod(int(mean.argmax()), mean.shape[1])
+    assert f"L{layer}H{head}" == P.ERROR_COMPONENT
+    assert float(mean.max()) > 10 * float(mean.flatten().sort().values[-2])
