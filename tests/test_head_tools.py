@@ -357,3 +357,15 @@ def test_process_organism_error_found_by_lens_and_patching_on_the_step():
     layer, head = divmod(int(mean.argmax()), mean.shape[1])
     assert f"L{layer}H{head}" == P.ERROR_COMPONENT
     assert float(mean.max()) > 10 * float(mean.flatten().sort().values[-2])
+
+
+def test_half_precision_heads_are_read_out_in_float32():
+    ref = armorm("llama")
+    model = load_reward_model(ref, gate_pattern=PATTERN, dtype=torch.bfloat16)
+    tokens, mask = pad_batch(sequences(18, with_pattern=True), "left")
+    ig = head_attribution(model, tokens, mask, progress=False)
+    assert ig.values.dtype == torch.float32
+    assert float(ig.completeness_gap.abs().max()) < 1e-4  # bfloat16 would miss by ~1e-2
+    lens = reward_lens(model, tokens, mask, progress=False)
+    assert lens.rewards.dtype == torch.float32
+    assert model.reward_head.gating.layers[0].weight.dtype == torch.bfloat16  # the model's own

@@ -23,7 +23,8 @@ prompt); each component then has a share of both.
   (zero for a linear head).
 
 ``values.sum(0) + bias + completeness_gap == total`` exactly, with ``bias = f(h0)`` and ``total``
-the reward.
+the reward as the head computes it from the reconstructed state, in float32 at least (a
+half-precision model's head is run on a float32 copy, as every read-out of tl_reward is).
 """
 
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from ._memory import rows_that_fit
 from ._readout import as_tokens, batches, choose, pooled_run, readout_dtype
 from .attribution import AttributionResult
 from .errors import ObjectiveError
+from .heads import head_in_dtype
 from .model import HookedRewardModel, Text
 
 HEAD_METHODS = ("integrated_gradients", "gradient")
@@ -58,11 +60,12 @@ class HeadAttributionResult(AttributionResult):
     completeness_gap: Float[Tensor, "batch"] | None = None
 
 
-def _head_fn(model: HookedRewardModel):
-    head = model.reward_head
+def _head_fn(model: HookedRewardModel, head, unembed):
+    weights = model.objective_weights
 
     def f(pooled: Tensor, prompt: Tensor | None) -> Tensor:
-        return model._reduce(head.compute(pooled, model.unembed, prompt))
+        out = head.compute(pooled, unembed, prompt)
+        return out @ weights.to(out.dtype) if weights is not None else out[..., 0]
 
     return f
 
@@ -156,8 +159,9 @@ def head_attribution(
         )
     tokens, attention_mask = as_tokens(model, tokens, attention_mask)
     reads_prompt = model.reward_head.reads_prompt_end
-    f = _head_fn(model)
-    dt = model.unembed.W_U.dtype
+    dt = readout_dtype(model)  # a half-precision model's head runs in float32 here
+    head, unembed = head_in_dtype(model.reward_head, model.unembed, dt)
+    f = _head_fn(model, head, unembed)
     ln = model.ln_final
     nodes, weights = np.polynomial.legendre.leggauss(steps)
     alphas = torch.as_tensor((nodes + 1) / 2, dtype=dt, device=tokens.device)
@@ -189,8 +193,7 @@ def head_attribution(
         if method == "gradient":
             grads = _gradient_at(f, inputs, reads_prompt)
         else:
-            grads = _integrated_gradients(f, model.reward_head, inputs, starts, reads_prompt,
-                                          alphas, quad)
+            grads = _integrated_gradients(f, head, inputs, starts, reads_prompt, alphas, quad)
         with torch.no_grad():
             values = sum(torch.einsum("cbd,bd->cb", comps[:, :, i], g)
                          for i, g in enumerate(grads))

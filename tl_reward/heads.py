@@ -372,6 +372,22 @@ HEAD_KINDS: Mapping[str, type[RewardHead]] = {
 """The head kinds by name."""
 
 
+def head_in_dtype(head: RewardHead, unembed: nn.Module,
+                  dtype: torch.dtype) -> tuple[RewardHead, nn.Module]:
+    """The head (and the ``unembed`` a linear head reads) with parameters in ``dtype``: the
+    modules themselves when they already are, else copies (a half-precision model's read-outs are
+    computed in float32; a head is small)."""
+    import copy
+
+    def cast(module: nn.Module) -> nn.Module:
+        params = list(module.parameters())
+        if all(p.dtype == dtype for p in params if p.is_floating_point()):
+            return module
+        return copy.deepcopy(module).to(dtype)
+
+    return cast(head), cast(unembed)
+
+
 def as_reward_head(head: nn.Module) -> RewardHead:
     """A :class:`RewardHead` of one of the :data:`HEAD_KINDS`; any other module as a custom head."""
     if isinstance(head, RewardHead):

@@ -13,6 +13,7 @@ from torch import Tensor
 from ._memory import rows_that_fit
 from ._readout import as_tokens, batches, choose, pooled_run, read_out, readout_dtype
 from .errors import InvalidInputError
+from .heads import head_in_dtype
 from .model import HookedRewardModel, Text
 
 LENS_HOOKS = ("resid_post", "resid_mid")
@@ -171,8 +172,10 @@ def reward_lens(
 
 def _head_lens(model: HookedRewardModel, tokens: Tensor, attention_mask: Tensor | None, hook: str,
                norm: str, batch_size: int, progress: bool) -> LensResult:
-    """The lens of a nonlinear head: the head applied to each layer's normalised residual."""
-    head = model.reward_head
+    """The lens of a nonlinear head: the head applied to each layer's normalised residual (in
+    :func:`readout_dtype`: a half-precision model's head runs on a float32 copy)."""
+    dt = readout_dtype(model)
+    head, unembed = head_in_dtype(model.reward_head, model.unembed, dt)
     if model.n_rewards > 1 and not model.is_scalar:
         names = model.label_names
     else:
@@ -196,12 +199,16 @@ def _head_lens(model: HookedRewardModel, tokens: Tensor, attention_mask: Tensor 
                     normed = normed + ln.b.to(normed.dtype)
             else:  # ln_final afresh, with its weight and bias
                 normed = run.cache.apply_ln_to_stack(stack, layer=None, recompute_ln=True)
-            normed = normed.to(model.unembed.W_U.dtype)
+            normed = normed.to(dt)
             n_layer, n_batch = normed.shape[:2]
             flat = normed.reshape(n_layer * n_batch, *normed.shape[2:])
             prompt = flat[:, 1] if head.reads_prompt_end else None
-            out = model._reduce(head.compute(flat[:, 0], model.unembed, prompt))
-        chunks.append(out.reshape(n_layer, n_batch, *out.shape[1:]).to(readout_dtype(model)))
+            out = head.compute(flat[:, 0], unembed, prompt)
+            if model.objective_weights is not None:
+                out = out @ model.objective_weights.to(dt)
+            elif out.shape[-1] == 1:
+                out = out[..., 0]
+        chunks.append(out.reshape(n_layer, n_batch, *out.shape[1:]))
     return LensResult(rewards=torch.cat(chunks, dim=1), labels=tuple(labels), norm=norm,
                       objective_names=names)
 
