@@ -104,11 +104,17 @@ def test_on_a_linear_head_both_methods_are_the_direct_attribution():
         assert float(a.completeness_gap.abs().max()) < 1e-5
 
 
-def test_activation_patching_of_an_mlp_head_equals_transformer_lens():
-    model = load_reward_model(grm("llama"))
+@pytest.mark.parametrize("kind", ["mlp", "gated"])
+def test_activation_patching_of_a_nonlinear_head_equals_transformer_lens(kind):
+    if kind == "mlp":
+        model = load_reward_model(grm("llama"))
+    else:
+        model = load_reward_model(armorm("qwen2"), gate_pattern=PATTERN)
     g = torch.Generator().manual_seed(3)
     clean, corrupt = (torch.randint(6, 97, (2, 8), generator=g) for _ in range(2))
+    clean[:, 2:4] = corrupt[:, 3:5] = torch.tensor(PATTERN)  # prompt ends at different places
     for hook, per, fn, perm in [("resid_pre", "layer_pos", tlp.get_act_patch_resid_pre, None),
+                                ("mlp_out", "layer_pos", tlp.get_act_patch_mlp_out, None),
                                 ("z", "head_pos", tlp.get_act_patch_attn_head_out_by_pos,
                                  (0, 2, 1))]:
         ours = activation_patch(model, clean, corrupt, hook=hook, per=per, progress=False)
@@ -207,9 +213,6 @@ def test_tools_that_read_the_linear_head_refuse_a_nonlinear_one():
 
     with pytest.raises(errors.LinearHeadRequiredError):
         TunedRewardLens(model, ("0_pre", "final_post"))
-    gated = load_reward_model(armorm("llama"), gate_pattern=PATTERN)
-    with pytest.raises(errors.HeadError, match="gate_patch"):
-        activation_patch(gated, tokens, tokens.flip(0), progress=False)
     with pytest.raises(errors.HeadError, match="not gated"):
         gated_outputs(model, tokens, mask)
     with pytest.raises(errors.InvalidInputError, match="method"):
