@@ -124,3 +124,21 @@ class PRMReference(T.PreTrainedModel):
         """One unpadded sequence: the positive probability at each separator."""
         logits = self.score(self.model(input_ids=input_ids).last_hidden_state)[0]
         return logits.softmax(-1)[input_ids[0] == self.separator, 1]
+
+
+class INFORMReference(T.PreTrainedModel):
+    """INF-ORM-Llama3.1-70B: ``score`` = Linear(h, h), ReLU, Linear(h, 1) on every token, the
+    reward at the last token (``argmax(ids == pad) - 1``: right padding, no pad in the text)."""
+
+    base_model_prefix = "model"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = T.AutoModel.from_config(config, attn_implementation="eager")
+        h = config.hidden_size
+        self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1))
+
+    def forward(self, input_ids):
+        logits = self.score(self.model(input_ids=input_ids).last_hidden_state)
+        last = (torch.eq(input_ids, self.config.pad_token_id).int().argmax(-1) - 1) % input_ids.shape[-1]
+        return logits[torch.arange(len(input_ids)), last][:, 0]

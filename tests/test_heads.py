@@ -203,3 +203,23 @@ def test_step_views_give_each_steps_reward_to_every_tool():
     assert float(ig.completeness_gap.abs().max()) < 1e-4
     with pytest.raises(errors.InvalidInputError, match="pad"):
         step_tokens(model, torch.tensor(steps), 1)  # the pad id of the tiny configs
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_sequential_score_head_matches_the_inf_orm_reference(arch):
+    from head_references import INFORMReference
+
+    ref = randomized(INFORMReference(make_config(arch)), 2)
+    with torch.no_grad():
+        for p in ref.score.parameters():
+            p.mul_(0.3)
+    model = load_reward_model(ref)
+    assert model.head_kind == "mlp" and model.n_rewards == 1
+    seqs = sequences(19)
+    tokens, mask = pad_batch(seqs, "right")
+    with torch.no_grad():
+        truth = ref(tokens)  # the reference's own batched pooling (right padding)
+    torch.testing.assert_close(model(tokens, attention_mask=mask), truth, atol=TOL, rtol=0)
+    left, left_mask = pad_batch(seqs, "left")
+    torch.testing.assert_close(model(left, attention_mask=left_mask), truth, atol=TOL, rtol=0)
+    assert float(truth.std()) > 0.05

@@ -15,10 +15,11 @@ Kinds (:data:`HEAD_KINDS`, one class each):
 - ``linear``: ``r = W_R^T h + b_R``, the HF ``score`` Linear. Its weights are the model's
   TransformerLens ``unembed`` (so ``fold_ln`` folds the final norm into it); every tool applies.
 - ``mlp``: Linear -> activation -> ... -> Linear on the pooled state, the value head of the GRM
-  family and the per-token head of Qwen2.5-Math-PRM (``score`` = Sequential(Linear(h, h), ReLU,
-  Linear(h, 2)), the step score ``softmax(logits)[..., 1]`` at each step-separator token
-  ``<extra_0>``; source: the ``Qwen2ForProcessRewardModel`` classes of vLLM and SGLang, which
-  load that checkpoint). Layout as published in GRM's ``ValueHead`` (``summary`` = ``nn.Sequential`` of
+  family, INF-ORM-Llama3.1-70B's ``score`` (Sequential(Linear(h, h), ReLU, Linear(h, 1)) read at
+  the last token; source: ``INFORMForSequenceClassification`` as reproduced in public evaluation
+  code) and the per-token head of Qwen2.5-Math-PRM (the same with 2 outputs, the step score
+  ``softmax(logits)[..., 1]`` at each step-separator token ``<extra_0>``; source: the
+  ``Qwen2ForProcessRewardModel`` classes of vLLM and SGLang, which load that checkpoint). Layout as published in GRM's ``ValueHead`` (``summary`` = ``nn.Sequential`` of
   ``vhead_num_layers`` x (Linear(., vhead_num_neurons), ReLU) then Linear(., 1); state keys
   ``v_head.summary.{0,2,..}.weight/bias``; dropout off in eval; the reward read at the last
   token of ``hidden_states[-1]``, the final-normalised state). Source: Ray2333/GRM-* model code

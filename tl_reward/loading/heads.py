@@ -68,11 +68,11 @@ def _grm_build(hf_model: Any, gate_pattern: Sequence[int] | None):
                                    activation=_activation_of(summary, hf_model)), None
 
 
-def _prm_matches(hf_model: Any) -> bool:
+def _sequential_score_matches(hf_model: Any) -> bool:
     return isinstance(getattr(hf_model, "score", None), nn.Sequential)
 
 
-def _prm_build(hf_model: Any, gate_pattern: Sequence[int] | None):
+def _sequential_score_build(hf_model: Any, gate_pattern: Sequence[int] | None):
     score = hf_model.score
     return MLPHead.from_state_dict(score.state_dict(), prefix="",
                                    activation=_activation_of(score, hf_model)), None
@@ -103,7 +103,8 @@ def _linear_build(hf_model: Any, gate_pattern: Sequence[int] | None):
 
 HEAD_ADAPTERS: tuple[HeadAdapter, ...] = (
     HeadAdapter("mlp", _grm_matches, _grm_build),  # GRM: v_head.summary
-    HeadAdapter("mlp", _prm_matches, _prm_build),  # Qwen2.5-Math-PRM: an MLP as `score`
+    # INF-ORM-Llama3.1-70B and Qwen2.5-Math-PRM: an MLP as `score`
+    HeadAdapter("mlp", _sequential_score_matches, _sequential_score_build),
     HeadAdapter("gated", _armorm_matches, _armorm_build),
     HeadAdapter("linear", lambda hf_model: True, _linear_build),
 )
