@@ -223,3 +223,43 @@ def test_sequential_score_head_matches_the_inf_orm_reference(arch):
     left, left_mask = pad_batch(seqs, "left")
     torch.testing.assert_close(model(left, attention_mask=left_mask), truth, atol=TOL, rtol=0)
     assert float(truth.std()) > 0.05
+
+
+@pytest.mark.parametrize("kind", ["grm", "armorm", "inf_orm"])
+def test_checkpoint_directories_of_custom_code_heads_load_without_their_code(kind, tmp_path):
+    """Directories as the published checkpoints are: config.json with auto_map (custom code,
+    never run here), the trunk's tensors under model.*, the head's under its own names."""
+    import json
+
+    from head_references import INFORMReference
+
+    if kind == "grm":
+        ref, arch, kw = grm("llama"), "GRewardModel", {}
+    elif kind == "armorm":
+        ref, arch, kw = armorm("llama"), "LlamaForRewardModelWithGating", {"gate_pattern": PATTERN}
+    else:
+        ref, arch, kw = randomized(INFORMReference(make_config("llama")), 3), \
+            "INFORMForSequenceClassification", {}
+    ref.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architectures"] = [arch]
+    config["auto_map"] = {"AutoModelForSequenceClassification": f"modeling_custom.{arch}"}
+    if kind == "armorm":
+        config["gating_temperature"] = ref.gating.temperature
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = load_reward_model(tmp_path, **kw)
+    seqs = sequences(20, with_pattern=True)
+    tokens, mask = pad_batch(seqs, "left")
+    with torch.no_grad():
+        if kind == "armorm":
+            truth = torch.cat([ref(torch.tensor([s]))[0] for s in seqs])
+        elif kind == "grm":
+            truth = torch.cat([ref(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
+                               for s in seqs])
+        else:
+            truth = torch.cat([ref(torch.tensor([s])) for s in seqs])
+        ours = model(tokens, attention_mask=mask)
+    torch.testing.assert_close(ours, truth, atol=TOL, rtol=0)
+    if kind == "armorm":
+        with pytest.raises(errors.HeadError, match="gate_pattern"):
+            load_reward_model(tmp_path)

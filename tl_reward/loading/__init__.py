@@ -29,7 +29,7 @@ from ..model import HookedRewardModel, exact_ambiguous_folds
 from . import gpt, llama_like
 from ._base import Adapter
 from ._build import assign_state, buffers_to, empty_parameters
-from .heads import head_of
+from .heads import checkpoint_head, head_of
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,17 @@ def supported_architectures() -> list[str]:
     return sorted(REGISTRY)
 
 
-def _from_directory(path: Path, tokenizer: Any, **hf_kwargs: Any) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+def _from_directory(path: Path, tokenizer: Any, gate_pattern: Sequence[int] | None,
+                    **hf_kwargs: Any) -> tuple[Any, Any, Any]:
+    """``(hf_model, tokenizer, head)``: ``head`` is the nonlinear head the checkpoint's tensors
+    hold (then ``hf_model`` is the trunk, read with transformers' own class for the family, never
+    the checkpoint's modelling code), else ``None``."""
+    from transformers import (
+        MODEL_MAPPING,
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     config_file = path / "config.json"
     if not config_file.exists():
@@ -68,16 +77,22 @@ def _from_directory(path: Path, tokenizer: Any, **hf_kwargs: Any) -> tuple[Any, 
             f"supported. Supported model_type values: {supported_architectures()}"
         )
     architectures = list(raw.get("architectures") or [])
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+    head = checkpoint_head(path, raw, gate_pattern)
+    if head is None and not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise NotARewardModelError(
             f"{str(path)!r} holds a {architectures or model_type} model, not a "
             "*ForSequenceClassification reward model: it has no score head"
         )
     try:
-        AutoConfig.from_pretrained(path, local_files_only=True)
-        hf_model = AutoModelForSequenceClassification.from_pretrained(
-            path, local_files_only=True, **hf_kwargs
-        )
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if head is None:
+            hf_model = AutoModelForSequenceClassification.from_pretrained(
+                path, local_files_only=True, **hf_kwargs
+            )
+        else:  # the family's own trunk class; the head's tensors are read by checkpoint_head
+            hf_model = MODEL_MAPPING[type(config)].from_pretrained(
+                path, config=config, local_files_only=True, **hf_kwargs
+            )
     except Exception as err:  # noqa: BLE001 - any failure to read the checkpoint, with its cause
         raise ModelSourceError(
             f"cannot load the {model_type} checkpoint in {str(path)!r} with transformers: "
@@ -93,7 +108,7 @@ def _from_directory(path: Path, tokenizer: Any, **hf_kwargs: Any) -> tuple[Any, 
                 f"cannot load the tokenizer in {str(path)!r}: {type(err).__name__}: {err}. Pass "
                 "tokenizer= explicitly, or remove the broken tokenizer files."
             ) from err
-    return hf_model, tokenizer
+    return hf_model, tokenizer, head
 
 
 def _adapter_for(hf_config: Any) -> Adapter:
@@ -167,7 +182,11 @@ def load_reward_model(
 
     Args:
         model: an instantiated HF ``*ForSequenceClassification`` model, or a local directory
-            written by ``save_pretrained`` (never a hub id: nothing is downloaded). With
+            written by ``save_pretrained`` (never a hub id: nothing is downloaded). A directory
+            whose safetensors hold a published nonlinear head (GRM ``v_head.summary``, a
+            ``Sequential`` ``score``, ArmoRM ``regression_layer`` + ``gating``) is read without
+            its modelling code: the trunk with transformers' class for its ``model_type``, the
+            head from its tensors. With
             ``head=``, the trunk (``LlamaModel``, ...) or any HF model object holding it. An
             object carrying a published nonlinear head is read in that layout
             (:data:`tl_reward.loading.heads.HEAD_ADAPTERS`): a GRM ``v_head`` (MLP head), an
@@ -199,7 +218,9 @@ def load_reward_model(
                 "and pass the directory."
             )
         # read once, in the requested dtype, straight to the requested device (memory-mapped)
-        model, tokenizer = _from_directory(path, tokenizer, **_read_kwargs(device, dtype))
+        model, tokenizer, stored_head = _from_directory(path, tokenizer, gate_pattern,
+                                                        **_read_kwargs(device, dtype))
+        head = head if head is not None else stored_head
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):

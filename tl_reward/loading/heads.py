@@ -5,11 +5,14 @@ One adapter per published head layout, tried in order (:data:`HEAD_ADAPTERS`); t
 model is the last one (it also gives the refusals of objects with no head).
 """
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..errors import HeadError, NotARewardModelError
 from ..heads import ACTIVATIONS, ARMORM_LLAMA3_GATE_PATTERN, GatedHead, MLPHead, RewardHead
@@ -114,3 +117,65 @@ def head_of(hf_model: Any, gate_pattern: Sequence[int] | None) -> tuple[RewardHe
     """The head an HF model object carries (first matching adapter), and its ``score`` Linear."""
     adapter = next(a for a in HEAD_ADAPTERS if a.matches(hf_model))
     return adapter.build(hf_model, gate_pattern)
+
+
+# ---------------------------------------------------------------- checkpoint directories
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (single file or sharded index)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.exists():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(single), framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    except Exception:  # noqa: BLE001 - unreadable: transformers' own load reports it, with its cause
+        return {}
+
+
+def _read(files: dict[str, Path], names: list[str]) -> dict[str, Tensor]:
+    from safetensors import safe_open
+
+    out: dict[str, Tensor] = {}
+    for file in {files[n] for n in names}:
+        with safe_open(str(file), framework="pt") as f:
+            out.update({n: f.get_tensor(n) for n in names if files[n] == file})
+    return out
+
+
+def checkpoint_head(path: Path, config: Mapping[str, Any],
+                    gate_pattern: Sequence[int] | None) -> RewardHead | None:
+    """The nonlinear head a checkpoint directory holds, read from its tensor names (never from
+    its modelling code): GRM ``v_head.summary.*``, a ``Sequential`` ``score.<i>.*`` (INF-ORM,
+    Qwen2.5-Math-PRM), ArmoRM ``regression_layer`` + ``gating``; ``None`` when none is there
+    (safetensors checkpoints only)."""
+    files = _tensor_files(path)
+    layouts = (("v_head.summary.", "mlp"), ("score.0.", "mlp"), ("regression_layer.", "gated"))
+    for prefix, kind in layouts:
+        if not any(name.startswith(prefix) for name in files):
+            continue
+        if kind == "mlp":
+            head_prefix = prefix if prefix == "v_head.summary." else "score."
+            names = [n for n in files if n.startswith(head_prefix)]
+            return MLPHead.from_state_dict(_read(files, names), prefix=head_prefix)
+        names = [n for n in files if n.startswith(("regression_layer.", "gating."))
+                 or n == "reward_transform_matrix"]
+        if gate_pattern is None:
+            raise HeadError(
+                f"{str(path)!r} holds a gated (ArmoRM) head, which gates on the state at the end "
+                "of the prompt, found from a token pattern of the chat template: pass "
+                "load_reward_model(..., gate_pattern=[ids]); ArmoRM-Llama3-8B-v0.1 uses "
+                f"{list(ARMORM_LLAMA3_GATE_PATTERN)} (tl_reward.heads.ARMORM_LLAMA3_GATE_PATTERN)"
+            )
+        state = _read(files, names)
+        if "reward_transform_matrix" not in state:  # a buffer-free save: ArmoRM's identity init
+            k = state["regression_layer.weight"].shape[0]
+            state["reward_transform_matrix"] = torch.eye(k)
+        return GatedHead.from_state_dict(state, gate_pattern,
+                                         temperature=float(config.get("gating_temperature", 10)))
+    return None
