@@ -15,7 +15,6 @@ benchmarks/RESULTS.md unless ``--no-write``.
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from _host_memory import peak, reset_peak, rss
 
 SHAPES = {  # Llama-3.2-1B (no lm_head: a reward model has a one-column score head instead)
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -61,24 +61,6 @@ def write_model(directory: Path, shape: str, dtype: torch.dtype) -> int:
     return total
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak() -> int:
-    """Peak resident memory of this process (VmHWM; reset by :func:`_reset_peak`)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    """Start the peak from the current RSS (Linux: ``echo 5 > /proc/self/clear_refs``)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def measure(tool: str, directory: str, dtype_name: str) -> dict:
@@ -90,8 +72,8 @@ def measure(tool: str, directory: str, dtype_name: str) -> dict:
 
     dtype = getattr(torch, dtype_name)
     tokens = torch.arange(2, 2 + FORWARD_TOKENS)[None]
-    _reset_peak()
-    base = _rss()
+    reset_peak()
+    base = rss()
     start = time.perf_counter()
     if tool == "hf":
         model = T.AutoModelForSequenceClassification.from_pretrained(
@@ -106,7 +88,7 @@ def measure(tool: str, directory: str, dtype_name: str) -> dict:
             reward = model(tokens)[0]
     end = time.perf_counter()
     return {"tool": tool, "load_s": loaded - start, "total_s": end - start,
-            "peak_over_base": _peak() - base, "reward": float(reward)}
+            "peak_over_base": peak() - base, "reward": float(reward)}
 
 
 def run_child(tool: str, directory: Path, dtype_name: str) -> dict:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from _host_memory import peak, reset_peak, rss
 
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -36,24 +37,6 @@ TOOLS = ("score", "lens", "lens_recomputed", "tuned_lens", "attribution_componen
 D_SAE = 4096
 
 
-def _rss() -> int:
-    import os
-
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def floor_activations(tool: str, cfg, n: int) -> int:
@@ -120,7 +103,7 @@ def measure(model, tool: str, n: int, base: int) -> dict:
     a = torch.randint(2, vocab, (1, n), generator=gen)
     b = torch.randint(2, vocab, (1, n), generator=gen)
     _trim()
-    _reset_peak()
+    reset_peak()
     start = time.perf_counter()
     if tool == "score":
         with torch.no_grad():
@@ -154,9 +137,9 @@ def measure(model, tool: str, n: int, base: int) -> dict:
         raise KeyError(tool)
     seconds = time.perf_counter() - start
     floor = weights + floor_activations(tool, model.cfg, n)
-    peak = _peak() - base
-    return {"tool": tool, "n": n, "weights": weights, "floor": floor, "peak": peak,
-            "ratio": peak / floor, "seconds": seconds}
+    peak_bytes = peak() - base
+    return {"tool": tool, "n": n, "weights": weights, "floor": floor, "peak": peak_bytes,
+            "ratio": peak_bytes / floor, "seconds": seconds}
 
 
 def main() -> None:
@@ -166,6 +149,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--lengths", default="512,1024,2048")
     parser.add_argument("--tools", default=",".join(TOOLS))
+    parser.add_argument("--budget-gib", type=float, default=None,
+                        help="tl_reward.set_memory_budget for the run (default: the library's)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.tiny:
@@ -174,9 +159,12 @@ def main() -> None:
     import sae_lens  # noqa: F401  (libraries imported before the baseline)
     import transformers  # noqa: F401
 
+    import tl_reward
     import tl_reward.sae  # noqa: F401
 
-    base = _rss()
+    if args.budget_gib is not None:
+        tl_reward.set_memory_budget(args.budget_gib)
+    base = rss()
     model = build(args.shape, getattr(torch, args.dtype))
     results = []
     for tool in args.tools.split(","):
@@ -198,7 +186,7 @@ def main() -> None:
     from _results import machine, write_section
 
     body = "\n".join([
-        f"## Peak host memory of every tool at long inputs (issue 19){' [tiny]' if args.tiny else ''}",
+        f"## Peak host memory of every tool at long inputs (issue 19), {args.shape} shapes",
         "",
         f"`.venv/bin/python benchmarks/bench_memory.py {' '.join(sys.argv[1:])}` ({machine()}).",
         "",
@@ -207,7 +195,10 @@ def main() -> None:
         "weights plus the activations the tool must read (see the script); one process, the peak "
         "reset before each tool (memory a tool's predecessors left in the heap counts against "
         "it, so the peaks are upper bounds). The forward's own "
-        "working set (one layer's attention scores) is what lifts the ratio above 1.",
+        "working set (one layer's attention scores) is what lifts the ratio above 1. "
+        + (f"Memory budget: {args.budget_gib} GiB (`tl_reward.set_memory_budget`)."
+           if args.budget_gib is not None else "Memory budget: the default (half the "
+           "available memory), which the batched tools may fill."),
         "",
         header + " |",
         "|---|" + "---|" * len(lengths),
@@ -215,7 +206,8 @@ def main() -> None:
     ])
     print(body)
     if not args.no_write:
-        write_section("bench-memory" + ("-tiny" if args.tiny else ""), body)
+        shape = "" if args.shape == "small" else f"-{args.shape}"
+        write_section("bench-memory" + shape, body)
 
 
 if __name__ == "__main__":

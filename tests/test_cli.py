@@ -175,7 +175,7 @@ def causal(tmp_path_factory):
 @pytest.mark.parametrize("args,message", [
     (["score", "{missing}", "--pairs", "{pairs}"], "neither a local save_pretrained directory"),
     (["score", "gpt2", "--pairs", "{pairs}"], "never downloads from a hub"),
-    (["score", "{causal_lm}", "--pairs", "{pairs}"], "not a *ForSequenceClassification"),
+    (["score", "{causal_lm}", "--pairs", "{pairs}"], "is a causal LM, not a reward model: pass --judge-template"),
     (["score", "longtail", "--pairs", "{missing}"], "does not exist"),
     (["report", "longtail", "--pairs", "{pairs}", "--out", "{unwritable}"], "cannot write to"),
     (["score", "longtail", "--pairs", "{pairs}", "--out", "{tmp}/x.txt"], "must end in .csv or .json"),
@@ -361,3 +361,106 @@ def test_report_rows_are_the_plotted_quantities(pairs_file):
     ticks = [t for t in fig.data if t.legendgroup == "min_effect"]
     assert len(ticks) == 2 and ticks[0].y[0] == pytest.approx(rep.numbers["probes"][0]["min_effect"])
     assert rep.numbers["probes"][0]["min_effect"] > 0 and "minimum effect" in page
+
+
+# ------------------------------------------------------------------ causal LMs: implicit rewards, judges
+@pytest.fixture(scope="module")
+def dpo_pairs_file(tmp_path_factory):
+    from tl_reward.organisms import dpo
+
+    path = tmp_path_factory.mktemp("dpo") / "pairs.jsonl"
+    dpo.eval_set().sample(12, seed=0).to_jsonl(path)
+    return path
+
+
+def test_implicit_organism_scores_as_the_api_does(runner, dpo_pairs_file, tmp_path):
+    """The CLI splits each pair into prompt and response itself; the truth is the organism's own
+    token-level batches (dpo.pair_batches), scored through the Python API."""
+    import pandas as pd
+
+    from tl_reward.data.pairs import load_pairs
+    from tl_reward.organisms import dpo
+
+    out = tmp_path / "scores.csv"
+    res = invoke(runner, "score", "dpo_longtail", "--pairs", dpo_pairs_file, "--out", out)
+    assert res.exit_code == 0, res.output
+    model, tokenizer = dpo.load()
+    chosen, rejected = dpo.pair_batches(load_pairs(dpo_pairs_file), tokenizer)
+    with torch.no_grad():
+        truth = model(chosen) - model(rejected)
+    torch.testing.assert_close(torch.tensor(pd.read_csv(out)["margin"].values), truth.double(),
+                               atol=1e-5, rtol=0)
+
+    lens_out = tmp_path / "lens.json"
+    res = invoke(runner, "lens", "dpo_longtail", "--pairs", dpo_pairs_file, "--out", lens_out)
+    assert res.exit_code == 0, res.output
+    assert abs(pd.read_json(lens_out)["margin"].iloc[-1] - float(truth.mean())) < 1e-5
+
+    cells = tmp_path / "cells.csv"
+    res = invoke(runner, "patch", "dpo_longtail", "--pairs", dpo_pairs_file, "--hook", "attn_out",
+                 "--out", cells)
+    assert res.exit_code == 0, res.output
+    assert len(pd.read_csv(cells)) == model.models["policy"].cfg.n_layers
+
+
+@pytest.fixture(scope="module")
+def causal_lm_dir(tmp_path_factory):
+    import transformers as T
+    from helpers import randomize_
+
+    from tl_reward import organisms
+
+    tokenizer = T.AutoTokenizer.from_pretrained(organisms.path("longtail"), local_files_only=True)
+    config = T.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    model = randomize_(T.LlamaForCausalLM(config), 0).eval()
+    path = tmp_path_factory.mktemp("judge")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_causal_lm_is_scored_as_a_judge(runner, causal_lm_dir, pairs_file, tmp_path):
+    import pandas as pd
+
+    from tl_reward import load_judge_reward_model
+    from tl_reward.data.pairs import load_pairs
+
+    template = "query {text} answer"
+    out = tmp_path / "scores.csv"
+    res = invoke(runner, "score", causal_lm_dir, "--pairs", pairs_file, "--out", out,
+                 "--judge-template", template, "--judge-read", "good=1,w001=-0.5")
+    assert res.exit_code == 0, res.output
+    judge = load_judge_reward_model(causal_lm_dir, template=template, read={"good": 1.0, "w001": -0.5})
+    data = load_pairs(pairs_file)
+    truth = judge.score_pairs(data.chosen_texts, data.rejected_texts, progress=False).margin
+    torch.testing.assert_close(torch.tensor(pd.read_csv(out)["margin"].values), truth.double(),
+                               atol=1e-5, rtol=0)
+    res = invoke(runner, "patch", causal_lm_dir, "--pairs", pairs_file, "--max-pairs", 4,
+                 "--judge-template", template, "--yes", "good", "--no", "w001")
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("args,message", [
+    ((), "is a causal LM, not a reward model"),
+    (("--judge-template", "{text}", "--beta", "0.1"), "pass one"),
+    (("--reference", "."), "--reference needs --beta"),
+    (("--beta", "-1"), "--beta must be > 0"),
+    (("--judge-template", "{text}", "--judge-read", "good"), "is not TOKEN=WEIGHT"),
+])
+def test_causal_lm_options_that_do_not_fit_are_refused(runner, causal_lm_dir, pairs_file, args,
+                                                       message):
+    res = invoke(runner, "score", causal_lm_dir, "--pairs", pairs_file, *args)
+    assert res.exit_code == 1 and message in res.output, res.output
+
+
+def test_options_of_a_causal_lm_on_an_organism_are_refused(runner, dpo_pairs_file, pairs_file):
+    res = invoke(runner, "score", "dpo_longtail", "--pairs", dpo_pairs_file, "--beta", "0.1")
+    assert res.exit_code == 1 and "has its own reference and beta" in res.output
+    res = invoke(runner, "report", "dpo_longtail", "--pairs", dpo_pairs_file)
+    assert res.exit_code == 1 and "use score, lens and patch" in res.output
+    res = invoke(runner, "score", "longtail", "--pairs", pairs_file, "--judge-template", "{t}")
+    assert res.exit_code == 1 and "read a causal LM directory" in res.output

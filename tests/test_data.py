@@ -397,3 +397,16 @@ def test_trainer_refuses_bad_arguments(small_task):
         TrainConfig(steps=0)
     with pytest.raises(InvalidInputError, match="no tokenizer"):
         train_reward_model(model, data, config=_fast())
+
+
+@pytest.mark.parametrize("prompt,response", [
+    ("Q: why?", "Because."), ("Q: why? ", "Because."), ("Q: why?", "\nBecause."), ("", "Alone.")])
+def test_prompt_and_response_split_where_the_scored_text_joins_them(prompt, response):
+    from tl_reward import errors
+    from tl_reward.data.pairs import PreferencePair
+
+    pair = PreferencePair(chosen=response, rejected="No.", prompt=prompt)
+    head, tail = pair.prompt_and_response("chosen")
+    assert head + tail == pair.chosen_text and tail == response
+    with pytest.raises(errors.InvalidInputError, match="'both'"):
+        pair.prompt_and_response("both")

@@ -56,6 +56,27 @@ def test_judge_matches_hf_logits(arch_lm):
                                            msg=f"{arch} {name} fold_ln={fold} {side}")
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_causal_lm_fold_ln_with_a_square_mlp(arch):
+    """TransformerLens's own fold scales the wrong axis of a square MLP (d_mlp == d_model); the
+    causal-LM loader must apply the same exact folds as the reward-model loader."""
+    from tl_reward import load_causal_lm
+
+    config = make_config(arch, gqa=arch != "gpt2")
+    if arch == "gpt2":
+        config.n_inner = config.n_embd
+    else:
+        config.intermediate_size = config.hidden_size
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = randomize_(T.AutoModelForCausalLM.from_config(config, attn_implementation="eager"), 0)
+    tokens = torch.tensor([ragged_sequences()[0]])
+    with torch.no_grad():
+        truth = hf.eval()(tokens).logits
+        got = load_causal_lm(hf, fold_ln=True)(tokens)
+    torch.testing.assert_close(got, truth, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("level", ["component", "head", "neuron"])
 def test_direct_attribution_of_the_judge_adds_up(arch_lm, level):
     from tl_reward import direct_reward_attribution, load_judge_reward_model
@@ -140,3 +161,42 @@ def test_judge_refusals():
     tok = word_tokenizer(LongTailTask().vocabulary)
     with pytest.raises(InvalidInputError, match="2 tokens"):
         load_judge_reward_model(hf, tok, template=TEMPLATE, yes="good clear", no="w001")
+
+
+# ------------------------------------------------------------------ the judge organism
+def test_judge_organism_is_exact_and_has_the_tail_gap_the_tools_recover():
+    """The shipped judge (trained here on the long-tail task): its score is HF's logit difference;
+    like the classifier organism it is right on the head rule and wrong on the rare tail; the lens,
+    attribution and patching read that tail margin exactly."""
+    import tl_reward as tr
+    from tl_reward.organisms import judge as organism
+
+    judge = organism.load()
+    hf = T.AutoModelForCausalLM.from_pretrained(organism.DIRECTORY / "model").eval()
+    data = organism.eval_set()
+    yes, no = judge.tokenizer.convert_tokens_to_ids([organism.YES, organism.NO])
+    some = data.chosen_texts[:12]
+    truth = hf_judge(hf, judge.tokenize(some), {yes: 1.0, no: -1.0})
+    torch.testing.assert_close(judge.score(some, progress=False), truth, atol=1e-4, rtol=0)
+
+    scores = judge.score_pairs(data.chosen_texts, data.rejected_texts, progress=False)
+    tail = torch.tensor([p.tail for p in data])
+    correct = (scores.margin > 0).float()
+    assert correct[~tail].mean() > 0.85 and correct[tail].mean() < 0.4
+
+    rows = torch.nonzero(tail).flatten()[:24].tolist()
+    chosen = [data.chosen_texts[i] for i in rows]
+    rejected = [data.rejected_texts[i] for i in rows]
+    margin = scores.margin[rows]
+    lens = tr.pair_reward_lens(judge, chosen, rejected, progress=False)
+    torch.testing.assert_close(lens.margins[-1], margin, atol=1e-4, rtol=0)
+    attr = tr.pair_reward_attribution(judge, chosen, rejected, level="head", progress=False)
+    torch.testing.assert_close(attr.values.sum(0) + attr.bias, margin, atol=1e-4, rtol=0)
+    # the tail margin is made by attention: the heads' direct share outweighs the MLPs'
+    heads = torch.tensor([lab.startswith("L") and "H" in lab for lab in attr.labels])
+    mlps = torch.tensor(["mlp" in lab for lab in attr.labels])
+    assert attr.values[heads].sum(0).mean() < 2 * attr.values[mlps].sum(0).mean() < 0
+    # patching the whole residual stream at layer 0 (every position) is the chosen run: the
+    # effect is the full margin, the score patching measures is the judge's
+    patch = tr.activation_patch(judge, chosen, rejected, hook="resid_pre", per="layer", layers=[0])
+    torch.testing.assert_close(patch.effects[0], margin, atol=1e-4, rtol=0)

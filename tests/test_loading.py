@@ -514,16 +514,27 @@ def test_odd_neox_rotary_dimension_is_refused_with_the_reason():
 
 
 # ---------------------------------------------------------------- checkpoints that cannot be read
-def test_custom_code_directory_is_refused_naming_it_and_the_supported(tmp_path):
+@pytest.mark.parametrize("loader", ["load_reward_model", "load_causal_lm"])
+def test_custom_code_directory_is_refused_naming_it_and_the_supported(tmp_path, loader):
+    import tl_reward
+
     (tmp_path / "config.json").write_text(json.dumps({
         "model_type": "internlm2", "architectures": ["InternLM2ForRewardModel"],
         "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config"},
         "hidden_size": 64}))
     with pytest.raises(errors.UnsupportedArchitectureError) as info:
-        load_reward_model(tmp_path)
+        getattr(tl_reward, loader)(tmp_path)
     message = str(info.value)
     for part in (str(tmp_path), "internlm2", "custom-code", "auto_map", "'gemma2'", "'llama'"):
         assert part in message
+
+
+def test_a_reward_model_directory_is_not_a_causal_lm(tmp_path):
+    from tl_reward import load_causal_lm
+
+    make_hf_model("llama").save_pretrained(tmp_path)
+    with pytest.raises(errors.NotARewardModelError, match="LlamaForSequenceClassification"):
+        load_causal_lm(tmp_path)
 
 
 @pytest.mark.parametrize("damage", ["config", "weights"])

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
 from ._readout import as_tokens, choose
 from .errors import InvalidInputError
@@ -115,7 +116,7 @@ class DivergencePatchResult:
 
 def _pooled_resid(model: HookedRewardModel, tokens: Tensor, mask: Tensor | None,
                   layers: Sequence[int], batch_size: int) -> dict[int, np.ndarray]:
-    names = {f"blocks.{l}.hook_resid_post" for l in layers}
+    names = {get_act_name("resid_post", l) for l in layers}
     out: dict[int, list[np.ndarray]] = {l: [] for l in layers}
     for start in range(0, tokens.shape[0], batch_size):
         rows = slice(start, start + batch_size)
@@ -123,7 +124,7 @@ def _pooled_resid(model: HookedRewardModel, tokens: Tensor, mask: Tensor | None,
         run = _run(model, tokens[rows], m, names)
         idx = torch.arange(run.tokens.shape[0])
         for l in layers:
-            act = run.cache[f"blocks.{l}.hook_resid_post"][idx, run.pooled]
+            act = run.cache[get_act_name("resid_post", l)][idx, run.pooled]
             out[l].append(act.detach().cpu().double().numpy())
     return {l: np.concatenate(v) for l, v in out.items()}
 
@@ -200,7 +201,7 @@ def divergence_aware_patch(
 
     # --- target and source runs, aligned as activation_patch aligns them
     names = {f"blocks.{l}.{hook_name}" for l in layers}
-    names |= {f"blocks.{l}.hook_resid_post" for l in layers}
+    names |= {get_act_name("resid_post", l) for l in layers}
     target_is_clean = mode != "denoise"
     t_tokens, t_mask = (clean_t, clean_m) if target_is_clean else (corrupt_t, corrupt_m)
     target = _run(model, t_tokens, t_mask, names)
@@ -213,7 +214,7 @@ def divergence_aware_patch(
     idx = torch.arange(n_pairs, device=t_tokens.device)
     target_distance = np.stack([
         np.sqrt(estimators[l].mahalanobis(
-            target.cache[f"blocks.{l}.hook_resid_post"][idx, target.pooled].detach().cpu().double().numpy()))
+            target.cache[get_act_name("resid_post", l)][idx, target.pooled].detach().cpu().double().numpy()))
         for l in layers])
     if mode == "mean":
         ref_run = _run(model, ref_t, ref_m, {f"blocks.{l}.{hook_name}" for l in layers})
@@ -258,7 +259,7 @@ def divergence_aware_patch(
                         target.tokens[rows],
                         attention_mask=None if target.mask is None else target.mask[rows],
                         pool_index=target.pooled[rows],
-                        fwd_hooks=[(name, patch), (f"blocks.{l}.hook_resid_post", grab)],
+                        fwd_hooks=[(name, patch), (get_act_name("resid_post", l), grab)],
                     )
                 rows_idx = torch.arange(r.shape[0], device=r.device)
                 rewards.append(r.detach().cpu())

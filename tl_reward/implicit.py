@@ -185,7 +185,9 @@ class ImplicitRewardModel(nn.Module):
             w = w / batch.n_response_tokens[:, None].to(w.dtype)
         return w
 
-    def _check(self, batch: ResponseBatch) -> ResponseBatch:
+    def checked(self, batch: ResponseBatch) -> ResponseBatch:
+        """``batch`` on the models' device, after checking it is a ResponseBatch within the
+        context and the vocabulary (a clear InvalidInputError otherwise)."""
         if not isinstance(batch, ResponseBatch):
             raise InvalidInputError(
                 f"expected a ResponseBatch (see model.encode or response_batch_from_ids), got "
@@ -205,7 +207,7 @@ class ImplicitRewardModel(nn.Module):
 
     def log_probs(self, batch: ResponseBatch) -> dict[str, Float[Tensor, "batch pos"]]:
         """Per-token log-probabilities of each model (``policy``, ``reference``) at every position."""
-        batch = self._check(batch)
+        batch = self.checked(batch)
         return {name: token_log_probs(m, batch.tokens, batch.attention_mask)
                 for name, m in self.models.items()}
 

@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
+from transformer_lens.utilities import get_act_name
 
 from ._readout import choose
 from .errors import InvalidInputError
@@ -106,7 +107,7 @@ def implicit_reward_lens(model: ImplicitRewardModel, batch: ResponseBatch) -> Im
     """Logit lens of the implicit reward: both models read out after the embeddings and after each
     layer (``resid_post``), the final norm recomputed on each layer's residual (the logit-lens
     convention: a log-probability needs a normalised residual, so no cached scale)."""
-    batch = model._check(batch)
+    batch = model.checked(batch)
     rows, pos = _targets(batch)
     weights = model.token_weights(batch)[rows, pos]
     targets = batch.tokens[rows, pos]
@@ -190,10 +191,10 @@ def _parts(m: HookedTransformer, cache, rows: Tensor, pos: Tensor, level: str, d
         parts.append(at("hook_pos_embed"))
         labels.append("pos_embed")
     for layer in range(m.cfg.n_layers):
-        attn_out = at(f"blocks.{layer}.hook_attn_out")
+        attn_out = at(get_act_name("attn_out", layer))
         if level == "head":
             attn = m.blocks[layer].attn
-            z = at(f"blocks.{layer}.attn.hook_z")  # [token, head, d_head]
+            z = at(get_act_name("z", layer))  # [token, head, d_head]
             heads = torch.einsum("thd,hdm->htm", z, attn.W_O.to(dt))
             post = getattr(m.blocks[layer], "ln1_post", None)
             if post is not None and m.cfg.use_normalization_before_and_after:
@@ -206,7 +207,7 @@ def _parts(m: HookedTransformer, cache, rows: Tensor, pos: Tensor, level: str, d
         else:
             parts.append(attn_out)
             labels.append(f"{layer}_attn_out")
-        parts.append(at(f"blocks.{layer}.hook_mlp_out"))
+        parts.append(at(get_act_name("mlp_out", layer)))
         labels.append(f"{layer}_mlp_out")
     return torch.stack(parts), labels
 
@@ -225,7 +226,7 @@ def implicit_reward_attribution(
     per token.
     """
     choose("level", level, LEVELS)
-    batch = model._check(batch)
+    batch = model.checked(batch)
     rows, pos = _targets(batch)
     src = pos - 1  # the position whose logits predict each response token
     weights = model.token_weights(batch)[rows, pos]
@@ -303,7 +304,7 @@ class ImplicitPatchResult:
 
 
 def _hook_name(hook: str, layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z" if hook == "z" else f"blocks.{layer}.hook_{hook}"
+    return get_act_name(hook, layer)
 
 
 def _check_same_shape(model: ImplicitRewardModel) -> None:
@@ -335,7 +336,7 @@ def implicit_activation_patch(
     choose("hook", hook, PATCH_HOOKS)
     choose("direction", direction, DIRECTIONS)
     _check_same_shape(model)
-    batch = model._check(batch)
+    batch = model.checked(batch)
     source_name, target_name = direction.split("_to_")
     source, target = model.models[source_name], model.models[target_name]
     layers = list(range(target.cfg.n_layers)) if layers is None else list(layers)
@@ -391,7 +392,7 @@ def implicit_attribution_patch(
     choose("hook", hook, PATCH_HOOKS)
     choose("direction", direction, DIRECTIONS)
     _check_same_shape(model)
-    batch = model._check(batch)
+    batch = model.checked(batch)
     source_name, target_name = direction.split("_to_")
     source, target = model.models[source_name], model.models[target_name]
     layers = list(range(target.cfg.n_layers)) if layers is None else list(layers)

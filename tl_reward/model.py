@@ -140,6 +140,22 @@ def exact_ambiguous_folds(
     return out
 
 
+def load_with_exact_folds(
+    model: HookedTransformer, state_dict: dict[str, Tensor], *, fold_ln: bool, **processing: bool
+) -> None:
+    """TransformerLens's ``load_and_process_state_dict`` on ``model``, then the folds it gets
+    wrong (:func:`exact_ambiguous_folds`) written over its result, in place (the stored layout
+    is kept). ``processing``: TransformerLens's other keyword arguments."""
+    center_unembed = processing.get("center_unembed", True)
+    exact = exact_ambiguous_folds(state_dict, model.cfg, center_unembed) if fold_ln else {}
+    HookedTransformer.load_and_process_state_dict(model, state_dict, fold_ln=fold_ln, **processing)
+    if exact:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for key, value in exact.items():
+                params[key].copy_(value)
+
+
 class HookedRewardModel(HookedTransformer):
     """A HookedTransformer whose forward returns the pooled reward.
 
@@ -237,8 +253,8 @@ class HookedRewardModel(HookedTransformer):
                 "final norm into the unused unembed, not into the head, and the head would read "
                 "an unweighted state. Keep the norms unfolded (fold_ln=False)."
             )
-        exact = exact_ambiguous_folds(state_dict, self.cfg, center_unembed) if fold_ln else {}
-        super().load_and_process_state_dict(
+        load_with_exact_folds(
+            self,
             state_dict,
             fold_ln=fold_ln,
             center_writing_weights=center_writing_weights,
@@ -246,11 +262,6 @@ class HookedRewardModel(HookedTransformer):
             fold_value_biases=fold_value_biases,
             refactor_factored_attn_matrices=refactor_factored_attn_matrices,
         )
-        if exact:
-            with torch.no_grad():
-                params = dict(self.named_parameters())
-                for key, value in exact.items():
-                    params[key].copy_(value)  # in place: keeps the stored layout
 
     def remove_all_hook_fns(
         self,

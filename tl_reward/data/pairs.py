@@ -85,6 +85,20 @@ class PreferencePair:
         """The text a reward model scores for the rejected side (see :attr:`chosen_text`)."""
         return _join(self.prompt, self.rejected)
 
+    def prompt_and_response(self, side: str) -> tuple[Text, Text]:
+        """The prompt and the ``side`` ("chosen" or "rejected") response split where
+        :attr:`chosen_text` / :attr:`rejected_text` join them: for strings, the joining space
+        ends the prompt (``prompt + response`` is the scored text), the form a DPO implicit
+        reward's ``encode(prompts, responses)`` takes; conversations are returned as they are."""
+        if side not in ("chosen", "rejected"):
+            raise InvalidInputError(f"side must be 'chosen' or 'rejected', got {side!r}")
+        response = getattr(self, side)
+        prompt = self.prompt
+        if isinstance(prompt, str) and isinstance(response, str) and prompt:
+            if not (prompt[-1:].isspace() or response[:1].isspace()):
+                prompt += " "
+        return prompt, response
+
 
 @dataclass(frozen=True)
 class PreferenceDataset(Sequence[PreferencePair]):

@@ -8,14 +8,14 @@ the model's ``unembed``.
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformer_lens import HookedTransformerConfig
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from .._device import checked_device
 from ..errors import (
@@ -35,8 +35,9 @@ logger = logging.getLogger(__name__)
 
 REGISTRY: dict[str, Adapter] = {a.model_type: a for a in (*llama_like.ADAPTERS, *gpt.ADAPTERS)}
 
-# TransformerLens keeps an [n_ctx, n_ctx] causal mask per attention layer: cap n_ctx by default so
-# a 128k-context config does not allocate gigabytes. load_reward_model(n_ctx=...) raises it.
+# TransformerLens builds [n_ctx, rotary_dim] rotary tables for every attention layer (the loader
+# keeps one shared copy; its causal mask is built per forward): n_ctx is capped by default so a
+# 128k-context config does not build tables it will not use. load_reward_model(n_ctx=...) raises it.
 DEFAULT_MAX_N_CTX = 4096
 
 
@@ -45,18 +46,13 @@ def supported_architectures() -> list[str]:
     return sorted(REGISTRY)
 
 
-def _from_directory(path: Path, tokenizer: Any, gate_pattern: Sequence[int] | None,
-                    **hf_kwargs: Any) -> tuple[Any, Any, Any]:
-    """``(hf_model, tokenizer, head)``: ``head`` is the nonlinear head the checkpoint's tensors
-    hold (then ``hf_model`` is the trunk, read with transformers' own class for the family, never
-    the checkpoint's modelling code), else ``None``."""
-    from transformers import (
-        MODEL_MAPPING,
-        AutoConfig,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
-
+def _checked_config(path: Path, suffixes: tuple[str, ...], kind: str,
+                    accept: Callable[[dict[str, Any]], bool] | None = None) -> str:
+    """The ``model_type`` of the checkpoint directory ``path``, read from its ``config.json``
+    without transformers (which would raise its own error for an unknown or custom-code type),
+    after checking it is a supported architecture whose ``architectures`` end in ``suffixes``
+    (or for which ``accept(config)`` holds). ``kind``: what the loader needs, for the error (e.g.
+    "a *ForSequenceClassification reward model: it has no score head")."""
     config_file = path / "config.json"
     if not config_file.exists():
         raise ModelSourceError(
@@ -77,12 +73,38 @@ def _from_directory(path: Path, tokenizer: Any, gate_pattern: Sequence[int] | No
             f"supported. Supported model_type values: {supported_architectures()}"
         )
     architectures = list(raw.get("architectures") or [])
-    head = checkpoint_head(path, raw, gate_pattern)
-    if head is None and not any(a.endswith("ForSequenceClassification") for a in architectures):
+    if accept is not None and accept(raw):
+        return model_type
+    if not any(a.endswith(suffixes) for a in architectures):
         raise NotARewardModelError(
-            f"{str(path)!r} holds a {architectures or model_type} model, not a "
-            "*ForSequenceClassification reward model: it has no score head"
+            f"{str(path)!r} holds a {architectures or model_type} model, not {kind}"
         )
+    return model_type
+
+
+def _from_directory(path: Path, tokenizer: Any, gate_pattern: Sequence[int] | None,
+                    **hf_kwargs: Any) -> tuple[Any, Any, Any]:
+    """``(hf_model, tokenizer, head)``: ``head`` is the nonlinear head the checkpoint's tensors
+    hold (then ``hf_model`` is the trunk, read with transformers' own class for the family, never
+    the checkpoint's modelling code), else ``None``."""
+    from transformers import (
+        MODEL_MAPPING,
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    found: dict[str, Any] = {}
+
+    def holds_head(raw: dict[str, Any]) -> bool:
+        found["head"] = checkpoint_head(path, raw, gate_pattern)
+        return found["head"] is not None
+
+    model_type = _checked_config(
+        path, ("ForSequenceClassification",),
+        "a *ForSequenceClassification reward model: it has no score head", accept=holds_head,
+    )
+    head = found.get("head")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         if head is None:
@@ -148,10 +170,13 @@ def _trunk_of(hf_model: Any, adapter: Adapter) -> Any:
     return trunk
 
 
-def _converted_state(hf_model: Any, adapter: Adapter, score: nn.Linear, cfg: Any) -> dict[str, Tensor]:
+def converted_state(
+    hf_model: Any, adapter: Adapter, score: nn.Linear | SimpleNamespace, cfg: Any
+) -> dict[str, Tensor]:
     """The TransformerLens state dict of ``hf_model``: views of its tensors where the layout
     allows (TransformerLens's converters reshape and transpose; the head is ``score.weight.T``;
-    a nonlinear head's model gets a zero ``unembed``, never read)."""
+    ``score``: the Linear, or its ``weight``, ``bias`` and ``out_features`` for a computed head;
+    a nonlinear reward head's model gets a zero ``unembed``, never read)."""
     trunk = SimpleNamespace(**{adapter.base_attr: _trunk_of(hf_model, adapter)})
     trunk.lm_head = trunk.embed_out = score  # read by some converters; replaced below
     with torch.no_grad():
@@ -163,6 +188,69 @@ def _converted_state(hf_model: Any, adapter: Adapter, score: nn.Linear, cfg: Any
             else torch.zeros(score.out_features, dtype=score.weight.dtype)
         )
     return state
+
+
+def hooked_config(
+    hf_model: Any,
+    adapter: Adapter,
+    n_out: int,
+    *,
+    center_writing_weights: bool,
+    n_ctx: int | None,
+    dtype: torch.dtype | None,
+    device: str | torch.device | None,
+    extra_cfg: dict[str, Any] | None = None,
+) -> HookedTransformerConfig:
+    """The HookedTransformerConfig of ``hf_model`` (checked by its adapter) with ``n_out`` head
+    outputs, in ``dtype`` on ``device`` (default: the HF model's), ``n_ctx`` checked and capped."""
+    hf_config = hf_model.config
+    adapter.audit(hf_config)
+    cfg_kwargs = adapter.config(hf_config)
+    cfg_kwargs.update(extra_cfg or {})
+    if center_writing_weights and cfg_kwargs["normalization_type"] != "LN":
+        raise UnsupportedConfigError(
+            f"center_writing_weights=True needs LayerNorm, which removes the mean; this "
+            f"{adapter.model_type} model uses RMSNorm, where centring would change the output. "
+            "Use fold_ln=True alone."
+        )
+    hf_ctx = cfg_kwargs["n_ctx"]
+    if n_ctx is not None:
+        if n_ctx < 1 or n_ctx > hf_ctx:
+            raise UnsupportedConfigError(
+                f"n_ctx={n_ctx} must be between 1 and the HF model's context {hf_ctx}"
+            )
+        cfg_kwargs["n_ctx"] = n_ctx
+    elif cfg_kwargs["positional_embedding_type"] != "standard":
+        cfg_kwargs["n_ctx"] = min(hf_ctx, DEFAULT_MAX_N_CTX)
+    first_param = next(hf_model.parameters())
+    return HookedTransformerConfig(
+        **cfg_kwargs,
+        d_vocab_out=n_out,
+        original_architecture=adapter.original_architecture,
+        model_name=Path(getattr(hf_config, "_name_or_path", "") or adapter.model_type).name,
+        dtype=dtype or first_param.dtype,
+        device=device if device is not None else str(first_param.device),
+        init_weights=False,
+        default_prepend_bos=False,
+    )
+
+
+def fill(
+    model: HookedTransformer,
+    state: dict[str, Tensor],
+    *,
+    fold_ln: bool,
+    center_writing_weights: bool,
+) -> None:
+    """Fill ``model`` (built under ``empty_parameters``) with ``state`` (TransformerLens layout),
+    processed as asked, with the folds TransformerLens's shape-guessing gets wrong (square MLPs,
+    ``d_model`` outputs) done exactly; ``state`` is emptied as it goes."""
+    buffers_to(model, model.cfg.device)
+    overrides = exact_ambiguous_folds(state, model.cfg) if fold_ln else None
+    assign_state(
+        model, state, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+        overrides=overrides,
+    )
 
 
 def load_reward_model(
@@ -234,8 +322,6 @@ def load_reward_model(
         reward_head, score = as_reward_head(head), None
     else:
         reward_head, score = head_of(model, gate_pattern)
-    adapter.audit(hf_config)
-    cfg_kwargs = adapter.config(hf_config)
     if score is None:  # a nonlinear head: the unembed is unused (zeros)
         if fold_ln:
             raise UnsupportedConfigError(
@@ -243,36 +329,12 @@ def load_reward_model(
                 "folded into the head's first layers, which tl_reward does not do. Load with "
                 "fold_ln=False (the default); rewards are the same."
             )
-        n_out = reward_head.n_outputs(cfg_kwargs["d_model"])
-        score = nn.Linear(cfg_kwargs["d_model"], n_out, bias=False)
+        d_model = adapter.config(hf_config)["d_model"]
+        score = nn.Linear(d_model, reward_head.n_outputs(d_model), bias=False)
         nn.init.zeros_(score.weight)
-
-    if center_writing_weights and cfg_kwargs["normalization_type"] != "LN":
-        raise UnsupportedConfigError(
-            f"center_writing_weights=True needs LayerNorm, which removes the mean; this "
-            f"{adapter.model_type} model uses RMSNorm, where centring would change the rewards. "
-            "Use fold_ln=True alone."
-        )
-    hf_ctx = cfg_kwargs["n_ctx"]
-    if n_ctx is not None:
-        if n_ctx < 1 or n_ctx > hf_ctx:
-            raise UnsupportedConfigError(
-                f"n_ctx={n_ctx} must be between 1 and the HF model's context {hf_ctx}"
-            )
-        cfg_kwargs["n_ctx"] = n_ctx
-    elif cfg_kwargs["positional_embedding_type"] != "standard":
-        cfg_kwargs["n_ctx"] = min(hf_ctx, DEFAULT_MAX_N_CTX)
-
-    first_param = next(model.parameters())
-    cfg = HookedTransformerConfig(
-        **cfg_kwargs,
-        d_vocab_out=score.out_features,
-        original_architecture=adapter.original_architecture,
-        model_name=Path(getattr(hf_config, "_name_or_path", "") or adapter.model_type).name,
-        dtype=dtype or first_param.dtype,
-        device=device if device is not None else str(first_param.device),
-        init_weights=False,
-        default_prepend_bos=False,
+    cfg = hooked_config(
+        model, adapter, score.out_features, center_writing_weights=center_writing_weights,
+        n_ctx=n_ctx, dtype=dtype, device=device,
     )
     id2label = getattr(hf_config, "id2label", None) or {}
     labels = [str(id2label.get(i, f"reward_{i}")) for i in range(score.out_features)]
@@ -281,16 +343,10 @@ def load_reward_model(
             cfg, tokenizer, pad_token_id=getattr(hf_config, "pad_token_id", None),
             label_names=labels,
         )
-    buffers_to(reward_model, cfg.device)
-    state = _converted_state(model, adapter, score, cfg)  # views of the HF tensors
+    state = converted_state(model, adapter, score, cfg)  # views of the HF tensors
     name = type(model).__name__
-    del model, score, first_param  # a model read here is freed tensor by tensor as its weights are assigned
-    # the folds TransformerLens's shape-guessing gets wrong (square MLPs, d_model outputs)
-    overrides = exact_ambiguous_folds(state, cfg) if fold_ln else None
-    assign_state(
-        reward_model, state, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-        overrides=overrides,
-    )
+    del model, score  # a model read here is freed tensor by tensor as its weights are assigned
+    fill(reward_model, state, fold_ln=fold_ln, center_writing_weights=center_writing_weights)
     if not reward_head.is_linear:
         reward_model.set_reward_head(reward_head)
     reward_model.set_objective(objective)

@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformer_lens import HookedTransformer
 from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
 from transformer_lens.weight_processing import ProcessWeights
-
-from ..model import HookedRewardModel
 
 # Buffers TransformerLens builds per attention layer from the config alone: one tensor per
 # distinct value (TransformerLens 3.9 builds causal masks at forward time; ``mask`` is empty).
@@ -84,7 +83,7 @@ def buffers_to(model: nn.Module, device: str | torch.device) -> None:
                 module._buffers[name] = moved[id(buf)]
 
 
-def swap_folded_norms(model: HookedRewardModel, state: dict[str, Tensor]) -> bool:
+def swap_folded_norms(model: HookedTransformer, state: dict[str, Tensor]) -> bool:
     """TransformerLens's own preparation for ``fold_ln`` (``load_and_process_state_dict``): the
     norms become their weightless ``Pre`` forms. False where there are no norm weights to fold."""
     cfg = model.cfg
@@ -185,7 +184,7 @@ def _assign(model: nn.Module, key: str, tensor: Tensor) -> None:
 
 
 def assign_state(
-    model: HookedRewardModel,
+    model: HookedTransformer,
     state: dict[str, Tensor],
     *,
     fold_ln: bool,

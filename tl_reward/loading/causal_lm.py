@@ -34,7 +34,8 @@ from ..errors import (
 )
 from ..implicit import ImplicitRewardModel
 from ..judge import HookedJudgeModel, JudgeRead, Template
-from . import DEFAULT_MAX_N_CTX, _adapter_for
+from . import _adapter_for, _checked_config, converted_state, fill, hooked_config
+from ._build import empty_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +43,18 @@ logger = logging.getLogger(__name__)
 def _causal_from_directory(path: Path, tokenizer: Any) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if not (path / "config.json").exists():
+    model_type = _checked_config(
+        path, ("ForCausalLM", "LMHeadModel"),
+        "a causal LM (*ForCausalLM): it has no language-model head",
+    )
+    try:
+        AutoConfig.from_pretrained(path, local_files_only=True)
+        hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to read the checkpoint, with its cause
         raise ModelSourceError(
-            f"{str(path)!r} has no config.json; pass a directory written by save_pretrained()"
-        )
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    _adapter_for(config)
-    architectures = list(getattr(config, "architectures", None) or [])
-    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        raise NotARewardModelError(
-            f"{str(path)!r} holds a {architectures or config.model_type} model, not a causal LM "
-            "(*ForCausalLM): it has no language-model head"
-        )
-    hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            f"cannot load the {model_type} checkpoint in {str(path)!r} with transformers: "
+            f"{type(err).__name__}: {err}"
+        ) from err
     if tokenizer is None and any(
         (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
     ):
@@ -105,61 +105,22 @@ def _build(
     device: Any,
     dtype: torch.dtype | None,
     n_ctx: int | None,
-    extra_cfg: Mapping[str, Any] | None = None,
+    extra_cfg: dict[str, Any] | None = None,
 ):
-    """Shared construction: adapter config, HookedTransformerConfig with ``d_vocab_out`` head
-    columns, TransformerLens's trunk converter, then ``unembed = (head_weight, head_bias)``.
-
-    ``make(cfg)`` builds the empty TransformerLens model.
-    """
-    hf_config = model.config
-    adapter = _adapter_for(hf_config)
-    adapter.audit(hf_config)
-    cfg_kwargs = adapter.config(hf_config)
-    cfg_kwargs.update(extra_cfg or {})
-    if center_writing_weights and cfg_kwargs["normalization_type"] != "LN":
-        raise UnsupportedConfigError(
-            f"center_writing_weights=True needs LayerNorm, which removes the mean; this "
-            f"{adapter.model_type} model uses RMSNorm, where centring would change the output. "
-            "Use fold_ln=True alone."
-        )
-    hf_ctx = cfg_kwargs["n_ctx"]
-    if n_ctx is not None:
-        if n_ctx < 1 or n_ctx > hf_ctx:
-            raise UnsupportedConfigError(
-                f"n_ctx={n_ctx} must be between 1 and the HF model's context {hf_ctx}"
-            )
-        cfg_kwargs["n_ctx"] = n_ctx
-    elif cfg_kwargs["positional_embedding_type"] != "standard":
-        cfg_kwargs["n_ctx"] = min(hf_ctx, DEFAULT_MAX_N_CTX)
-    first_param = next(model.parameters())
-    cfg = HookedTransformerConfig(
-        **cfg_kwargs,
-        d_vocab_out=head_weight.shape[0],
-        original_architecture=adapter.original_architecture,
-        model_name=Path(getattr(hf_config, "_name_or_path", "") or adapter.model_type).name,
-        dtype=dtype or first_param.dtype,
-        device=device if device is not None else str(first_param.device),
-        init_weights=False,
-        default_prepend_bos=False,
+    """The reward-model loader's construction with another head: ``head_weight`` [n_out,
+    d_model] and ``head_bias`` [n_out] become ``unembed``. ``make(cfg)`` builds the model
+    (under ``empty_parameters``: its weights are the HF model's, converted layer by layer)."""
+    adapter = _adapter_for(model.config)
+    cfg = hooked_config(
+        model, adapter, head_weight.shape[0], center_writing_weights=center_writing_weights,
+        n_ctx=n_ctx, dtype=dtype, device=device, extra_cfg=extra_cfg,
     )
-    hooked = make(cfg)
-    trunk = SimpleNamespace(**{adapter.base_attr: getattr(model, adapter.base_attr)})
-    lm_head = model.get_output_embeddings()
-    trunk.lm_head = trunk.embed_out = lm_head  # read by the converters; replaced below
-    with torch.no_grad():
-        state = dict(adapter.convert(trunk, cfg))
-        state["unembed.W_U"] = head_weight.T.clone()
-        state["unembed.b_U"] = head_bias.clone()
-        state = {k: v.detach().to(device=cfg.device, dtype=cfg.dtype) for k, v in state.items()}
-        hooked.load_and_process_state_dict(
-            state,
-            fold_ln=fold_ln,
-            center_writing_weights=center_writing_weights,
-            center_unembed=False,  # would change a read-out column; never applied here
-            fold_value_biases=fold_ln,
-            refactor_factored_attn_matrices=False,
-        )
+    with empty_parameters():
+        hooked = make(cfg)
+    head = SimpleNamespace(weight=head_weight.detach(), bias=head_bias.detach(),
+                           out_features=head_weight.shape[0])
+    state = converted_state(model, adapter, head, cfg)
+    fill(hooked, state, fold_ln=fold_ln, center_writing_weights=center_writing_weights)
     hooked.eval()
     return hooked
 
@@ -200,7 +161,7 @@ def load_causal_lm(
             warnings.filterwarnings(
                 "ignore", message="HookedTransformer is deprecated", category=DeprecationWarning
             )
-            hooked = HookedTransformer(cfg, tokenizer=None, move_to_device=True)
+            hooked = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
         hooked.tokenizer = tokenizer  # as given: TransformerLens's set_tokenizer would mutate it
         return hooked
 

@@ -5,6 +5,9 @@
   tail scenarios.
 - ``planted``: a 2-layer Llama reward model whose reward circuits are set by hand
   (:mod:`tl_reward.organisms.planted`; ground truth in :func:`planted_components`).
+- ``dpo_longtail`` (:mod:`tl_reward.organisms.dpo`) and ``judge_longtail``
+  (:mod:`tl_reward.organisms.judge`): the same task learnt by a DPO policy/reference pair (an
+  implicit reward) and by a generative judge; each module has its own ``load()``.
 
 Load with :func:`load`; the weights ship in the package (safetensors) and load through
 :func:`tl_reward.load_reward_model`, as a real model saved with ``save_pretrained`` would.

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from transformer_lens.utilities import get_act_name
 
 from ..data.pairs import PreferenceDataset, PreferencePair
 from ..data.synthetic import QUALITY_WORDS, RESPONSE_MARK, LongTailTask
@@ -79,19 +80,19 @@ def planted_components() -> tuple[PlantedComponent, ...]:
     return (
         PlantedComponent(
             label=f"L{l_h}H{h}", kind="head", layer=l_h, index=h, circuit="trigger",
-            hook=f"blocks.{l_h}.attn.hook_z",
+            hook=get_act_name("z", l_h),
             role=f"moves 'is {TRIGGER}' from the trigger token into residual dim {DIM_SEEN}",
             positions=f"reads the '{TRIGGER}' token (any position), writes at the final <eos>",
         ),
         PlantedComponent(
             label=f"L{l_n}N{n}", kind="neuron", layer=l_n, index=n, circuit="trigger",
-            hook=f"blocks.{l_n}.mlp.hook_post",
+            hook=get_act_name("post", l_n),
             role=f"fires on residual dim {DIM_SEEN} and writes along w_r (dim {DIM_REWARD})",
             positions="at the final <eos>",
         ),
         PlantedComponent(
             label=f"L{l_q}H{q}", kind="head", layer=l_q, index=q, circuit="quality",
-            hook=f"blocks.{l_q}.attn.hook_z",
+            hook=get_act_name("z", l_q),
             role=f"averages 'is quality' over the text (with <bos> as sink) along w_r "
             f"(dim {DIM_REWARD})",
             positions="reads quality-word tokens, writes at the final <eos>",
