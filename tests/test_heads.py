@@ -38,38 +38,40 @@ def armorm(arch: str, seed: int = 0, **kw) -> ArmoRMReference:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_mlp_head_matches_the_grm_reference(arch, side):
+def test_mlp_head_matches_the_grm_reference(arch):
     ref = grm(arch, n_layers=1 if arch != "qwen3" else 2)
     model = load_reward_model(ref)
     assert model.head_kind == "mlp"
     seqs = sequences(1)
-    tokens, mask = pad_batch(seqs, side)
-    with torch.no_grad():
-        truth = ref(tokens, mask)
-        alone = torch.cat([ref(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
-                           for s in seqs])
-        ours = model(tokens, attention_mask=mask)
-    torch.testing.assert_close(truth, alone, atol=TOL, rtol=0)  # the reference agrees with itself
-    torch.testing.assert_close(ours, truth, atol=TOL, rtol=0)
+    for side in ("left", "right"):
+        tokens, mask = pad_batch(seqs, side)
+        with torch.no_grad():
+            truth = ref(tokens, mask)
+            alone = torch.cat([ref(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
+                               for s in seqs])
+            ours = model(tokens, attention_mask=mask)
+        torch.testing.assert_close(truth, alone, atol=TOL, rtol=0)  # the reference agrees with itself
+        torch.testing.assert_close(ours, truth, atol=TOL, rtol=0, msg=side)
     assert float(truth.std()) > 0.05  # rewards vary: the comparison means something
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_gated_head_matches_the_armorm_reference(arch, side):
+def test_gated_head_matches_the_armorm_reference(arch):
     ref = armorm(arch)
     model = load_reward_model(ref, gate_pattern=PATTERN)
     assert model.head_kind == "gated"
     seqs = sequences(2, with_pattern=True)
-    tokens, mask = pad_batch(seqs, side)
     with torch.no_grad():
         outs = [ref(torch.tensor([s])) for s in seqs]
-        score, objectives, gate = (torch.cat(x) for x in zip(*outs, strict=True))
-        ours, cache = model.run_with_cache(tokens, attention_mask=mask)
-    torch.testing.assert_close(ours, score, atol=TOL, rtol=0)
-    torch.testing.assert_close(cache["reward_head.hook_objectives"], objectives, atol=TOL, rtol=0)
-    torch.testing.assert_close(cache["reward_head.hook_gate"], gate, atol=TOL, rtol=0)
+    score, objectives, gate = (torch.cat(x) for x in zip(*outs, strict=True))
+    for side in ("left", "right"):
+        tokens, mask = pad_batch(seqs, side)
+        with torch.no_grad():
+            ours, cache = model.run_with_cache(tokens, attention_mask=mask)
+        torch.testing.assert_close(ours, score, atol=TOL, rtol=0, msg=side)
+        torch.testing.assert_close(cache["reward_head.hook_objectives"], objectives, atol=TOL,
+                                   rtol=0, msg=side)
+        torch.testing.assert_close(cache["reward_head.hook_gate"], gate, atol=TOL, rtol=0, msg=side)
     assert float(gate.std(0).max()) > 0.01  # the gate depends on the prompt
 
 
