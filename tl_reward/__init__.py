@@ -28,6 +28,14 @@ _EXPORTS: dict[str, str] = {
     "concept_dose_response": "concepts",
     "concept_vector": "concepts",
     "divergence_aware_patch": "divergence",
+    "GatedOutputs": "gated",
+    "gate_patch": "gated",
+    "gated_outputs": "gated",
+    "HeadAttributionResult": "head_attribution",
+    "head_attribution": "head_attribution",
+    "GatedHead": "heads",
+    "MLPHead": "heads",
+    "StepRewards": "process",
     "distortion_index": "hacking",
     "effort_distortion": "hacking",
     "probe_cascade": "hacking",
@@ -103,9 +111,16 @@ if TYPE_CHECKING:
     from .concepts import concept_dose_response as concept_dose_response
     from .concepts import concept_vector as concept_vector
     from .divergence import divergence_aware_patch as divergence_aware_patch
+    from .gated import GatedOutputs as GatedOutputs
+    from .gated import gate_patch as gate_patch
+    from .gated import gated_outputs as gated_outputs
     from .hacking import distortion_index as distortion_index
     from .hacking import effort_distortion as effort_distortion
     from .hacking import probe_cascade as probe_cascade
+    from .head_attribution import HeadAttributionResult as HeadAttributionResult
+    from .head_attribution import head_attribution as head_attribution
+    from .heads import GatedHead as GatedHead
+    from .heads import MLPHead as MLPHead
     from .implicit import ImplicitRewardModel as ImplicitRewardModel
     from .implicit import ResponseBatch as ResponseBatch
     from .implicit import response_batch_from_ids as response_batch_from_ids
@@ -136,6 +151,7 @@ if TYPE_CHECKING:
     from .probes import ProbeReport as ProbeReport
     from .probes import localise_probe as localise_probe
     from .probes import run_probes as run_probes
+    from .process import StepRewards as StepRewards
     from .sae import SAEAttributionResult as SAEAttributionResult
     from .sae import sae_pair_attribution as sae_pair_attribution
     from .sae import sae_reward_attribution as sae_reward_attribution

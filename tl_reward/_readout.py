@@ -97,9 +97,13 @@ def pooled_run(
     tokens: Tensor,
     attention_mask: Tensor | None,
     names: Callable[[str], bool],
+    *,
+    with_prompt_end: bool = False,
 ) -> PooledRun:
     """Run once (no autograd graph), keep only ``names`` (plus the final-norm scale), each
     gathered at the pooled token as the forward produces it, in :func:`readout_dtype`.
+    ``with_prompt_end``: positional activations keep two positions, the pooled token and the end
+    of the prompt (a gated head's second input; see ``HookedRewardModel.prompt_end_index``).
 
     Attention patterns keep their key axis (``[batch, head, 1, key_pos]``, the pooled query's
     row only); values ``hook_v`` keep every position. Nothing else of the forward is kept, so
@@ -110,6 +114,9 @@ def pooled_run(
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     n_pos = tokens.shape[1]
     gathered: dict[str, Tensor] = {}
+    at = pool_index[:, None]  # [batch, kept positions]
+    if with_prompt_end:
+        at = torch.stack([pool_index, model.prompt_end_index(tokens, attention_mask, pool_index)], 1)
 
     def wanted(name: str) -> bool:
         return name == "ln_final.hook_scale" or names(name)
@@ -117,9 +124,9 @@ def pooled_run(
     def keep(act: Tensor, hook) -> None:
         name = hook.name
         if name.endswith("hook_pattern"):
-            act = act[rows, :, pool_index.to(act.device)][:, :, None, :]
+            act = act[rows[:, None], :, at.to(act.device)].transpose(1, 2)
         elif name.rsplit(".", 1)[-1] in _POSITIONAL and act.ndim >= 2 and act.shape[1] == n_pos:
-            act = act[rows.to(act.device), pool_index.to(act.device)][:, None]
+            act = act[rows.to(act.device)[:, None], at.to(act.device)]
         gathered[name] = act.detach().to(dt)
 
     with torch.no_grad():

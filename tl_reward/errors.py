@@ -51,3 +51,13 @@ class NotAnSAEError(TLRewardError, TypeError):
 
 class InsufficientMemoryError(TLRewardError, MemoryError):
     """One sequence's working memory for a tool exceeds the memory available on the device."""
+
+
+class HeadError(TLRewardError, ValueError):
+    """A reward head that does not fit the model (width, outputs), or a published head layout
+    that cannot be read."""
+
+
+class LinearHeadRequiredError(TLRewardError, TypeError):
+    """A tool that reads the linear head's weights (``W_R``) was given a model whose head is
+    nonlinear (an MLP, a gated head, a user's module)."""

@@ -13,6 +13,7 @@ from torch import Tensor
 from ._memory import rows_that_fit
 from ._readout import as_tokens, batches, choose, pooled_run, read_out, readout_dtype
 from .errors import InvalidInputError
+from .heads import head_in_dtype
 from .model import HookedRewardModel, Text
 
 LENS_HOOKS = ("resid_post", "resid_mid")
@@ -124,6 +125,11 @@ def reward_lens(
 ) -> LensResult:
     """Read the reward out of the residual stream at the pooled token, layer by layer.
 
+    Any head kind: a nonlinear head (MLP, gated, custom) is applied as a whole to each layer's
+    residual, normalised by the final norm (weight and bias included) as the model's own forward
+    normalises its last layer; a gated head reads each layer's residual at the end of the prompt
+    too. The last row is the reward exactly (``norm="cached"``); the rows are not additive.
+
     Args:
         tokens: token ids (with ``attention_mask`` for padding) or texts.
         hook: ``"resid_post"`` (after the embeddings and after each layer) or ``"resid_mid"``
@@ -135,6 +141,8 @@ def reward_lens(
     choose("hook", hook, LENS_HOOKS)
     choose("norm", norm, LENS_NORMS)
     tokens, attention_mask = as_tokens(model, tokens, attention_mask)
+    if not model.has_linear_head:
+        return _head_lens(model, tokens, attention_mask, hook, norm, batch_size, progress)
     weights, bias = read_out(model)
     incl_mid = hook == "resid_mid"
     batch_size = rows_that_fit(model.cfg, tokens.shape[1], batch_size)  # the memory budget
@@ -160,6 +168,49 @@ def reward_lens(
         rewards = rewards[..., 0]
     names = ("reward",) if model.is_scalar else model.label_names
     return LensResult(rewards=rewards, labels=tuple(labels), norm=norm, objective_names=names)
+
+
+def _head_lens(model: HookedRewardModel, tokens: Tensor, attention_mask: Tensor | None, hook: str,
+               norm: str, batch_size: int, progress: bool) -> LensResult:
+    """The lens of a nonlinear head: the head applied to each layer's normalised residual (in
+    :func:`readout_dtype`: a half-precision model's head runs on a float32 copy)."""
+    dt = readout_dtype(model)
+    head, unembed = head_in_dtype(model.reward_head, model.unembed, dt)
+    if model.n_rewards > 1 and not model.is_scalar:
+        names = model.label_names
+    else:
+        names = ("reward",)
+    batch_size = rows_that_fit(model.cfg, tokens.shape[1], batch_size)
+    ln = model.ln_final
+    chunks, labels = [], None
+    for rows in batches(tokens.shape[0], batch_size, progress, "reward lens"):
+        mask = None if attention_mask is None else attention_mask[rows]
+        run = pooled_run(model, tokens[rows], mask, lambda n: "hook_resid" in n,
+                         with_prompt_end=head.reads_prompt_end)
+        with torch.no_grad():
+            stack, labels = run.cache.accumulated_resid(
+                layer=None, incl_mid=hook == "resid_mid", return_labels=True
+            )  # [layer, batch, 1 or 2 positions, d_model]
+            if norm == "cached":
+                normed = run.cache.apply_ln_to_stack(stack, layer=None)
+                if getattr(ln, "w", None) is not None:
+                    normed = normed * ln.w.to(normed.dtype)
+                if getattr(ln, "b", None) is not None:
+                    normed = normed + ln.b.to(normed.dtype)
+            else:  # ln_final afresh, with its weight and bias
+                normed = run.cache.apply_ln_to_stack(stack, layer=None, recompute_ln=True)
+            normed = normed.to(dt)
+            n_layer, n_batch = normed.shape[:2]
+            flat = normed.reshape(n_layer * n_batch, *normed.shape[2:])
+            prompt = flat[:, 1] if head.reads_prompt_end else None
+            out = head.compute(flat[:, 0], unembed, prompt)
+            if model.objective_weights is not None:
+                out = out @ model.objective_weights.to(dt)
+            elif out.shape[-1] == 1:
+                out = out[..., 0]
+        chunks.append(out.reshape(n_layer, n_batch, *out.shape[1:]))
+    return LensResult(rewards=torch.cat(chunks, dim=1), labels=tuple(labels), norm=norm,
+                      objective_names=names)
 
 
 def _head(model: HookedRewardModel) -> Float[Tensor, "d_model k"]:

@@ -1,19 +1,24 @@
 """HookedRewardModel: a TransformerLens HookedTransformer whose output is the reward.
 
-The reward head ``r = W_R^T h + b_R`` is stored as TransformerLens's own ``unembed`` with
+The linear reward head ``r = W_R^T h + b_R`` is stored as TransformerLens's own ``unembed`` with
 ``d_vocab_out = n_rewards``, so TransformerLens's weight processing (``fold_layer_norm``) folds the
 final norm into it exactly as it does for logits; ``center_unembed`` is never applied to it.
-The head's hook points live in ``reward_head``:
+The head (any kind of :mod:`tl_reward.heads`) and its hook points live in ``reward_head``:
 
 - ``reward_head.hook_pooled``  # [batch, d_model], the normalised residual at the pooled token
 - ``reward_head.hook_reward``  # [batch, n_rewards], the head's raw output
+- MLP heads: ``reward_head.hook_hidden``; gated heads: ``reward_head.hook_prompt``,
+  ``reward_head.hook_objectives``, ``reward_head.hook_gate``.
+
+A nonlinear head has no ``W_R``: ``model.W_R`` (and every tool that reads it) raises
+:class:`~tl_reward.errors.LinearHeadRequiredError`; its ``unembed`` is unused.
 """
 
 import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -21,10 +26,19 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-from transformer_lens.hook_points import HookPoint
 
 from ._memory import rows_that_fit
-from .errors import InvalidInputError, ObjectiveError
+from .errors import (
+    HeadError,
+    InvalidInputError,
+    LinearHeadRequiredError,
+    ObjectiveError,
+    UnsupportedConfigError,
+)
+from .heads import RewardHead, as_reward_head
+
+if TYPE_CHECKING:
+    from .process import StepRewards
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +55,6 @@ know their words, so every such word reads the same to the model)."""
 class SuspectInputWarning(UserWarning):
     """Inputs that give numbers without meaning: mostly unknown tokens, or a pair whose chosen and
     rejected texts tokenise identically (margin 0 by construction)."""
-
-
-class RewardHead(nn.Module):
-    """Hook points of the reward head. Its weights are the model's ``unembed`` (W_R, b_R)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hook_pooled = HookPoint()  # [batch, d_model]
-        self.hook_reward = HookPoint()  # [batch, n_rewards]
 
 
 def pooled_positions(
@@ -242,6 +247,12 @@ class HookedRewardModel(HookedTransformer):
         folded here in the HookedTransformer layout (``W_in`` [d_model, d_mlp], ``W_U``
         [d_model, n_rewards]) and written over TransformerLens's result.
         """
+        if fold_ln and not self.reward_head.is_linear:
+            raise UnsupportedConfigError(
+                f"fold_ln=True with a {self.head_kind} head: TransformerLens would fold the "
+                "final norm into the unused unembed, not into the head, and the head would read "
+                "an unweighted state. Keep the norms unfolded (fold_ln=False)."
+            )
         load_with_exact_folds(
             self,
             state_dict,
@@ -279,13 +290,52 @@ class HookedRewardModel(HookedTransformer):
         return self.cfg.d_vocab_out
 
     @property
+    def head_kind(self) -> str:
+        """The reward head's kind: ``linear``, ``mlp``, ``gated`` or ``custom``."""
+        return self.reward_head.kind
+
+    @property
+    def has_linear_head(self) -> bool:
+        """Whether the reward is ``W_R^T h + b_R`` (the tools that read ``W_R`` apply)."""
+        return self.reward_head.is_linear
+
+    def set_reward_head(self, head: nn.Module) -> None:
+        """Use ``head`` (a :mod:`tl_reward.heads` head, or any module mapping the pooled state
+        ``[batch, d_model]`` to ``[batch, n_rewards]``) as the reward head, on the model's
+        device and dtype, with its hook points registered. Its output count must be the model's
+        ``n_rewards`` (a nonlinear head's model is built with that many outputs)."""
+        head = as_reward_head(head)
+        n_out = head.n_outputs(self.cfg.d_model)
+        if n_out is not None and n_out != self.n_rewards:
+            raise HeadError(
+                f"the {head.kind} head returns {n_out} rewards but this model was built for "
+                f"{self.n_rewards}; build the model with that many outputs"
+            )
+        self.reward_head = head.to(device=self.cfg.device, dtype=self.cfg.dtype)
+        self.setup()
+
+    def _linear_head(self) -> None:
+        if not self.reward_head.is_linear:
+            raise LinearHeadRequiredError(
+                f"this model's reward head is {self.head_kind!r}, not linear: it has no W_R, so no "
+                "reward direction and no exact direct attribution. Tools for any head: "
+                "reward_lens (the head applied to each layer's residual), head_attribution "
+                "(gradient x input or integrated gradients, with their completeness gap), "
+                "activation_patch / attribution_patch and run_with_hooks on "
+                "reward_head.hook_* (the model's output)."
+            )
+
+    @property
     def W_R(self) -> Float[Tensor, "d_model n_rewards"]:
-        """Reward head weights in the model's current basis (folded after ``fold_ln``)."""
+        """Reward head weights in the model's current basis (folded after ``fold_ln``); a
+        nonlinear head has none (:class:`~tl_reward.errors.LinearHeadRequiredError`)."""
+        self._linear_head()
         return self.unembed.W_U
 
     @property
     def b_R(self) -> Float[Tensor, "n_rewards"]:
         """Reward head bias (includes the folded final-LayerNorm bias after ``fold_ln``)."""
+        self._linear_head()
         return self.unembed.b_U
 
     @property
@@ -307,7 +357,7 @@ class HookedRewardModel(HookedTransformer):
         if self.objective_weights is not None:
             return self.objective_weights
         if self.n_rewards == 1:
-            return torch.ones(1, dtype=self.W_R.dtype, device=self.W_R.device)
+            return torch.ones(1, dtype=self.unembed.W_U.dtype, device=self.unembed.W_U.device)
         raise ObjectiveError(
             f"this head has {self.n_rewards} objectives {list(self.label_names)} and no scalar "
             "reward; choose one with model.set_objective(index or weight vector) or "
@@ -342,7 +392,8 @@ class HookedRewardModel(HookedTransformer):
                 )
             if not bool(torch.isfinite(weights).all()):
                 raise ObjectiveError(f"objective weights must be finite, got {weights.tolist()}")
-        self.objective_weights = weights.to(device=self.W_R.device, dtype=self.W_R.dtype)
+        self.objective_weights = weights.to(device=self.unembed.W_U.device,
+                                            dtype=self.unembed.W_U.dtype)
 
     def _reduce(self, rewards: Float[Tensor, "... n_rewards"]) -> Tensor:
         if self.objective_weights is not None:
@@ -469,17 +520,52 @@ class HookedRewardModel(HookedTransformer):
         if stop_at_layer is not None:
             return resid
         normed = self.ln_final(resid)  # [batch, pos, d_model]
-        if return_type == "per_position":
+        head = self.reward_head
+        if return_type == "per_position" and head.is_linear:
             return self._reduce(normed @ self.W_R + self.b_R)
         if pool_index is None:
             pool_index = self.pooled_index(tokens, attention_mask, shape=tuple(normed.shape[:2]))
         batch_index = torch.arange(normed.shape[0], device=normed.device)
-        return self._head(normed[batch_index, pool_index.to(normed.device)], return_type)
+        prompt = None
+        if head.reads_prompt_end:
+            prompt = normed[batch_index, self.prompt_end_index(tokens, attention_mask, pool_index)]
+        if return_type == "per_position":
+            flat = normed.reshape(-1, normed.shape[-1])
+            if prompt is not None:
+                prompt = prompt[:, None].expand_as(normed).reshape(flat.shape)
+            out = head.compute(flat, self.unembed, prompt)
+            return self._reduce(out.reshape(*normed.shape[:2], out.shape[-1]))
+        return self._head(normed[batch_index, pool_index.to(normed.device)], return_type, prompt)
 
-    def _head(self, normed: Float[Tensor, "batch d_model"], return_type: ReturnType) -> Tensor | None:
-        """The reward head on the normalised residual at the scoring tokens."""
-        pooled = self.reward_head.hook_pooled(normed)
-        rewards = self.reward_head.hook_reward(pooled @ self.W_R + self.b_R)
+    def step_rewards(self, text: "Text | Tensor", separator: int, *,
+                     score: str | None = None) -> "StepRewards":
+        """One reward per step of a text, read at each ``separator`` token (a process reward
+        model; see :func:`tl_reward.process.step_rewards`)."""
+        from .process import step_rewards
+
+        return step_rewards(self, text, separator, score=score)
+
+    def prompt_end_index(
+        self, tokens: Int[Tensor, "batch pos"] | None,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        pool_index: Int[Tensor, "batch"] | None = None,
+    ) -> Int[Tensor, "batch"]:
+        """Position of the end of the prompt in each row, where a gated head's gate reads (see
+        :class:`tl_reward.heads.GatedHead`)."""
+        if tokens is None:
+            raise InvalidInputError(
+                f"the {self.head_kind} head reads the end of the prompt, found from the token ids: "
+                "pass tokens= along with a residual-stream input"
+            )
+        if pool_index is None:
+            pool_index = self.pooled_index(tokens, attention_mask)
+        return self.reward_head.prompt_end(tokens, attention_mask, pool_index).to(tokens.device)
+
+    def _head(self, normed: Float[Tensor, "batch d_model"], return_type: ReturnType,
+              prompt: Float[Tensor, "batch d_model"] | None = None) -> Tensor | None:
+        """The reward head on the normalised residual at the scoring tokens (and, for a gated
+        head, at the end of the prompt)."""
+        rewards = self.reward_head(normed, self.unembed, prompt)
         if return_type is None:
             return None
         return self._reduce(rewards)
@@ -503,7 +589,7 @@ class HookedRewardModel(HookedTransformer):
         a supported architecture and nothing observing the last block or the final norm (no hooks
         of any kind on them: a cache or a hook there sees every position, so it gets the full
         forward)."""
-        if not self._scoring_path_supported():
+        if not self._scoring_path_supported() or self.reward_head.reads_prompt_end:
             return False
         nn_hooks = torch.nn.modules.module
         if (nn_hooks._global_forward_hooks or nn_hooks._global_forward_pre_hooks

@@ -421,6 +421,8 @@ def activation_patch(
         use_kv_cache: reuse cached keys/values of the positions before a patched position
             (and skip the clean and corrupt runs' shared prefix); ``False`` recomputes every
             position of every patched forward (the reference the fast path is tested against).
+            A gated head (which also reads the end of the prompt) always gets ``False``, and
+            every patched forward runs the last block at every position.
 
     Several grids on the same pairs (``attn_out`` and ``mlp_out`` per layer, say) share the
     clean and corrupt runs under :func:`activation_patch_grids`.
@@ -481,6 +483,10 @@ def activation_patch_grids(
         )
     if max_rows < 1:
         raise InvalidInputError(f"max_rows must be >= 1, got {max_rows}")
+    if model.reward_head.reads_prompt_end:
+        # a gated head also reads the end of the prompt: every patched forward runs every
+        # position from the first one (no cached prefix, no last block at the scoring token alone)
+        use_kv_cache = False
     started = time.perf_counter()
     cfg = model.cfg
     layers = list(range(cfg.n_layers)) if layers is None else list(layers)
@@ -910,6 +916,8 @@ def _shortcut(model: HookedRewardModel, hook_name: str) -> str | None:
     cfg = model.cfg
     if cfg.attn_only or (cfg.original_architecture or "").startswith("Olmo"):
         return None  # no MLP, or post-norm blocks: not the additive layout below
+    if model.reward_head.reads_prompt_end:
+        return None  # the shortcuts keep the last block's output at the scoring token only
     linear_mlp = all(type(b.mlp) in (MLP, GatedMLP) for b in model.blocks)
     no_post_norm = not cfg.use_normalization_before_and_after
     if hook_name in ("hook_resid_post", "hook_mlp_out") or (
@@ -935,9 +943,12 @@ def _run_blocks(model, target: _Run, layer: int, resid: Tensor, pairs: Tensor, s
     n_new = end - start
     # the last block at the scoring tokens alone when the run starts below it (hooks are in
     # the block it starts at)
-    split = layer < last and n_new > 1 and model._scoring_path_supported()
+    split = (layer < last and n_new > 1 and model._scoring_path_supported()
+             and not model.reward_head.reads_prompt_end)
     x, rows = resid, pairs
     flops = 0.0
+    # a gated head finds the end of the prompt in the token ids (every position is run: start 0)
+    gate_tokens = model.reward_head.reads_prompt_end
 
     def mask_of(r: Tensor) -> Tensor | None:
         return target.mask[r, :end] if target.mask is not None else None
@@ -953,7 +964,9 @@ def _run_blocks(model, target: _Run, layer: int, resid: Tensor, pairs: Tensor, s
                                          stop_at_layer=stop if stop < cfg.n_layers else None,
                                          past_kv_cache=kv_of(k, rows), fwd_hooks=hooks,
                                          **({} if stop < cfg.n_layers
-                                            else {"pool_index": target.pooled[rows] - start}))
+                                            else {"pool_index": target.pooled[rows] - start,
+                                                  "tokens": target.tokens[rows, start:end]
+                                                  if gate_tokens else None}))
                 flops += len(rows) * (stop - k) * _layer_flops(model, n_new, end)
                 k = stop
             joining = [r for b, r in joins if b == stop]

@@ -180,7 +180,7 @@ def path_patch(
             with torch.no_grad():
                 flat[sel] = model.run_with_hooks(
                     x, attention_mask=mask, start_at_layer=r_layer, fwd_hooks=hooks,
-                    pool_index=corrupt_run.pooled[p],
+                    pool_index=corrupt_run.pooled[p], tokens=corrupt_run.tokens[p],  # a gated head's prompt end
                 )
             n_forwards += 1
     clean_r, corrupt_r = clean_run.reward.to(dt), corrupt_run.reward.to(dt)

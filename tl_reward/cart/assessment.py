@@ -152,7 +152,7 @@ def _sensitivity(model, circuit, texts, eps, norm, steps, saes, batch_size):
     for _, tokens, mask in iter_batches(model, texts, batch_size, "tail"):
         pool = model.pooled_index(tokens, mask)
         run = reward_runner(model, tokens, mask, circuit.first_layer)
-        dtype = model.W_R.dtype
+        dtype = model.unembed.W_U.dtype  # the head's dtype, whatever its kind
 
         def reward_fn(delta, run=run, pool=pool, mask=mask):
             return run(intervention_hooks(model, circuit, pool, mask, shift=delta, saes=saes))

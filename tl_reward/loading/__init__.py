@@ -8,7 +8,7 @@ the model's ``unembed``.
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,10 +24,12 @@ from ..errors import (
     UnsupportedArchitectureError,
     UnsupportedConfigError,
 )
+from ..heads import as_reward_head
 from ..model import HookedRewardModel, exact_ambiguous_folds
 from . import gpt, llama_like
 from ._base import Adapter
 from ._build import assign_state, buffers_to, empty_parameters
+from .heads import checkpoint_head, head_of
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +46,13 @@ def supported_architectures() -> list[str]:
     return sorted(REGISTRY)
 
 
-def _checked_config(path: Path, suffixes: tuple[str, ...], kind: str) -> str:
+def _checked_config(path: Path, suffixes: tuple[str, ...], kind: str,
+                    accept: Callable[[dict[str, Any]], bool] | None = None) -> str:
     """The ``model_type`` of the checkpoint directory ``path``, read from its ``config.json``
     without transformers (which would raise its own error for an unknown or custom-code type),
-    after checking it is a supported architecture whose ``architectures`` end in ``suffixes``.
-    ``kind``: what the loader needs, for the error (e.g. "a *ForSequenceClassification reward
-    model: it has no score head")."""
+    after checking it is a supported architecture whose ``architectures`` end in ``suffixes``
+    (or for which ``accept(config)`` holds). ``kind``: what the loader needs, for the error (e.g.
+    "a *ForSequenceClassification reward model: it has no score head")."""
     config_file = path / "config.json"
     if not config_file.exists():
         raise ModelSourceError(
@@ -70,6 +73,8 @@ def _checked_config(path: Path, suffixes: tuple[str, ...], kind: str) -> str:
             f"supported. Supported model_type values: {supported_architectures()}"
         )
     architectures = list(raw.get("architectures") or [])
+    if accept is not None and accept(raw):
+        return model_type
     if not any(a.endswith(suffixes) for a in architectures):
         raise NotARewardModelError(
             f"{str(path)!r} holds a {architectures or model_type} model, not {kind}"
@@ -77,18 +82,39 @@ def _checked_config(path: Path, suffixes: tuple[str, ...], kind: str) -> str:
     return model_type
 
 
-def _from_directory(path: Path, tokenizer: Any, **hf_kwargs: Any) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+def _from_directory(path: Path, tokenizer: Any, gate_pattern: Sequence[int] | None,
+                    **hf_kwargs: Any) -> tuple[Any, Any, Any]:
+    """``(hf_model, tokenizer, head)``: ``head`` is the nonlinear head the checkpoint's tensors
+    hold (then ``hf_model`` is the trunk, read with transformers' own class for the family, never
+    the checkpoint's modelling code), else ``None``."""
+    from transformers import (
+        MODEL_MAPPING,
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    found: dict[str, Any] = {}
+
+    def holds_head(raw: dict[str, Any]) -> bool:
+        found["head"] = checkpoint_head(path, raw, gate_pattern)
+        return found["head"] is not None
 
     model_type = _checked_config(
         path, ("ForSequenceClassification",),
-        "a *ForSequenceClassification reward model: it has no score head",
+        "a *ForSequenceClassification reward model: it has no score head", accept=holds_head,
     )
+    head = found.get("head")
     try:
-        AutoConfig.from_pretrained(path, local_files_only=True)
-        hf_model = AutoModelForSequenceClassification.from_pretrained(
-            path, local_files_only=True, **hf_kwargs
-        )
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if head is None:
+            hf_model = AutoModelForSequenceClassification.from_pretrained(
+                path, local_files_only=True, **hf_kwargs
+            )
+        else:  # the family's own trunk class; the head's tensors are read by checkpoint_head
+            hf_model = MODEL_MAPPING[type(config)].from_pretrained(
+                path, config=config, local_files_only=True, **hf_kwargs
+            )
     except Exception as err:  # noqa: BLE001 - any failure to read the checkpoint, with its cause
         raise ModelSourceError(
             f"cannot load the {model_type} checkpoint in {str(path)!r} with transformers: "
@@ -104,7 +130,7 @@ def _from_directory(path: Path, tokenizer: Any, **hf_kwargs: Any) -> tuple[Any, 
                 f"cannot load the tokenizer in {str(path)!r}: {type(err).__name__}: {err}. Pass "
                 "tokenizer= explicitly, or remove the broken tokenizer files."
             ) from err
-    return hf_model, tokenizer
+    return hf_model, tokenizer, head
 
 
 def _adapter_for(hf_config: Any) -> Adapter:
@@ -115,25 +141,6 @@ def _adapter_for(hf_config: Any) -> Adapter:
             f"{supported_architectures()}"
         )
     return REGISTRY[model_type]
-
-
-def _score_head(hf_model: Any) -> nn.Linear:
-    classes = [c.__name__ for c in type(hf_model).__mro__]
-    if not any(name.endswith("ForSequenceClassification") for name in classes):
-        raise NotARewardModelError(
-            f"{type(hf_model).__name__} is not a *ForSequenceClassification model, so it has no "
-            "score head (a reward read at the last token); load the "
-            "*ForSequenceClassification class of this architecture, e.g. "
-            "AutoModelForSequenceClassification"
-        )
-    score = getattr(hf_model, "score", None)
-    if not isinstance(score, nn.Linear):
-        raise NotARewardModelError(
-            f"{type(hf_model).__name__} has no score head (a Linear `score` module); load the "
-            "*ForSequenceClassification class of this architecture, e.g. "
-            "AutoModelForSequenceClassification"
-        )
-    return score
 
 
 def _read_kwargs(device: str | None, dtype: torch.dtype | None) -> dict[str, Any]:
@@ -149,13 +156,28 @@ def _read_kwargs(device: str | None, dtype: torch.dtype | None) -> dict[str, Any
     return kwargs
 
 
+def _trunk_of(hf_model: Any, adapter: Adapter) -> Any:
+    """The HF trunk (``LlamaModel``, ...): the model's ``base_attr``, or the model itself when
+    it is the trunk."""
+    trunk = getattr(hf_model, adapter.base_attr, None)
+    if trunk is None and getattr(hf_model, "base_model", None) is hf_model:
+        return hf_model
+    if trunk is None:
+        raise NotARewardModelError(
+            f"{type(hf_model).__name__} has no {adapter.base_attr!r} trunk (the "
+            f"{adapter.model_type} transformer); pass the HF model object that holds it"
+        )
+    return trunk
+
+
 def converted_state(
     hf_model: Any, adapter: Adapter, score: nn.Linear | SimpleNamespace, cfg: Any
 ) -> dict[str, Tensor]:
     """The TransformerLens state dict of ``hf_model``: views of its tensors where the layout
     allows (TransformerLens's converters reshape and transpose; the head is ``score.weight.T``;
-    ``score``: the Linear, or its ``weight``, ``bias`` and ``out_features`` for a computed head)."""
-    trunk = SimpleNamespace(**{adapter.base_attr: getattr(hf_model, adapter.base_attr)})
+    ``score``: the Linear, or its ``weight``, ``bias`` and ``out_features`` for a computed head;
+    a nonlinear reward head's model gets a zero ``unembed``, never read)."""
+    trunk = SimpleNamespace(**{adapter.base_attr: _trunk_of(hf_model, adapter)})
     trunk.lm_head = trunk.embed_out = score  # read by some converters; replaced below
     with torch.no_grad():
         state = dict(adapter.convert(trunk, cfg))
@@ -241,13 +263,29 @@ def load_reward_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     n_ctx: int | None = None,
+    head: nn.Module | None = None,
+    gate_pattern: Sequence[int] | None = None,
 ) -> HookedRewardModel:
     """Convert an HF reward model into a :class:`HookedRewardModel` with identical rewards.
 
     Args:
         model: an instantiated HF ``*ForSequenceClassification`` model, or a local directory
-            written by ``save_pretrained`` (never a hub id: nothing is downloaded).
+            written by ``save_pretrained`` (never a hub id: nothing is downloaded). A directory
+            whose safetensors hold a published nonlinear head (GRM ``v_head.summary``, a
+            ``Sequential`` ``score``, ArmoRM ``regression_layer`` + ``gating``) is read without
+            its modelling code: the trunk with transformers' class for its ``model_type``, the
+            head from its tensors. With
+            ``head=``, the trunk (``LlamaModel``, ...) or any HF model object holding it. An
+            object carrying a published nonlinear head is read in that layout
+            (:data:`tl_reward.loading.heads.HEAD_ADAPTERS`): a GRM ``v_head`` (MLP head), an
+            ArmoRM ``regression_layer`` + ``gating`` (gated head).
         tokenizer: the HF tokenizer (loaded from the directory when omitted and present there).
+        head: the reward head to use instead of the model's own: an
+            :class:`~tl_reward.heads.MLPHead`, :class:`~tl_reward.heads.GatedHead`, or any
+            ``nn.Module`` mapping the pooled state ``[batch, d_model]`` to ``[batch, n_rewards]``
+            (see :mod:`tl_reward.heads`). A nonlinear head needs ``fold_ln=False``.
+        gate_pattern: for an ArmoRM model object, the token ids that end the prompt (see
+            :class:`~tl_reward.heads.GatedHead`).
         objective: for a multi-objective head, the scalar reward: an output index or a weight
             vector over the outputs (``None`` keeps every output).
         fold_ln: fold the norms' weights into the following weights (the final norm into the
@@ -268,7 +306,9 @@ def load_reward_model(
                 "and pass the directory."
             )
         # read once, in the requested dtype, straight to the requested device (memory-mapped)
-        model, tokenizer = _from_directory(path, tokenizer, **_read_kwargs(device, dtype))
+        model, tokenizer, stored_head = _from_directory(path, tokenizer, gate_pattern,
+                                                        **_read_kwargs(device, dtype))
+        head = head if head is not None else stored_head
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
@@ -278,7 +318,20 @@ def load_reward_model(
         )
     hf_config = model.config
     adapter = _adapter_for(hf_config)
-    score = _score_head(model)
+    if head is not None:
+        reward_head, score = as_reward_head(head), None
+    else:
+        reward_head, score = head_of(model, gate_pattern)
+    if score is None:  # a nonlinear head: the unembed is unused (zeros)
+        if fold_ln:
+            raise UnsupportedConfigError(
+                f"fold_ln=True with a {reward_head.kind} head: the final norm would have to be "
+                "folded into the head's first layers, which tl_reward does not do. Load with "
+                "fold_ln=False (the default); rewards are the same."
+            )
+        d_model = adapter.config(hf_config)["d_model"]
+        score = nn.Linear(d_model, reward_head.n_outputs(d_model), bias=False)
+        nn.init.zeros_(score.weight)
     cfg = hooked_config(
         model, adapter, score.out_features, center_writing_weights=center_writing_weights,
         n_ctx=n_ctx, dtype=dtype, device=device,
@@ -294,6 +347,8 @@ def load_reward_model(
     name = type(model).__name__
     del model, score  # a model read here is freed tensor by tensor as its weights are assigned
     fill(reward_model, state, fold_ln=fold_ln, center_writing_weights=center_writing_weights)
+    if not reward_head.is_linear:
+        reward_model.set_reward_head(reward_head)
     reward_model.set_objective(objective)
     reward_model.eval()
     logger.info("converted %s (%s) into a HookedRewardModel", name, adapter.model_type)

@@ -27,7 +27,7 @@ from transformer_lens.utilities import get_act_name
 
 from .._memory import rows_that_fit
 from .._readout import as_tokens, batches, centers, choose, read_out, readout_dtype
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, LinearHeadRequiredError, ObjectiveError
 from ..model import HookedRewardModel, Text
 from ._splice import (
     RESIDUAL_HOOKS,
@@ -66,7 +66,7 @@ class SAEAttributionResult:
     methods: tuple[str, ...]  # per SAE
     totals: Float[Tensor, "sae batch"]
     reward: Float[Tensor, "batch"]  # the model's reward (margin for pairs)
-    bias: Float[Tensor, ""]  # read-out bias (0 for margins)
+    bias: Float[Tensor, ""]  # read-out bias (0 for margins; NaN for a nonlinear head: it has none)
     max_activation: Float[Tensor, "row batch"] = field(repr=False)  # per feature row, max over tokens
     is_pair: bool = False
 
@@ -167,7 +167,14 @@ def final_writes(model: HookedRewardModel) -> tuple[str, ...]:
 def _resolve_method(model: HookedRewardModel, hook: str, method: str) -> str:
     choose("method", method, METHODS)
     if method == "auto":
-        return "direct" if hook in final_writes(model) else "gradient"
+        linear = model.has_linear_head
+        return "direct" if linear and hook in final_writes(model) else "gradient"
+    if method == "direct" and not model.has_linear_head:
+        raise LinearHeadRequiredError(
+            f"method='direct' reads the reward head's weights (W_R); this model's head is "
+            f"{model.head_kind!r}, not linear. Use method='gradient' (or 'integrated' for pairs), "
+            "which needs only the model's output."
+        )
     residual = hook.startswith("blocks.") and hook.rsplit(".", 1)[-1] in RESIDUAL_HOOKS
     if method == "direct" and not residual:
         raise InvalidInputError(
@@ -183,6 +190,14 @@ def _check_decoder(sae: SAE, method: str) -> None:
             f"the SAE normalises its input at run time (normalize_activations="
             f"{sae.cfg.normalize_activations!r}), so a feature's write depends on the token; use "
             "method='gradient'"
+        )
+
+
+def _scalar_reward(model: HookedRewardModel) -> None:
+    if not model.is_scalar:
+        raise ObjectiveError(
+            f"this head has {model.n_rewards} objectives {list(model.label_names)} and no scalar "
+            "reward; choose one with model.set_objective(index or weight vector)"
         )
 
 
@@ -289,8 +304,9 @@ def attribution_rows(model, saes, tokens, attention_mask, method, batch_size, pr
     for sae, m in zip(items, methods, strict=True):
         _check_decoder(sae, m)
     tokens, attention_mask = as_tokens(model, tokens, attention_mask)
-    _ = model.reward_direction  # a multi-objective head needs an objective: clear error here
-    bias = read_out(model)[1]
+    _scalar_reward(model)  # a multi-objective head needs an objective: clear error here
+    # a nonlinear head has no read-out bias (its methods are the gradient ones, which need none)
+    bias = read_out(model)[1] if model.has_linear_head else torch.full((1,), float("nan"))
     values, totals, maxes, labels, row_hooks, kinds, feats = [], [], [], [], [], [], []
     reward = None
     for sae, hook, m in zip(items, hooks, methods, strict=True):
@@ -476,7 +492,7 @@ def pair_rows(model, saes, chosen, rejected, chosen_mask, rejected_mask, method,
         raise InvalidInputError(
             f"{c_tokens.shape[0]} chosen but {r_tokens.shape[0]} rejected sequences; pairs must match"
         )
-    _ = model.reward_direction
+    _scalar_reward(model)
     values, totals, max_c, max_r, labels, row_hooks, kinds, feats = [], [], [], [], [], [], [], []
     margin = None
     pairs_per_forward = max(1, batch_size // (steps + 1))
