@@ -9,7 +9,9 @@ import transformers as T
 from helpers import (
     ARCHS,
     GQA_ARCHS,
+    MORE_ARCHS,
     PAD,
+    POST_NORM_ARCHS,
     hf_rewards_alone,
     make_config,
     make_hf_model,
@@ -22,11 +24,14 @@ import tl_reward
 from tl_reward import errors, load_reward_model
 
 TOL = 1e-4
-CASES = [(a, g) for a in ARCHS for g in ([False, True] if a in GQA_ARCHS else [False])]
+ALL_ARCHS = ARCHS + MORE_ARCHS
+CASES = [(a, g) for a in ALL_ARCHS for g in ([False, True] if a in GQA_ARCHS else [False])]
 LN_ARCHS = {"gpt2", "gpt_neox"}
 
 
 def _processing(arch: str) -> list[dict]:
+    if arch in POST_NORM_ARCHS:
+        return [{}]
     opts = [{}, {"fold_ln": True}]
     if arch in LN_ARCHS:
         opts += [{"center_writing_weights": True}, {"fold_ln": True, "center_writing_weights": True}]
@@ -102,6 +107,17 @@ def test_hf_batched_left_padding_is_not_the_truth_for_gpt2(arch):
         ("qwen2", {"use_sliding_window": False}),
         ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}),
         ("gemma2", {"query_pre_attn_scalar": 16}),
+        ("phi3", {"sliding_window": None}),
+        ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000.0}}),
+        ("mixtral", {"num_experts_per_tok": 1}),
+        ("mixtral", {"sliding_window": None}),
+        ("gemma3_text", {"sliding_window": 64}),
+        ("gemma3_text", {"rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}}),
+        ("gemma3_text", {"rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
     ],
 )
 def test_tiny_configs_exercise_each_special_feature(arch, change):
@@ -166,7 +182,7 @@ def test_weights_are_stored_in_the_layout_their_matmuls_read(arch, gqa):
 
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
 
-    model = load_reward_model(make_hf_model(arch, gqa), fold_ln=True)
+    model = load_reward_model(make_hf_model(arch, gqa), fold_ln=arch not in POST_NORM_ARCHS)
     for m in (model, copy.deepcopy(model).to(torch.float64)):
         for block in m.blocks:
             attn = block.attn
@@ -338,6 +354,16 @@ def test_unsupported_architecture_lists_supported():
         ("llama", "is_causal", False),
         ("gemma", "use_bidirectional_attention", True),
         ("gpt2", "add_cross_attention", True),
+        ("phi3", "rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4,
+                                     "short_factor": [1.0] * 6, "long_factor": [2.0] * 6}),
+        ("phi3", "rope_parameters", {"rope_type": "default", "rope_theta": 1e4,
+                                     "partial_rotary_factor": 0.33}),  # int(0.33 * 16) = 5
+        ("olmo2", "attention_bias", True),
+        ("olmo2", "head_dim", 8),
+        ("gemma3_text", "rope_parameters", {
+            "sliding_attention": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6}}),
+        ("gemma3_text", "use_bidirectional_attention", True),
     ],
 )
 def test_config_values_the_adapter_cannot_reproduce(arch, key, value):
@@ -345,6 +371,29 @@ def test_config_values_the_adapter_cannot_reproduce(arch, key, value):
     setattr(hf.config, key, value)
     with pytest.raises(errors.UnsupportedConfigError, match=key.split(".")[0]):
         load_reward_model(hf)
+
+
+def test_fold_ln_refused_for_post_norm_blocks():
+    """OLMo-2 normalises each sublayer's output: no linear map follows its norms to fold into."""
+    with pytest.raises(errors.UnsupportedConfigError, match="post-norm"):
+        load_reward_model(make_hf_model("olmo2"), fold_ln=True)
+
+
+def test_gemma3_attention_scores_are_not_capped_as_in_hf():
+    """transformers' Gemma3Attention stores attn_logit_softcapping but never applies it: the HF
+    rewards do not depend on it, and the converted model (which does not cap) matches them.
+    When a transformers release starts applying it, the first assertion fails."""
+    hf = make_hf_model("gemma3_text", gqa=True)
+    seqs = ragged_sequences(seed=3, lo=10, hi=14)
+    truth = hf_rewards_alone(hf, seqs)
+    hf.config.attn_logit_softcapping = 0.5
+    torch.testing.assert_close(hf_rewards_alone(hf, seqs), truth, atol=0, rtol=0)
+    model = load_reward_model(hf)
+    assert model.cfg.attn_scores_soft_cap < 0  # TransformerLens's "no cap"
+    tokens, mask = pad_batch(seqs, "left")
+    with torch.no_grad():
+        out = model(tokens, attention_mask=mask)
+    torch.testing.assert_close(out[:, None], truth, atol=TOL, rtol=0)
 
 
 def test_center_writing_weights_refused_for_rmsnorm():
@@ -574,7 +623,7 @@ def test_what_the_hf_forward_reads_comes_from_the_installed_source():
         assert all(never not in forward_reads(a) for a in tl_reward.supported_architectures())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_every_key_the_hf_forward_reads_is_converted_or_shown_harmless(arch):
     """With the installed transformers no key is refused for being unknown: each key its forward
     reads is converted by the adapter (which refuses values it cannot reproduce), or listed with

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
 
 from .._device import checked_device
 from ..errors import (
@@ -25,13 +26,15 @@ from ..errors import (
     UnsupportedConfigError,
 )
 from ..model import HookedRewardModel, exact_ambiguous_folds
-from . import gpt, llama_like
+from . import gpt, llama_like, olmo, phi
 from ._base import Adapter
 from ._build import assign_state, buffers_to, empty_parameters
 
 logger = logging.getLogger(__name__)
 
-REGISTRY: dict[str, Adapter] = {a.model_type: a for a in (*llama_like.ADAPTERS, *gpt.ADAPTERS)}
+REGISTRY: dict[str, Adapter] = {
+    a.model_type: a for a in (*llama_like.ADAPTERS, *gpt.ADAPTERS, *phi.ADAPTERS, *olmo.ADAPTERS)
+}
 
 # TransformerLens builds [n_ctx, rotary_dim] rotary tables for every attention layer (the loader
 # keeps one shared copy; its causal mask is built per forward): n_ctx is capped by default so a
@@ -223,6 +226,12 @@ def fill(
     """Fill ``model`` (built under ``empty_parameters``) with ``state`` (TransformerLens layout),
     processed as asked, with the folds TransformerLens's shape-guessing gets wrong (square MLPs,
     ``d_model`` outputs) done exactly; ``state`` is emptied as it goes."""
+    if fold_ln and model.cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        raise UnsupportedConfigError(
+            f"fold_ln=True cannot be applied to this {model.cfg.original_architecture} model: its "
+            "blocks normalise each sublayer's output (post-norm), so no linear map follows those "
+            "norms to fold their weights into. Load it with fold_ln=False."
+        )
     buffers_to(model, model.cfg.device)
     overrides = exact_ambiguous_folds(state, model.cfg) if fold_ln else None
     assign_state(

@@ -56,19 +56,25 @@ _READ = re.compile(r"config(?:\.get_text_config\(\))?\.([A-Za-z_]\w*)")
 _GETATTR = re.compile(r"(?:get|has)attr\(\s*(?:self\.)?\w*config\s*,\s*[\"']([A-Za-z_]\w*)[\"']")
 
 
+# model_type -> the transformers.models package that holds its code, where the names differ
+_PACKAGE = {"gemma3_text": "gemma3"}
+
+
 @functools.cache
 def forward_reads(model_type: str) -> Mapping[str, str] | None:
     """Config attributes the installed transformers' code for ``model_type`` reads, each with the
     first source line that reads it; ``None`` where that source cannot be read.
 
-    Read from ``transformers.models.<model_type>.modeling_<model_type>`` and from the classes and
+    Read from ``transformers.models.<package>.modeling_<package>`` (the package is the
+    ``model_type`` but for Gemma-3's text model, in ``gemma3``) and from the classes and
     functions it imports from ``masking_utils`` / ``modeling_layers``. Attribute aliases
     (GPT-2's ``hidden_size`` -> ``n_embd``) are mapped to the key the config stores.
     """
+    package = _PACKAGE.get(model_type, model_type)
     try:
-        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        module = importlib.import_module(f"transformers.models.{package}.modeling_{package}")
         config_module = importlib.import_module(
-            f"transformers.models.{model_type}.configuration_{model_type}"
+            f"transformers.models.{package}.configuration_{package}"
         )
         sources = [inspect.getsource(module)]
         for obj in vars(module).values():
