@@ -11,9 +11,20 @@ import transformers as T
 from helpers import VOCAB, hf_rewards_alone, pad_batch, ragged_sequences, randomize_
 
 from tl_reward import load_reward_model
+from tl_reward.errors import UnsupportedArchitectureError, UnsupportedConfigError
 
 CONFIGS = Path(__file__).parent / "configs"
-NAMES = sorted(p.stem for p in CONFIGS.glob("*.json") if p.stem != "SOURCES")
+ALL_NAMES = sorted(p.stem for p in CONFIGS.glob("*.json") if p.stem != "SOURCES")
+# custom-code checkpoints (their model_type is unknown to transformers): refused by name
+CUSTOM_CODE = {"internlm2-7b", "internlm2.5-7b"}
+# refused for a config value: the key named in the message, and the value tl_reward would
+# accept instead (the test shows the HF reward depends on the difference)
+REFUSED = {
+    "phi-3.5-mini-instruct": ("rope_type", {"rope_scaling": None}),
+    "phi-4-mini-instruct": ("rope_type", {"rope_scaling": None}),
+}
+NAMES = [n for n in ALL_NAMES if n not in CUSTOM_CODE and n not in REFUSED]
+POST_NORM = {"olmo2"}  # fold_ln is refused (no linear map follows the norms)
 TOL = 1e-4
 PAD_ID = 1
 
@@ -38,6 +49,14 @@ def shrink(raw: dict) -> dict:
         cfg["n_inner"] = 96
     if raw.get("sliding_window"):
         cfg["sliding_window"] = 5  # short enough to act on the test sequences
+    if raw.get("sliding_window_pattern"):  # one full-attention layer among the sliding ones
+        cfg["num_hidden_layers"] = raw["sliding_window_pattern"]
+    scaling = raw.get("rope_scaling") or {}
+    for key in ("long_factor", "short_factor"):  # one factor per rotary frequency
+        if key in scaling:
+            n = int(SIZES["head_dim"] * raw.get("partial_rotary_factor", 1.0)) // 2
+            every = len(scaling[key]) // n  # spread over the released factors, low to high
+            cfg["rope_scaling"] = dict(cfg["rope_scaling"], **{key: scaling[key][::every][:n]})
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # token ids inside the vocab
         ids = cfg.get(key)
         if isinstance(ids, int) and ids >= VOCAB:
@@ -47,9 +66,9 @@ def shrink(raw: dict) -> dict:
     return cfg
 
 
-def hf_reward_model(name: str, tmp_path: Path, seed: int = 0):
+def hf_reward_model(name: str, tmp_path: Path, seed: int = 0, change: dict | None = None):
     raw = json.loads((CONFIGS / f"{name}.json").read_text())
-    cfg = shrink(raw)
+    cfg = shrink(raw) | (change or {})
     arch = cfg["architectures"][0]
     cfg["architectures"] = [arch.replace("LMHeadModel", "ForSequenceClassification")
                             .replace("ForCausalLM", "ForSequenceClassification")]
@@ -65,7 +84,7 @@ def hf_reward_model(name: str, tmp_path: Path, seed: int = 0):
 
 def test_sources_are_recorded_for_every_config():
     sources = json.loads((CONFIGS / "SOURCES.json").read_text())
-    assert set(sources) == set(NAMES)
+    assert set(sources) == set(ALL_NAMES)
     assert all(s["repo"] and s["path"] and s["commit"] for s in sources.values())
 
 
@@ -76,8 +95,8 @@ def test_real_config_matches_hf(name, tmp_path):
     truth = hf_rewards_alone(hf, seqs)[:, 0]
     assert truth.std() > 0.05
     layer_norm = raw["model_type"] in ("gpt2", "gpt_neox")
-    options = [{}, {"fold_ln": True}] + ([{"fold_ln": True, "center_writing_weights": True}]
-                                          if layer_norm else [])
+    options = [{}] if raw["model_type"] in POST_NORM else [{}, {"fold_ln": True}] + (
+        [{"fold_ln": True, "center_writing_weights": True}] if layer_norm else [])
     for kwargs in options:
         model = load_reward_model(hf, **kwargs)
         for side in ("right", "left"):
@@ -85,6 +104,34 @@ def test_real_config_matches_hf(name, tmp_path):
             with torch.no_grad():
                 out = model(tokens, attention_mask=mask)
             torch.testing.assert_close(out, truth, atol=TOL, rtol=0, msg=f"{kwargs} {side}")
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_real_config_refusal_is_necessary(name, tmp_path):
+    """Refused with the key named, and necessarily: the HF reward changes when the key takes
+    the value tl_reward would accept (the checkpoint's reward depends on what is refused)."""
+    key, accepted = REFUSED[name]
+    raw = json.loads((CONFIGS / f"{name}.json").read_text())
+    # the released context: LongRoPE's attention factor depends on its ratio to the original one
+    context = {"max_position_embeddings": raw["max_position_embeddings"]}
+    hf, _ = hf_reward_model(name, tmp_path, change=context)
+    with pytest.raises(UnsupportedConfigError, match=key):
+        load_reward_model(hf)
+    other, _ = hf_reward_model(name, tmp_path, change=context | accepted)
+    seqs = ragged_sequences(seed=3, lo=6, hi=14)
+    diff = (hf_rewards_alone(hf, seqs) - hf_rewards_alone(other, seqs)).abs().max()
+    assert diff > 1e-3
+    load_reward_model(other)  # accepted once the key is gone
+
+
+@pytest.mark.parametrize("name", sorted(CUSTOM_CODE))
+def test_real_custom_code_config_is_refused_by_name(name, tmp_path):
+    raw = json.loads((CONFIGS / f"{name}.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        load_reward_model(tmp_path)
+    for part in (str(tmp_path), raw["model_type"], "custom-code", "'llama'"):
+        assert part in str(info.value)
 
 
 BOOKKEEPING = {"architectures", "model_type", "id2label", "label2id", "_name_or_path",
