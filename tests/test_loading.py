@@ -354,8 +354,7 @@ def test_unsupported_architecture_lists_supported():
         ("llama", "is_causal", False),
         ("gemma", "use_bidirectional_attention", True),
         ("gpt2", "add_cross_attention", True),
-        ("phi3", "rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4,
-                                     "short_factor": [1.0] * 6, "long_factor": [2.0] * 6}),
+        ("phi3", "rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
         ("phi3", "rope_parameters", {"rope_type": "default", "rope_theta": 1e4,
                                      "partial_rotary_factor": 0.33}),  # int(0.33 * 16) = 5
         ("olmo2", "attention_bias", True),
@@ -371,6 +370,45 @@ def test_config_values_the_adapter_cannot_reproduce(arch, key, value):
     setattr(hf.config, key, value)
     with pytest.raises(errors.UnsupportedConfigError, match=key.split(".")[0]):
         load_reward_model(hf)
+
+
+LONGROPE = {"rope_type": "longrope", "rope_theta": 1000.0, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0], "long_factor": [4.0] * 6,
+            "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_phi3_longrope_matches_hf_within_the_original_context(gqa):
+    """Phi-3.5 / Phi-4-mini's LongRoPE: per-frequency short factors and the attention factor
+    sqrt(1 + ln(64 / 16) / ln(16)) on cos and sin, as transformers computes them; the context
+    is the original one (beyond it transformers switches every position to the long factors)."""
+    config = make_config("phi3", gqa)
+    config.rope_parameters = dict(LONGROPE)
+    config.original_max_position_embeddings = 16  # transformers syncs the rope entry to this
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = randomize_(T.AutoModelForSequenceClassification.from_config(config), 0).eval()
+    seqs = ragged_sequences(seed=1, hi=15)
+    truth = hf_rewards_alone(hf, seqs)
+    plain_config = config.__class__.from_dict(config.to_dict())  # hf.config is `config`
+    plain_config.rope_parameters = {"rope_type": "default", "rope_theta": 1000.0,
+                                    "partial_rotary_factor": 0.75}
+    plain = T.AutoModelForSequenceClassification.from_config(plain_config)
+    plain.load_state_dict(hf.state_dict())
+    assert (hf_rewards_alone(plain.eval(), seqs) - truth).abs().max() > 1e-3  # LongRoPE acts
+    for kwargs in _processing("phi3"):
+        model = load_reward_model(hf, **kwargs)
+        assert model.cfg.n_ctx == 16
+        for side in ("right", "left"):
+            tokens, mask = pad_batch(seqs, side)
+            for fast in (True, False):
+                model.fast_pooling = fast
+                with torch.no_grad():
+                    out = model(tokens, attention_mask=mask)
+                torch.testing.assert_close(out[:, None], truth, atol=TOL, rtol=0,
+                                           msg=f"{kwargs} {side} {fast}")
+    with pytest.raises(errors.UnsupportedConfigError, match="n_ctx=17"):
+        load_reward_model(hf, n_ctx=17)
 
 
 def test_fold_ln_refused_for_post_norm_blocks():

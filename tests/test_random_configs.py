@@ -89,11 +89,21 @@ def configs(draw, family: str) -> T.PretrainedConfig:
                                for _ in range(cfg.num_hidden_layers)]
         return cfg
     if family == "phi3":
-        return draw(llama_like(
-            T.Phi3Config, sliding_window=draw(st.sampled_from([None, 2, 3, 5])),
-            rope_parameters={"rope_type": "default",
-                             "rope_theta": draw(st.sampled_from([100.0, 10000.0])),
-                             "partial_rotary_factor": draw(st.sampled_from([0.5, 0.75, 0.6, 1.0]))}))
+        cfg = draw(llama_like(T.Phi3Config, sliding_window=draw(st.sampled_from([None, 2, 3, 5]))))
+        pcts = [0.5, 0.6, 0.75, 1.0]
+        if not draw(rare):  # odd rotary dimensions are refused: drawn less
+            pcts = [p for p in pcts if int(cfg.head_dim * p) % 2 == 0]
+        pct = draw(st.sampled_from(pcts))
+        rope = {"rope_type": "default", "rope_theta": draw(st.sampled_from([100.0, 10000.0])),
+                "partial_rotary_factor": pct}
+        if draw(b):  # LongRoPE (Phi-3.5, Phi-4-mini): one factor per frequency
+            n = int(cfg.head_dim * pct) // 2
+            factors = st.lists(st.sampled_from([1.0, 1.25, 2.0, 6.0]), min_size=n, max_size=n)
+            cfg.original_max_position_embeddings = 16  # within it the short factors hold
+            rope |= {"rope_type": "longrope", "short_factor": draw(factors),
+                     "long_factor": draw(factors), "original_max_position_embeddings": 16}
+        cfg.rope_parameters = rope
+        return cfg
     if family == "mixtral":
         n_experts = draw(st.integers(1, 4))
         return draw(llama_like(
@@ -147,7 +157,9 @@ def configs(draw, family: str) -> T.PretrainedConfig:
 def sequences(draw, pad_id) -> list[list[int]]:
     seqs = []
     for _ in range(4):
-        seq = draw(st.lists(st.integers(2, VOCAB - 1), min_size=1, max_size=9))
+        # at least one token that is not the pad id: a row of pads has nothing to score
+        seq = draw(st.lists(st.integers(2, VOCAB - 1).filter(lambda t: t != pad_id),
+                            min_size=1, max_size=9))
         if pad_id is not None and draw(st.booleans()):
             seq = seq + [pad_id]  # a trailing pad/eos id: HF pools the token before it
         seqs.append(seq)

@@ -11,19 +11,15 @@ import transformers as T
 from helpers import VOCAB, hf_rewards_alone, pad_batch, ragged_sequences, randomize_
 
 from tl_reward import load_reward_model
-from tl_reward.errors import UnsupportedArchitectureError, UnsupportedConfigError
+from tl_reward.errors import UnsupportedArchitectureError
 
 CONFIGS = Path(__file__).parent / "configs"
 ALL_NAMES = sorted(p.stem for p in CONFIGS.glob("*.json") if p.stem != "SOURCES")
 # custom-code checkpoints (their model_type is unknown to transformers): refused by name
 CUSTOM_CODE = {"internlm2-7b", "internlm2.5-7b"}
-# refused for a config value: the key named in the message, and the value tl_reward would
-# accept instead (the test shows the HF reward depends on the difference)
-REFUSED = {
-    "phi-3.5-mini-instruct": ("rope_type", {"rope_scaling": None}),
-    "phi-4-mini-instruct": ("rope_type", {"rope_scaling": None}),
-}
-NAMES = [n for n in ALL_NAMES if n not in CUSTOM_CODE and n not in REFUSED]
+NAMES = [n for n in ALL_NAMES if n not in CUSTOM_CODE]
+LONGROPE = [n for n in NAMES if "longrope" in json.dumps(json.loads(
+    (CONFIGS / f"{n}.json").read_text()).get("rope_scaling"))]
 POST_NORM = {"olmo2"}  # fold_ln is refused (no linear map follows the norms)
 TOL = 1e-4
 PAD_ID = 1
@@ -52,6 +48,8 @@ def shrink(raw: dict) -> dict:
     if raw.get("sliding_window_pattern"):  # one full-attention layer among the sliding ones
         cfg["num_hidden_layers"] = raw["sliding_window_pattern"]
     scaling = raw.get("rope_scaling") or {}
+    if "long_factor" in scaling:  # LongRoPE's attention factor: from the released context ratio
+        cfg["max_position_embeddings"] = raw["max_position_embeddings"]
     for key in ("long_factor", "short_factor"):  # one factor per rotary frequency
         if key in scaling:
             n = int(SIZES["head_dim"] * raw.get("partial_rotary_factor", 1.0)) // 2
@@ -106,22 +104,15 @@ def test_real_config_matches_hf(name, tmp_path):
             torch.testing.assert_close(out, truth, atol=TOL, rtol=0, msg=f"{kwargs} {side}")
 
 
-@pytest.mark.parametrize("name", sorted(REFUSED))
-def test_real_config_refusal_is_necessary(name, tmp_path):
-    """Refused with the key named, and necessarily: the HF reward changes when the key takes
-    the value tl_reward would accept (the checkpoint's reward depends on what is refused)."""
-    key, accepted = REFUSED[name]
-    raw = json.loads((CONFIGS / f"{name}.json").read_text())
-    # the released context: LongRoPE's attention factor depends on its ratio to the original one
-    context = {"max_position_embeddings": raw["max_position_embeddings"]}
-    hf, _ = hf_reward_model(name, tmp_path, change=context)
-    with pytest.raises(UnsupportedConfigError, match=key):
-        load_reward_model(hf)
-    other, _ = hf_reward_model(name, tmp_path, change=context | accepted)
+@pytest.mark.parametrize("name", LONGROPE)
+def test_longrope_configs_exercise_longrope(name, tmp_path):
+    """Parity above proves LongRoPE is reproduced only if the HF reward depends on it: without
+    rope_scaling (default RoPE) the same weights give other rewards."""
+    hf, _ = hf_reward_model(name, tmp_path)
+    other, _ = hf_reward_model(name, tmp_path, change={"rope_scaling": None})
     seqs = ragged_sequences(seed=3, lo=6, hi=14)
     diff = (hf_rewards_alone(hf, seqs) - hf_rewards_alone(other, seqs)).abs().max()
     assert diff > 1e-3
-    load_reward_model(other)  # accepted once the key is gone
 
 
 @pytest.mark.parametrize("name", sorted(CUSTOM_CODE))

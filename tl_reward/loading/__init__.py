@@ -303,6 +303,7 @@ def load_reward_model(
     name = type(model).__name__
     del model, score  # a model read here is freed tensor by tensor as its weights are assigned
     fill(reward_model, state, fold_ln=fold_ln, center_writing_weights=center_writing_weights)
+    adapter.set_rotary(reward_model, hf_config)
     reward_model.set_objective(objective)
     reward_model.eval()
     logger.info("converted %s (%s) into a HookedRewardModel", name, adapter.model_type)

@@ -119,6 +119,10 @@ class Adapter:
     - ``handled``: config keys ``config`` reads and reproduces (or refuses by value).
     - ``ignored``: keys this family's HF module reads that cannot change the reward, each with
       why (beyond :data:`READ_WITHOUT_EFFECT`, shared by every family).
+    - ``rotary``: where TransformerLens's rotary tables cannot express the HF frequencies (Phi-3's
+      LongRoPE), ``(hf_config, cfg) -> (sin, cos)`` tables ``[n_ctx, rotary_dim]`` in
+      TransformerLens's layout (or ``None``: its own are exact), written over every attention
+      layer's by :meth:`set_rotary`.
     """
 
     model_type: str
@@ -128,6 +132,19 @@ class Adapter:
     convert: Callable[[Any, Any], Mapping[str, Any]]
     handled: frozenset[str]
     ignored: Mapping[str, str] = field(default_factory=dict)
+    rotary: Callable[[Any, Any], tuple[Any, Any] | None] | None = None
+
+    def set_rotary(self, model: Any, hf_config: Any) -> None:
+        """Write this family's rotary tables (``rotary``) over every attention layer's, one
+        shared copy in each layer's dtype and device; nothing where the family has none."""
+        tables = self.rotary(hf_config, model.cfg) if self.rotary is not None else None
+        if tables is None:
+            return
+        sin, cos = tables
+        for block in model.blocks:
+            old = block.attn.rotary_sin
+            block.attn.rotary_sin = sin.to(device=old.device, dtype=old.dtype)
+            block.attn.rotary_cos = cos.to(device=old.device, dtype=old.dtype)
 
     def audit(self, hf_config: Any) -> None:
         """Refuse a key only where the installed HF forward reads it and this adapter does not
