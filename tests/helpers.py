@@ -62,6 +62,11 @@ def make_config(arch: str, gqa: bool = False, num_labels: int = 1) -> T.Pretrain
                              "partial_rotary_factor": 0.5},
             **BASE,
         )
+    if arch == "gptj":  # rotary on a quarter of each head, as GPT-J 6B
+        return T.GPTJConfig(
+            n_embd=64, n_head=4, n_layer=2, n_positions=64, rotary_dim=4, num_labels=num_labels,
+            **BASE,
+        )
     if arch == "phi3":  # a partial rotary factor, as Phi-4-mini
         return llama_like(
             T.Phi3Config, gqa, num_labels=num_labels, sliding_window=5,
@@ -92,7 +97,7 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_n
 GQA_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral",
              "olmo2", "gemma3_text"}
 # Families added by issue 18 (parity-tested in test_loading; the tool tests keep ARCHS)
-MORE_ARCHS = ["phi3", "mixtral", "olmo2", "gemma3_text"]
+MORE_ARCHS = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj"]
 POST_NORM_ARCHS = {"olmo2"}  # fold_ln is refused: no linear map follows their norms
 
 

@@ -26,7 +26,7 @@ from tl_reward import errors, load_reward_model
 TOL = 1e-4
 ALL_ARCHS = ARCHS + MORE_ARCHS
 CASES = [(a, g) for a in ALL_ARCHS for g in ([False, True] if a in GQA_ARCHS else [False])]
-LN_ARCHS = {"gpt2", "gpt_neox"}
+LN_ARCHS = {"gpt2", "gpt_neox", "gptj"}
 
 
 def _processing(arch: str) -> list[dict]:
@@ -110,6 +110,7 @@ def test_hf_batched_left_padding_is_not_the_truth_for_gpt2(arch):
         ("phi3", {"sliding_window": None}),
         ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000.0}}),
         ("mixtral", {"num_experts_per_tok": 1}),
+        ("gptj", {"rotary_dim": 8}),
         ("mixtral", {"sliding_window": None}),
         ("gemma3_text", {"sliding_window": 64}),
         ("gemma3_text", {"rope_parameters": {
@@ -363,6 +364,7 @@ def test_unsupported_architecture_lists_supported():
             "sliding_attention": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0},
             "full_attention": {"rope_type": "default", "rope_theta": 1e6}}),
         ("gemma3_text", "use_bidirectional_attention", True),
+        ("gptj", "rotary_dim", 5),
     ],
 )
 def test_config_values_the_adapter_cannot_reproduce(arch, key, value):
@@ -510,6 +512,7 @@ SHAPE_CASES = [
     ("gemma2", {"intermediate_size": 64}),  # square, (1 + w) norms
     ("gpt2", {"n_inner": 64}),  # square MLP, LayerNorm biases
     ("gpt_neox", {"intermediate_size": 64}),  # square, parallel residual with its own ln2
+    ("gptj", {"n_inner": 64}),  # square, parallel blocks under one LayerNorm
     ("gpt2", {"num_labels": 64}),  # a head with d_model outputs
     ("llama", {"num_labels": 64}),
     ("gpt2", {"vocab_size": 64}),  # d_vocab == d_model: the head was centred along its outputs

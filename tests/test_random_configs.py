@@ -130,6 +130,15 @@ def configs(draw, family: str) -> T.PretrainedConfig:
         cfg.layer_types = [draw(st.sampled_from(["sliding_attention", "full_attention"]))
                            for _ in range(cfg.num_hidden_layers)]
         return cfg
+    if family == "gptj":
+        n_head = draw(st.sampled_from([1, 2, 4]))
+        d_head = draw(st.sampled_from([4, 8, 12]))
+        return T.GPTJConfig(
+            n_embd=n_head * d_head, n_head=n_head, n_layer=draw(st.integers(1, 3)), n_positions=32,
+            n_inner=draw(st.sampled_from([None, n_head * d_head, 20])),
+            rotary_dim=draw(st.sampled_from([2, 4, d_head, 3])),
+            activation_function=draw(st.sampled_from(ACTS)),
+            layer_norm_epsilon=draw(st.sampled_from([1e-5, 0.1])), **draw(common()))
     if family == "gpt2":
         n_head = draw(st.sampled_from([1, 2, 4]))
         n_embd = n_head * draw(st.sampled_from([4, 6, 8]))
@@ -176,7 +185,7 @@ def _check(config, seqs, fold_ln: bool, center: bool, outcomes: list[str]) -> No
     except Exception:  # noqa: BLE001 - a config the HF model itself cannot build or run
         outcomes.append("hf cannot run it")
         assume(False)
-    layer_norm = config.model_type in ("gpt2", "gpt_neox")
+    layer_norm = config.model_type in ("gpt2", "gpt_neox", "gptj")
     post_norm = config.model_type in ("olmo2",)  # fold_ln refused (tested in test_loading)
     kwargs = {"fold_ln": fold_ln and not post_norm, "center_writing_weights": center and layer_norm}
     try:
@@ -193,7 +202,7 @@ def _check(config, seqs, fold_ln: bool, center: bool, outcomes: list[str]) -> No
     outcomes.append("matches HF")
 
 
-NEWER = ["phi3", "mixtral", "olmo2", "gemma3_text"]  # fewer draws each: the suite's time budget
+NEWER = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj"]  # fewer draws each: the suite's time budget
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_neox", *NEWER]
 
 

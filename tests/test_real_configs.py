@@ -43,6 +43,8 @@ def shrink(raw: dict) -> dict:
         cfg["num_key_value_heads"] = 4 if kv == heads else 1 if kv == 1 else 2
     if raw.get("n_inner"):
         cfg["n_inner"] = 96
+    if raw.get("rotary_dim"):  # GPT-J: the same fraction of each (shrunk, 16-dimensional) head
+        cfg["rotary_dim"] = max(2, 16 * raw["rotary_dim"] // (raw["n_embd"] // raw["n_head"]))
     if raw.get("sliding_window"):
         cfg["sliding_window"] = 5  # short enough to act on the test sequences
     if raw.get("sliding_window_pattern"):  # one full-attention layer among the sliding ones
@@ -92,7 +94,7 @@ def test_real_config_matches_hf(name, tmp_path):
     seqs = ragged_sequences(seed=3, lo=6, hi=14)
     truth = hf_rewards_alone(hf, seqs)[:, 0]
     assert truth.std() > 0.05
-    layer_norm = raw["model_type"] in ("gpt2", "gpt_neox")
+    layer_norm = raw["model_type"] in ("gpt2", "gpt_neox", "gptj")
     options = [{}] if raw["model_type"] in POST_NORM else [{}, {"fold_ln": True}] + (
         [{"fold_ln": True, "center_writing_weights": True}] if layer_norm else [])
     for kwargs in options:

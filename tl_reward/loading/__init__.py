@@ -1,8 +1,8 @@
 """Convert HF ``*ForSequenceClassification`` reward models into :class:`HookedRewardModel`.
 
-One small adapter per architecture family (``llama_like``, ``gpt``) in a registry keyed by the HF
-``model_type``; trunk weights go through TransformerLens's own converters, the score head becomes
-the model's ``unembed``.
+One small adapter per architecture family (``llama_like``, ``gpt``, ``phi``, ``olmo``) in a
+registry keyed by the HF ``model_type``; trunk weights go through TransformerLens's own converters,
+the score head becomes the model's ``unembed``.
 """
 
 import json

@@ -1,9 +1,11 @@
-"""Adapters for GPT-2 (absolute positions, LayerNorm) and GPT-NeoX (parallel blocks, partial RoPE)."""
+"""Adapters for GPT-2 (absolute positions, LayerNorm), GPT-NeoX (parallel blocks, partial RoPE) and
+GPT-J (parallel attention and MLP under one LayerNorm, rotary on adjacent pairs)."""
 
 from typing import Any
 
 from transformer_lens.pretrained.weight_conversions import (
     convert_gpt2_weights,
+    convert_gptj_weights,
     convert_neox_weights,
 )
 
@@ -81,6 +83,35 @@ def neox_config(hf_config: Any) -> dict[str, Any]:
     }
 
 
+def gptj_config(hf_config: Any) -> dict[str, Any]:
+    d_head = hf_config.n_embd // hf_config.n_head
+    rotary_dim = hf_config.rotary_dim
+    if rotary_dim is None or rotary_dim % 2 or rotary_dim > d_head:
+        raise refuse(
+            "rotary_dim", rotary_dim, f"transformers' GPT-J computes its rotary frequencies for "
+            f"rotary_dim (or, when unset, for n_embd = {hf_config.n_embd}) and rotates that many "
+            f"dimensions of each {d_head}-dimensional head; TransformerLens reproduces an even "
+            "rotary_dim up to the head size",
+        )
+    return {
+        "d_model": hf_config.n_embd,
+        "d_head": d_head,
+        "n_heads": hf_config.n_head,
+        "d_mlp": hf_config.n_inner or 4 * hf_config.n_embd,
+        "n_layers": hf_config.n_layer,
+        "n_ctx": hf_config.n_positions,
+        "eps": hf_config.layer_norm_epsilon,
+        "d_vocab": hf_config.vocab_size,
+        "act_fn": check_activation("activation_function", hf_config.activation_function),
+        "parallel_attn_mlp": True,
+        "positional_embedding_type": "rotary",
+        "rotary_dim": rotary_dim,
+        "rotary_base": 10000,  # fixed in transformers' GPT-J
+        "rotary_adjacent_pairs": True,
+        "normalization_type": "LN",
+    }
+
+
 ADAPTERS = (
     Adapter(
         "gpt2", "GPT2LMHeadModel", "transformer", gpt2_config, convert_gpt2_weights,
@@ -104,5 +135,10 @@ ADAPTERS = (
                    "use_parallel_residual", "rope_parameters", "rope_scaling", "rotary_pct",
                    "rotary_emb_base", "rope_theta", "attention_bias", "partial_rotary_factor",
                    "head_dim"}),
+    ),
+    Adapter(
+        "gptj", "GPTJForCausalLM", "transformer", gptj_config, convert_gptj_weights,
+        frozenset({"n_embd", "n_head", "n_inner", "n_layer", "n_positions", "layer_norm_epsilon",
+                   "vocab_size", "activation_function", "rotary_dim"}),
     ),
 )
