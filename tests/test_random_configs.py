@@ -139,6 +139,16 @@ def configs(draw, family: str) -> T.PretrainedConfig:
             rotary_dim=draw(st.sampled_from([2, 4, d_head, 3])),
             activation_function=draw(st.sampled_from(ACTS)),
             layer_norm_epsilon=draw(st.sampled_from([1e-5, 0.1])), **draw(common()))
+    if family == "opt":
+        n_heads = draw(st.sampled_from([1, 2, 4]))
+        hidden = n_heads * draw(st.sampled_from([4, 8, 12]))
+        off = draw(st.sampled_from([None] * 4 + ["do_layer_norm_before", "enable_bias"]))
+        return T.OPTConfig(
+            hidden_size=hidden, word_embed_proj_dim=hidden, num_attention_heads=n_heads,
+            num_hidden_layers=draw(st.integers(1, 3)), ffn_dim=draw(st.sampled_from([hidden, 20])),
+            max_position_embeddings=32, activation_function=draw(st.sampled_from(ACTS)),
+            do_layer_norm_before=off != "do_layer_norm_before", enable_bias=off != "enable_bias",
+            **draw(common()))
     if family == "gpt2":
         n_head = draw(st.sampled_from([1, 2, 4]))
         n_embd = n_head * draw(st.sampled_from([4, 6, 8]))
@@ -185,7 +195,7 @@ def _check(config, seqs, fold_ln: bool, center: bool, outcomes: list[str]) -> No
     except Exception:  # noqa: BLE001 - a config the HF model itself cannot build or run
         outcomes.append("hf cannot run it")
         assume(False)
-    layer_norm = config.model_type in ("gpt2", "gpt_neox", "gptj")
+    layer_norm = config.model_type in ("gpt2", "gpt_neox", "gptj", "opt")
     post_norm = config.model_type in ("olmo2",)  # fold_ln refused (tested in test_loading)
     kwargs = {"fold_ln": fold_ln and not post_norm, "center_writing_weights": center and layer_norm}
     try:
@@ -202,7 +212,7 @@ def _check(config, seqs, fold_ln: bool, center: bool, outcomes: list[str]) -> No
     outcomes.append("matches HF")
 
 
-NEWER = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj"]  # fewer draws each: the suite's time budget
+NEWER = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj", "opt"]  # fewer draws each: the suite's time budget
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_neox", *NEWER]
 
 
