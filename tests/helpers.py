@@ -67,6 +67,13 @@ def make_config(arch: str, gqa: bool = False, num_labels: int = 1) -> T.Pretrain
             n_embd=64, n_head=4, n_layer=2, n_positions=64, rotary_dim=4, num_labels=num_labels,
             **BASE,
         )
+    if arch == "phi":  # Phi-2's partial rotary (0.4)
+        return T.PhiConfig(
+            hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=96,
+            max_position_embeddings=64, num_labels=num_labels,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000.0,
+                             "partial_rotary_factor": 0.4}, **BASE,
+        )
     if arch == "opt":
         return T.OPTConfig(
             hidden_size=64, num_attention_heads=4, num_hidden_layers=2, ffn_dim=96,
@@ -102,7 +109,7 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_n
 GQA_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral",
              "olmo2", "gemma3_text"}
 # Families added by issue 18 (parity-tested in test_loading; the tool tests keep ARCHS)
-MORE_ARCHS = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj", "opt"]
+MORE_ARCHS = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj", "opt", "phi"]
 POST_NORM_ARCHS = {"olmo2"}  # fold_ln is refused: no linear map follows their norms
 
 

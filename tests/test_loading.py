@@ -26,7 +26,7 @@ from tl_reward import errors, load_reward_model
 TOL = 1e-4
 ALL_ARCHS = ARCHS + MORE_ARCHS
 CASES = [(a, g) for a in ALL_ARCHS for g in ([False, True] if a in GQA_ARCHS else [False])]
-LN_ARCHS = {"gpt2", "gpt_neox", "gptj", "opt"}
+LN_ARCHS = {"gpt2", "gpt_neox", "gptj", "opt", "phi"}
 
 
 def _processing(arch: str) -> list[dict]:
@@ -365,6 +365,8 @@ def test_unsupported_architecture_lists_supported():
             "full_attention": {"rope_type": "default", "rope_theta": 1e6}}),
         ("gemma3_text", "use_bidirectional_attention", True),
         ("gptj", "rotary_dim", 5),
+        ("phi", "qk_layernorm", True),
+        ("phi", "num_key_value_heads", 2),
         ("opt", "do_layer_norm_before", False),
         ("opt", "word_embed_proj_dim", 32),
         ("opt", "enable_bias", False),
@@ -519,6 +521,7 @@ SHAPE_CASES = [
     ("gpt_neox", {"intermediate_size": 64}),  # square, parallel residual with its own ln2
     ("gptj", {"n_inner": 64}),  # square, parallel blocks under one LayerNorm
     ("opt", {"ffn_dim": 64}),
+    ("phi", {"intermediate_size": 64}),
     ("gpt2", {"num_labels": 64}),  # a head with d_model outputs
     ("llama", {"num_labels": 64}),
     ("gpt2", {"vocab_size": 64}),  # d_vocab == d_model: the head was centred along its outputs

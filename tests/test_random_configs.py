@@ -139,6 +139,17 @@ def configs(draw, family: str) -> T.PretrainedConfig:
             rotary_dim=draw(st.sampled_from([2, 4, d_head, 3])),
             activation_function=draw(st.sampled_from(ACTS)),
             layer_norm_epsilon=draw(st.sampled_from([1e-5, 0.1])), **draw(common()))
+    if family == "phi":
+        n_heads = draw(st.sampled_from([1, 2, 4]))
+        hidden = n_heads * draw(st.sampled_from([8, 12, 16]))
+        return T.PhiConfig(
+            hidden_size=hidden, num_attention_heads=n_heads, num_hidden_layers=draw(st.integers(1, 3)),
+            intermediate_size=draw(st.sampled_from([hidden, 20])), max_position_embeddings=32,
+            hidden_act=draw(st.sampled_from(ACTS)), qk_layernorm=draw(rare),
+            layer_norm_eps=draw(st.sampled_from([1e-5, 0.1])),
+            rope_parameters={"rope_type": "default", "rope_theta": draw(st.sampled_from([100.0, 1e4])),
+                             "partial_rotary_factor": draw(st.sampled_from([0.25, 0.4, 0.5, 1.0]))},
+            **draw(common()))
     if family == "opt":
         n_heads = draw(st.sampled_from([1, 2, 4]))
         hidden = n_heads * draw(st.sampled_from([4, 8, 12]))
@@ -195,7 +206,7 @@ def _check(config, seqs, fold_ln: bool, center: bool, outcomes: list[str]) -> No
     except Exception:  # noqa: BLE001 - a config the HF model itself cannot build or run
         outcomes.append("hf cannot run it")
         assume(False)
-    layer_norm = config.model_type in ("gpt2", "gpt_neox", "gptj", "opt")
+    layer_norm = config.model_type in ("gpt2", "gpt_neox", "gptj", "opt", "phi")
     post_norm = config.model_type in ("olmo2",)  # fold_ln refused (tested in test_loading)
     kwargs = {"fold_ln": fold_ln and not post_norm, "center_writing_weights": center and layer_norm}
     try:
@@ -212,7 +223,7 @@ def _check(config, seqs, fold_ln: bool, center: bool, outcomes: list[str]) -> No
     outcomes.append("matches HF")
 
 
-NEWER = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj", "opt"]  # fewer draws each: the suite's time budget
+NEWER = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj", "opt", "phi"]  # fewer draws each: the suite's time budget
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_neox", *NEWER]
 
 

@@ -16,7 +16,7 @@ from tl_reward.errors import UnsupportedArchitectureError
 CONFIGS = Path(__file__).parent / "configs"
 ALL_NAMES = sorted(p.stem for p in CONFIGS.glob("*.json") if p.stem != "SOURCES")
 # custom-code checkpoints (their model_type is unknown to transformers): refused by name
-CUSTOM_CODE = {"internlm2-7b", "internlm2.5-7b"}
+CUSTOM_CODE = {"internlm2-7b", "internlm2.5-7b", "phi-1_5-msft", "phi-2-msft"}
 NAMES = [n for n in ALL_NAMES if n not in CUSTOM_CODE]
 LONGROPE = [n for n in NAMES if "longrope" in json.dumps(json.loads(
     (CONFIGS / f"{n}.json").read_text()).get("rope_scaling"))]
