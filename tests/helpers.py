@@ -15,14 +15,13 @@ def llama_like(
     return cls(
         hidden_size=64,
         intermediate_size=96,
-        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2 if gqa else 4,
         head_dim=16,
         max_position_embeddings=64,
         num_labels=num_labels,
         **BASE,
-        **extra,
+        **({"num_hidden_layers": 2} | extra),
     )
 
 
@@ -63,11 +62,55 @@ def make_config(arch: str, gqa: bool = False, num_labels: int = 1) -> T.Pretrain
                              "partial_rotary_factor": 0.5},
             **BASE,
         )
+    if arch == "gptj":  # rotary on a quarter of each head, as GPT-J 6B
+        return T.GPTJConfig(
+            n_embd=64, n_head=4, n_layer=2, n_positions=64, rotary_dim=4, num_labels=num_labels,
+            **BASE,
+        )
+    if arch == "phi":  # Phi-2's partial rotary (0.4)
+        return T.PhiConfig(
+            hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=96,
+            max_position_embeddings=64, num_labels=num_labels,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000.0,
+                             "partial_rotary_factor": 0.4}, **BASE,
+        )
+    if arch == "opt":
+        return T.OPTConfig(
+            hidden_size=64, num_attention_heads=4, num_hidden_layers=2, ffn_dim=96,
+            max_position_embeddings=64, word_embed_proj_dim=64, num_labels=num_labels, **BASE,
+        )
+    if arch == "phi3":  # a partial rotary factor, as Phi-4-mini
+        return llama_like(
+            T.Phi3Config, gqa, num_labels=num_labels, sliding_window=5,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000.0,
+                             "partial_rotary_factor": 0.75},
+        )
+    if arch == "mixtral":
+        return llama_like(
+            T.MixtralConfig, gqa, num_labels=num_labels, sliding_window=5, num_local_experts=4,
+            num_experts_per_tok=2,
+        )
+    if arch == "olmo2":
+        return llama_like(T.Olmo2Config, gqa, num_labels=num_labels)
+    if arch == "gemma3_text":
+        return llama_like(
+            T.Gemma3TextConfig, gqa, num_labels=num_labels, num_hidden_layers=3, sliding_window=5,
+            query_pre_attn_scalar=24, layer_types=["sliding_attention", "full_attention",
+                                                   "sliding_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+            },
+        )
     raise KeyError(arch)
 
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_neox"]
-GQA_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"}
+GQA_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral",
+             "olmo2", "gemma3_text"}
+# Families added by issue 18 (parity-tested in test_loading; the tool tests keep ARCHS)
+MORE_ARCHS = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj", "opt", "phi"]
+POST_NORM_ARCHS = {"olmo2"}  # fold_ln is refused: no linear map follows their norms
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.25) -> torch.nn.Module:

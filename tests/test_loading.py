@@ -9,7 +9,9 @@ import transformers as T
 from helpers import (
     ARCHS,
     GQA_ARCHS,
+    MORE_ARCHS,
     PAD,
+    POST_NORM_ARCHS,
     hf_rewards_alone,
     make_config,
     make_hf_model,
@@ -22,11 +24,14 @@ import tl_reward
 from tl_reward import errors, load_reward_model
 
 TOL = 1e-4
-CASES = [(a, g) for a in ARCHS for g in ([False, True] if a in GQA_ARCHS else [False])]
-LN_ARCHS = {"gpt2", "gpt_neox"}
+ALL_ARCHS = ARCHS + MORE_ARCHS
+CASES = [(a, g) for a in ALL_ARCHS for g in ([False, True] if a in GQA_ARCHS else [False])]
+LN_ARCHS = {"gpt2", "gpt_neox", "gptj", "opt", "phi"}
 
 
 def _processing(arch: str) -> list[dict]:
+    if arch in POST_NORM_ARCHS:
+        return [{}]
     opts = [{}, {"fold_ln": True}]
     if arch in LN_ARCHS:
         opts += [{"center_writing_weights": True}, {"fold_ln": True, "center_writing_weights": True}]
@@ -102,6 +107,18 @@ def test_hf_batched_left_padding_is_not_the_truth_for_gpt2(arch):
         ("qwen2", {"use_sliding_window": False}),
         ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}),
         ("gemma2", {"query_pre_attn_scalar": 16}),
+        ("phi3", {"sliding_window": None}),
+        ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000.0}}),
+        ("mixtral", {"num_experts_per_tok": 1}),
+        ("gptj", {"rotary_dim": 8}),
+        ("mixtral", {"sliding_window": None}),
+        ("gemma3_text", {"sliding_window": 64}),
+        ("gemma3_text", {"rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}}),
+        ("gemma3_text", {"rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
     ],
 )
 def test_tiny_configs_exercise_each_special_feature(arch, change):
@@ -166,7 +183,7 @@ def test_weights_are_stored_in_the_layout_their_matmuls_read(arch, gqa):
 
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
 
-    model = load_reward_model(make_hf_model(arch, gqa), fold_ln=True)
+    model = load_reward_model(make_hf_model(arch, gqa), fold_ln=arch not in POST_NORM_ARCHS)
     for m in (model, copy.deepcopy(model).to(torch.float64)):
         for block in m.blocks:
             attn = block.attn
@@ -338,6 +355,23 @@ def test_unsupported_architecture_lists_supported():
         ("llama", "is_causal", False),
         ("gemma", "use_bidirectional_attention", True),
         ("gpt2", "add_cross_attention", True),
+        ("phi3", "rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
+        ("phi3", "rope_parameters", {"rope_type": "default", "rope_theta": 1e4,
+                                     "partial_rotary_factor": 0.33}),  # int(0.33 * 16) = 5
+        ("olmo2", "attention_bias", True),
+        ("olmo2", "head_dim", 8),
+        ("gemma3_text", "rope_parameters", {
+            "sliding_attention": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6}}),
+        ("gemma3_text", "use_bidirectional_attention", True),
+        ("gptj", "rotary_dim", 5),
+        ("phi", "qk_layernorm", True),
+        ("phi", "num_key_value_heads", 2),
+        ("opt", "do_layer_norm_before", False),
+        ("opt", "word_embed_proj_dim", 32),
+        ("opt", "enable_bias", False),
+        ("opt", "_remove_final_layer_norm", True),
+        ("opt", "layer_norm_elementwise_affine", False),
     ],
 )
 def test_config_values_the_adapter_cannot_reproduce(arch, key, value):
@@ -345,6 +379,68 @@ def test_config_values_the_adapter_cannot_reproduce(arch, key, value):
     setattr(hf.config, key, value)
     with pytest.raises(errors.UnsupportedConfigError, match=key.split(".")[0]):
         load_reward_model(hf)
+
+
+LONGROPE = {"rope_type": "longrope", "rope_theta": 1000.0, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0], "long_factor": [4.0] * 6,
+            "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_phi3_longrope_matches_hf_within_the_original_context(gqa):
+    """Phi-3.5 / Phi-4-mini's LongRoPE: per-frequency short factors and the attention factor
+    sqrt(1 + ln(64 / 16) / ln(16)) on cos and sin, as transformers computes them; the context
+    is the original one (beyond it transformers switches every position to the long factors)."""
+    config = make_config("phi3", gqa)
+    config.rope_parameters = dict(LONGROPE)
+    config.original_max_position_embeddings = 16  # transformers syncs the rope entry to this
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = randomize_(T.AutoModelForSequenceClassification.from_config(config), 0).eval()
+    seqs = ragged_sequences(seed=1, hi=15)
+    truth = hf_rewards_alone(hf, seqs)
+    plain_config = config.__class__.from_dict(config.to_dict())  # hf.config is `config`
+    plain_config.rope_parameters = {"rope_type": "default", "rope_theta": 1000.0,
+                                    "partial_rotary_factor": 0.75}
+    plain = T.AutoModelForSequenceClassification.from_config(plain_config)
+    plain.load_state_dict(hf.state_dict())
+    assert (hf_rewards_alone(plain.eval(), seqs) - truth).abs().max() > 1e-3  # LongRoPE acts
+    for kwargs in _processing("phi3"):
+        model = load_reward_model(hf, **kwargs)
+        assert model.cfg.n_ctx == 16
+        for side in ("right", "left"):
+            tokens, mask = pad_batch(seqs, side)
+            for fast in (True, False):
+                model.fast_pooling = fast
+                with torch.no_grad():
+                    out = model(tokens, attention_mask=mask)
+                torch.testing.assert_close(out[:, None], truth, atol=TOL, rtol=0,
+                                           msg=f"{kwargs} {side} {fast}")
+    with pytest.raises(errors.UnsupportedConfigError, match="n_ctx=17"):
+        load_reward_model(hf, n_ctx=17)
+
+
+def test_fold_ln_refused_for_post_norm_blocks():
+    """OLMo-2 normalises each sublayer's output: no linear map follows its norms to fold into."""
+    with pytest.raises(errors.UnsupportedConfigError, match="post-norm"):
+        load_reward_model(make_hf_model("olmo2"), fold_ln=True)
+
+
+def test_gemma3_attention_scores_are_not_capped_as_in_hf():
+    """transformers' Gemma3Attention stores attn_logit_softcapping but never applies it: the HF
+    rewards do not depend on it, and the converted model (which does not cap) matches them.
+    When a transformers release starts applying it, the first assertion fails."""
+    hf = make_hf_model("gemma3_text", gqa=True)
+    seqs = ragged_sequences(seed=3, lo=10, hi=14)
+    truth = hf_rewards_alone(hf, seqs)
+    hf.config.attn_logit_softcapping = 0.5
+    torch.testing.assert_close(hf_rewards_alone(hf, seqs), truth, atol=0, rtol=0)
+    model = load_reward_model(hf)
+    assert model.cfg.attn_scores_soft_cap < 0  # TransformerLens's "no cap"
+    tokens, mask = pad_batch(seqs, "left")
+    with torch.no_grad():
+        out = model(tokens, attention_mask=mask)
+    torch.testing.assert_close(out[:, None], truth, atol=TOL, rtol=0)
 
 
 def test_center_writing_weights_refused_for_rmsnorm():
@@ -423,6 +519,9 @@ SHAPE_CASES = [
     ("gemma2", {"intermediate_size": 64}),  # square, (1 + w) norms
     ("gpt2", {"n_inner": 64}),  # square MLP, LayerNorm biases
     ("gpt_neox", {"intermediate_size": 64}),  # square, parallel residual with its own ln2
+    ("gptj", {"n_inner": 64}),  # square, parallel blocks under one LayerNorm
+    ("opt", {"ffn_dim": 64}),
+    ("phi", {"intermediate_size": 64}),
     ("gpt2", {"num_labels": 64}),  # a head with d_model outputs
     ("llama", {"num_labels": 64}),
     ("gpt2", {"vocab_size": 64}),  # d_vocab == d_model: the head was centred along its outputs
@@ -574,7 +673,7 @@ def test_what_the_hf_forward_reads_comes_from_the_installed_source():
         assert all(never not in forward_reads(a) for a in tl_reward.supported_architectures())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_every_key_the_hf_forward_reads_is_converted_or_shown_harmless(arch):
     """With the installed transformers no key is refused for being unknown: each key its forward
     reads is converted by the adapter (which refuses values it cannot reproduce), or listed with

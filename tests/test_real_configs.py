@@ -11,9 +11,16 @@ import transformers as T
 from helpers import VOCAB, hf_rewards_alone, pad_batch, ragged_sequences, randomize_
 
 from tl_reward import load_reward_model
+from tl_reward.errors import UnsupportedArchitectureError
 
 CONFIGS = Path(__file__).parent / "configs"
-NAMES = sorted(p.stem for p in CONFIGS.glob("*.json") if p.stem != "SOURCES")
+ALL_NAMES = sorted(p.stem for p in CONFIGS.glob("*.json") if p.stem != "SOURCES")
+# custom-code checkpoints (their model_type is unknown to transformers): refused by name
+CUSTOM_CODE = {"internlm2-7b", "internlm2.5-7b", "phi-1_5-msft", "phi-2-msft"}
+NAMES = [n for n in ALL_NAMES if n not in CUSTOM_CODE]
+LONGROPE = [n for n in NAMES if "longrope" in json.dumps(json.loads(
+    (CONFIGS / f"{n}.json").read_text()).get("rope_scaling"))]
+POST_NORM = {"olmo2"}  # fold_ln is refused (no linear map follows the norms)
 TOL = 1e-4
 PAD_ID = 1
 
@@ -36,8 +43,20 @@ def shrink(raw: dict) -> dict:
         cfg["num_key_value_heads"] = 4 if kv == heads else 1 if kv == 1 else 2
     if raw.get("n_inner"):
         cfg["n_inner"] = 96
+    if raw.get("rotary_dim"):  # GPT-J: the same fraction of each (shrunk, 16-dimensional) head
+        cfg["rotary_dim"] = max(2, 16 * raw["rotary_dim"] // (raw["n_embd"] // raw["n_head"]))
     if raw.get("sliding_window"):
         cfg["sliding_window"] = 5  # short enough to act on the test sequences
+    if raw.get("sliding_window_pattern"):  # one full-attention layer among the sliding ones
+        cfg["num_hidden_layers"] = raw["sliding_window_pattern"]
+    scaling = raw.get("rope_scaling") or {}
+    if "long_factor" in scaling:  # LongRoPE's attention factor: from the released context ratio
+        cfg["max_position_embeddings"] = raw["max_position_embeddings"]
+    for key in ("long_factor", "short_factor"):  # one factor per rotary frequency
+        if key in scaling:
+            n = int(SIZES["head_dim"] * raw.get("partial_rotary_factor", 1.0)) // 2
+            every = len(scaling[key]) // n  # spread over the released factors, low to high
+            cfg["rope_scaling"] = dict(cfg["rope_scaling"], **{key: scaling[key][::every][:n]})
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # token ids inside the vocab
         ids = cfg.get(key)
         if isinstance(ids, int) and ids >= VOCAB:
@@ -47,9 +66,9 @@ def shrink(raw: dict) -> dict:
     return cfg
 
 
-def hf_reward_model(name: str, tmp_path: Path, seed: int = 0):
+def hf_reward_model(name: str, tmp_path: Path, seed: int = 0, change: dict | None = None):
     raw = json.loads((CONFIGS / f"{name}.json").read_text())
-    cfg = shrink(raw)
+    cfg = shrink(raw) | (change or {})
     arch = cfg["architectures"][0]
     cfg["architectures"] = [arch.replace("LMHeadModel", "ForSequenceClassification")
                             .replace("ForCausalLM", "ForSequenceClassification")]
@@ -65,7 +84,7 @@ def hf_reward_model(name: str, tmp_path: Path, seed: int = 0):
 
 def test_sources_are_recorded_for_every_config():
     sources = json.loads((CONFIGS / "SOURCES.json").read_text())
-    assert set(sources) == set(NAMES)
+    assert set(sources) == set(ALL_NAMES)
     assert all(s["repo"] and s["path"] and s["commit"] for s in sources.values())
 
 
@@ -75,9 +94,9 @@ def test_real_config_matches_hf(name, tmp_path):
     seqs = ragged_sequences(seed=3, lo=6, hi=14)
     truth = hf_rewards_alone(hf, seqs)[:, 0]
     assert truth.std() > 0.05
-    layer_norm = raw["model_type"] in ("gpt2", "gpt_neox")
-    options = [{}, {"fold_ln": True}] + ([{"fold_ln": True, "center_writing_weights": True}]
-                                          if layer_norm else [])
+    layer_norm = raw["model_type"] in ("gpt2", "gpt_neox", "gptj")
+    options = [{}] if raw["model_type"] in POST_NORM else [{}, {"fold_ln": True}] + (
+        [{"fold_ln": True, "center_writing_weights": True}] if layer_norm else [])
     for kwargs in options:
         model = load_reward_model(hf, **kwargs)
         for side in ("right", "left"):
@@ -85,6 +104,27 @@ def test_real_config_matches_hf(name, tmp_path):
             with torch.no_grad():
                 out = model(tokens, attention_mask=mask)
             torch.testing.assert_close(out, truth, atol=TOL, rtol=0, msg=f"{kwargs} {side}")
+
+
+@pytest.mark.parametrize("name", LONGROPE)
+def test_longrope_configs_exercise_longrope(name, tmp_path):
+    """Parity above proves LongRoPE is reproduced only if the HF reward depends on it: without
+    rope_scaling (default RoPE) the same weights give other rewards."""
+    hf, _ = hf_reward_model(name, tmp_path)
+    other, _ = hf_reward_model(name, tmp_path, change={"rope_scaling": None})
+    seqs = ragged_sequences(seed=3, lo=6, hi=14)
+    diff = (hf_rewards_alone(hf, seqs) - hf_rewards_alone(other, seqs)).abs().max()
+    assert diff > 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(CUSTOM_CODE))
+def test_real_custom_code_config_is_refused_by_name(name, tmp_path):
+    raw = json.loads((CONFIGS / f"{name}.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        load_reward_model(tmp_path)
+    for part in (str(tmp_path), raw["model_type"], "custom-code", "'llama'"):
+        assert part in str(info.value)
 
 
 BOOKKEEPING = {"architectures", "model_type", "id2label", "label2id", "_name_or_path",

@@ -1,8 +1,8 @@
 """Convert HF ``*ForSequenceClassification`` reward models into :class:`HookedRewardModel`.
 
-One small adapter per architecture family (``llama_like``, ``gpt``) in a registry keyed by the HF
-``model_type``; trunk weights go through TransformerLens's own converters, the score head becomes
-the model's ``unembed``.
+One small adapter per architecture family (``llama_like``, ``gpt``, ``phi``, ``olmo``) in a
+registry keyed by the HF ``model_type``; trunk weights go through TransformerLens's own converters,
+the score head becomes the model's ``unembed``.
 """
 
 import json
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
 
 from .._device import checked_device
 from ..errors import (
@@ -26,14 +27,16 @@ from ..errors import (
 )
 from ..heads import as_reward_head
 from ..model import HookedRewardModel, exact_ambiguous_folds
-from . import gpt, llama_like
+from . import gpt, llama_like, olmo, phi
 from ._base import Adapter
 from ._build import assign_state, buffers_to, empty_parameters
 from .heads import checkpoint_head, head_of
 
 logger = logging.getLogger(__name__)
 
-REGISTRY: dict[str, Adapter] = {a.model_type: a for a in (*llama_like.ADAPTERS, *gpt.ADAPTERS)}
+REGISTRY: dict[str, Adapter] = {
+    a.model_type: a for a in (*llama_like.ADAPTERS, *gpt.ADAPTERS, *phi.ADAPTERS, *olmo.ADAPTERS)
+}
 
 # TransformerLens builds [n_ctx, rotary_dim] rotary tables for every attention layer (the loader
 # keeps one shared copy; its causal mask is built per forward): n_ctx is capped by default so a
@@ -245,6 +248,12 @@ def fill(
     """Fill ``model`` (built under ``empty_parameters``) with ``state`` (TransformerLens layout),
     processed as asked, with the folds TransformerLens's shape-guessing gets wrong (square MLPs,
     ``d_model`` outputs) done exactly; ``state`` is emptied as it goes."""
+    if fold_ln and model.cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        raise UnsupportedConfigError(
+            f"fold_ln=True cannot be applied to this {model.cfg.original_architecture} model: its "
+            "blocks normalise each sublayer's output (post-norm), so no linear map follows those "
+            "norms to fold their weights into. Load it with fold_ln=False."
+        )
     buffers_to(model, model.cfg.device)
     overrides = exact_ambiguous_folds(state, model.cfg) if fold_ln else None
     assign_state(
@@ -347,6 +356,7 @@ def load_reward_model(
     name = type(model).__name__
     del model, score  # a model read here is freed tensor by tensor as its weights are assigned
     fill(reward_model, state, fold_ln=fold_ln, center_writing_weights=center_writing_weights)
+    adapter.set_rotary(reward_model, hf_config)
     if not reward_head.is_linear:
         reward_model.set_reward_head(reward_head)
     reward_model.set_objective(objective)

@@ -56,19 +56,25 @@ _READ = re.compile(r"config(?:\.get_text_config\(\))?\.([A-Za-z_]\w*)")
 _GETATTR = re.compile(r"(?:get|has)attr\(\s*(?:self\.)?\w*config\s*,\s*[\"']([A-Za-z_]\w*)[\"']")
 
 
+# model_type -> the transformers.models package that holds its code, where the names differ
+_PACKAGE = {"gemma3_text": "gemma3"}
+
+
 @functools.cache
 def forward_reads(model_type: str) -> Mapping[str, str] | None:
     """Config attributes the installed transformers' code for ``model_type`` reads, each with the
     first source line that reads it; ``None`` where that source cannot be read.
 
-    Read from ``transformers.models.<model_type>.modeling_<model_type>`` and from the classes and
+    Read from ``transformers.models.<package>.modeling_<package>`` (the package is the
+    ``model_type`` but for Gemma-3's text model, in ``gemma3``) and from the classes and
     functions it imports from ``masking_utils`` / ``modeling_layers``. Attribute aliases
     (GPT-2's ``hidden_size`` -> ``n_embd``) are mapped to the key the config stores.
     """
+    package = _PACKAGE.get(model_type, model_type)
     try:
-        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        module = importlib.import_module(f"transformers.models.{package}.modeling_{package}")
         config_module = importlib.import_module(
-            f"transformers.models.{model_type}.configuration_{model_type}"
+            f"transformers.models.{package}.configuration_{package}"
         )
         sources = [inspect.getsource(module)]
         for obj in vars(module).values():
@@ -113,6 +119,10 @@ class Adapter:
     - ``handled``: config keys ``config`` reads and reproduces (or refuses by value).
     - ``ignored``: keys this family's HF module reads that cannot change the reward, each with
       why (beyond :data:`READ_WITHOUT_EFFECT`, shared by every family).
+    - ``rotary``: where TransformerLens's rotary tables cannot express the HF frequencies (Phi-3's
+      LongRoPE), ``(hf_config, cfg) -> (sin, cos)`` tables ``[n_ctx, rotary_dim]`` in
+      TransformerLens's layout (or ``None``: its own are exact), written over every attention
+      layer's by :meth:`set_rotary`.
     """
 
     model_type: str
@@ -122,6 +132,19 @@ class Adapter:
     convert: Callable[[Any, Any], Mapping[str, Any]]
     handled: frozenset[str]
     ignored: Mapping[str, str] = field(default_factory=dict)
+    rotary: Callable[[Any, Any], tuple[Any, Any] | None] | None = None
+
+    def set_rotary(self, model: Any, hf_config: Any) -> None:
+        """Write this family's rotary tables (``rotary``) over every attention layer's, one
+        shared copy in each layer's dtype and device; nothing where the family has none."""
+        tables = self.rotary(hf_config, model.cfg) if self.rotary is not None else None
+        if tables is None:
+            return
+        sin, cos = tables
+        for block in model.blocks:
+            old = block.attn.rotary_sin
+            block.attn.rotary_sin = sin.to(device=old.device, dtype=old.dtype)
+            block.attn.rotary_cos = cos.to(device=old.device, dtype=old.dtype)
 
     def audit(self, hf_config: Any) -> None:
         """Refuse a key only where the installed HF forward reads it and this adapter does not

@@ -121,6 +121,7 @@ def _build(
                            out_features=head_weight.shape[0])
     state = converted_state(model, adapter, head, cfg)
     fill(hooked, state, fold_ln=fold_ln, center_writing_weights=center_writing_weights)
+    adapter.set_rotary(hooked, model.config)
     hooked.eval()
     return hooked
 

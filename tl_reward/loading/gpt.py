@@ -1,13 +1,19 @@
-"""Adapters for GPT-2 (absolute positions, LayerNorm) and GPT-NeoX (parallel blocks, partial RoPE)."""
+"""Adapters for GPT-2 (absolute positions, LayerNorm), GPT-NeoX (parallel blocks, partial RoPE) and
+GPT-J (parallel attention and MLP under one LayerNorm, rotary on adjacent pairs) and OPT (learned
+positions, pre-LayerNorm blocks)."""
 
 from typing import Any
 
 from transformer_lens.pretrained.weight_conversions import (
     convert_gpt2_weights,
+    convert_gptj_weights,
     convert_neox_weights,
+    convert_opt_weights,
 )
 
 from ._base import Adapter, check_activation, refuse, rope_parameters
+
+_DROPOUT_WHY = "dropout, off in eval mode"
 
 
 def gpt2_config(hf_config: Any) -> dict[str, Any]:
@@ -81,6 +87,71 @@ def neox_config(hf_config: Any) -> dict[str, Any]:
     }
 
 
+def gptj_config(hf_config: Any) -> dict[str, Any]:
+    d_head = hf_config.n_embd // hf_config.n_head
+    rotary_dim = hf_config.rotary_dim
+    if rotary_dim is None or rotary_dim % 2 or rotary_dim > d_head:
+        raise refuse(
+            "rotary_dim", rotary_dim, f"transformers' GPT-J computes its rotary frequencies for "
+            f"rotary_dim (or, when unset, for n_embd = {hf_config.n_embd}) and rotates that many "
+            f"dimensions of each {d_head}-dimensional head; TransformerLens reproduces an even "
+            "rotary_dim up to the head size",
+        )
+    return {
+        "d_model": hf_config.n_embd,
+        "d_head": d_head,
+        "n_heads": hf_config.n_head,
+        "d_mlp": hf_config.n_inner or 4 * hf_config.n_embd,
+        "n_layers": hf_config.n_layer,
+        "n_ctx": hf_config.n_positions,
+        "eps": hf_config.layer_norm_epsilon,
+        "d_vocab": hf_config.vocab_size,
+        "act_fn": check_activation("activation_function", hf_config.activation_function),
+        "parallel_attn_mlp": True,
+        "positional_embedding_type": "rotary",
+        "rotary_dim": rotary_dim,
+        "rotary_base": 10000,  # fixed in transformers' GPT-J
+        "rotary_adjacent_pairs": True,
+        "normalization_type": "LN",
+    }
+
+
+def opt_config(hf_config: Any) -> dict[str, Any]:
+    why = {
+        "do_layer_norm_before": (False, "it normalises after each sublayer (post-norm, as OPT-350m); "
+                                 "TransformerLens's OPT blocks normalise before"),
+        "_remove_final_layer_norm": (True, "it removes the final LayerNorm, which TransformerLens's "
+                                     "OPT converter reads"),
+        "enable_bias": (False, "it removes every projection's bias, which TransformerLens's OPT "
+                        "converter reads"),
+        "layer_norm_elementwise_affine": (False, "it removes the LayerNorms' weights and biases, "
+                                          "which TransformerLens's OPT converter reads"),
+    }
+    for key, (bad, reason) in why.items():
+        if getattr(hf_config, key, not bad) == bad:
+            raise refuse(key, bad, reason)
+    if hf_config.word_embed_proj_dim != hf_config.hidden_size:
+        raise refuse(
+            "word_embed_proj_dim", hf_config.word_embed_proj_dim, f"it projects the embeddings "
+            f"from {hf_config.word_embed_proj_dim} to hidden_size={hf_config.hidden_size} "
+            "dimensions and back (project_in / project_out, as OPT-350m); TransformerLens's OPT "
+            "has no such projections",
+        )
+    return {
+        "d_model": hf_config.hidden_size,
+        "d_head": hf_config.hidden_size // hf_config.num_attention_heads,
+        "n_heads": hf_config.num_attention_heads,
+        "d_mlp": hf_config.ffn_dim,
+        "n_layers": hf_config.num_hidden_layers,
+        "n_ctx": hf_config.max_position_embeddings,
+        "eps": 1e-5,  # fixed in transformers' OPT LayerNorms
+        "d_vocab": hf_config.vocab_size,
+        "act_fn": check_activation("activation_function", hf_config.activation_function),
+        "normalization_type": "LN",
+        "positional_embedding_type": "standard",
+    }
+
+
 ADAPTERS = (
     Adapter(
         "gpt2", "GPT2LMHeadModel", "transformer", gpt2_config, convert_gpt2_weights,
@@ -104,5 +175,18 @@ ADAPTERS = (
                    "use_parallel_residual", "rope_parameters", "rope_scaling", "rotary_pct",
                    "rotary_emb_base", "rope_theta", "attention_bias", "partial_rotary_factor",
                    "head_dim"}),
+    ),
+    Adapter(
+        "opt", "OPTForCausalLM", "model", opt_config, convert_opt_weights,
+        frozenset({"hidden_size", "num_attention_heads", "ffn_dim", "num_hidden_layers",
+                   "max_position_embeddings", "vocab_size", "activation_function",
+                   "do_layer_norm_before", "_remove_final_layer_norm", "enable_bias",
+                   "layer_norm_elementwise_affine", "word_embed_proj_dim"}),
+        ignored={"dropout": _DROPOUT_WHY, "layerdrop": "layer dropping in training mode only"},
+    ),
+    Adapter(
+        "gptj", "GPTJForCausalLM", "transformer", gptj_config, convert_gptj_weights,
+        frozenset({"n_embd", "n_head", "n_inner", "n_layer", "n_positions", "layer_norm_epsilon",
+                   "vocab_size", "activation_function", "rotary_dim"}),
     ),
 )

@@ -1,4 +1,5 @@
-"""Adapters for the Llama family: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma-2.
+"""Adapters for the Llama family: Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma, Gemma-2, Gemma-3
+(text).
 
 They share pre-RMSNorm blocks, rotary positions, gated MLPs and (optionally) grouped-query
 attention; each adapter adds only what differs. Trunk weights go through TransformerLens's own
@@ -10,6 +11,7 @@ from typing import Any
 from transformer_lens.pretrained.weight_conversions import (
     convert_gemma_weights,
     convert_llama_weights,
+    convert_mixtral_weights,
     convert_qwen2_weights,
     convert_qwen3_weights,
 )
@@ -26,7 +28,9 @@ LLAMA_KEYS = frozenset(
 )
 
 
-def _rope(hf_config: Any, cfg: dict[str, Any], *, allow_llama3: bool) -> None:
+def _rope(
+    hf_config: Any, cfg: dict[str, Any], *, allow_llama3: bool, family: str = "this family"
+) -> None:
     params = rope_parameters(hf_config)
     rope_type = params["rope_type"]
     cfg["rotary_base"] = params["rope_theta"]
@@ -51,8 +55,13 @@ def _rope(hf_config: Any, cfg: dict[str, Any], *, allow_llama3: bool) -> None:
     kept = "'default' and (for Llama) 'llama3'" if allow_llama3 else "'default'"
     raise refuse(
         "rope_parameters.rope_type", rope_type, f"it rescales the rotary position frequencies "
-        f"(RoPE scaling '{rope_type}'); TransformerLens reproduces only {kept} for this family",
+        f"(RoPE scaling '{rope_type}'); TransformerLens reproduces only {kept} for {family}",
     )
+
+
+def rope_only(hf_config: Any, cfg: dict[str, Any], family: str) -> None:
+    """Default RoPE only (the rotary base into ``cfg``); any scaling is refused."""
+    _rope(hf_config, cfg, allow_llama3=False, family=family)
 
 
 def _attention_layout(hf_config: Any, cfg: dict[str, Any], *, per_layer: bool) -> None:
@@ -142,6 +151,18 @@ def mistral_config(hf_config: Any) -> dict[str, Any]:
     return cfg
 
 
+def mixtral_config(hf_config: Any) -> dict[str, Any]:
+    # Mistral's trunk with a sparse mixture of gated-MLP experts in place of the MLP
+    cfg = mistral_config(hf_config)
+    # TransformerLens's Mixtral converter always writes grouped K/V weights.
+    cfg["n_key_value_heads"] = hf_config.num_key_value_heads
+    cfg["num_experts"] = hf_config.num_local_experts
+    cfg["experts_per_token"] = hf_config.num_experts_per_tok
+    # transformers' Mixtral router always renormalises the top-k weights to sum to 1
+    cfg["norm_topk_prob"] = True
+    return cfg
+
+
 def qwen2_config(hf_config: Any) -> dict[str, Any]:
     cfg = llama_trunk(hf_config)
     # TransformerLens's Qwen2 converter always writes grouped K/V weights.
@@ -158,7 +179,7 @@ def qwen3_config(hf_config: Any) -> dict[str, Any]:
     return cfg
 
 
-def gemma_config(hf_config: Any) -> dict[str, Any]:
+def gemma_config(hf_config: Any, *, rope: bool = True) -> dict[str, Any]:
     _no_biases(hf_config, "attention_bias")
     if getattr(hf_config, "use_bidirectional_attention", None):
         raise refuse(
@@ -166,21 +187,53 @@ def gemma_config(hf_config: Any) -> dict[str, Any]:
             "too; TransformerLens's attention is causal",
         )
     # transformers' Gemma MLP reads hidden_act, Gemma-2's hidden_activation (each ignores the other)
-    act_key = "hidden_activation" if hf_config.model_type == "gemma2" else "hidden_act"
+    act_key = "hidden_act" if hf_config.model_type == "gemma" else "hidden_activation"
     cfg = llama_trunk(hf_config, act_key=act_key)
     # TransformerLens's Gemma converter always writes grouped K/V weights.
     cfg["n_key_value_heads"] = hf_config.num_key_value_heads
-    _rope(hf_config, cfg, allow_llama3=False)
+    if rope:
+        _rope(hf_config, cfg, allow_llama3=False)
     return cfg
 
 
-def gemma2_config(hf_config: Any) -> dict[str, Any]:
-    cfg = gemma_config(hf_config)
+def gemma2_config(hf_config: Any, *, rope: bool = True) -> dict[str, Any]:
+    cfg = gemma_config(hf_config, rope=rope)
     cfg["use_normalization_before_and_after"] = True
     cfg["attn_scale"] = float(hf_config.query_pre_attn_scalar) ** 0.5
     if hf_config.attn_logit_softcapping:
         cfg["attn_scores_soft_cap"] = float(hf_config.attn_logit_softcapping)
     # final_logit_softcapping is not applied by Gemma2ForSequenceClassification: no cap on the score.
+    return cfg
+
+
+def gemma3_text_config(hf_config: Any) -> dict[str, Any]:
+    """Gemma-2's block plus per-head query/key RMSNorm, and one RoPE per layer type (sliding
+    layers keep their own base; only the full-attention layers may be linearly scaled)."""
+    cfg = gemma2_config(hf_config, rope=False)
+    # transformers' Gemma3Attention stores attn_logit_softcapping but never passes it to the
+    # attention function: the HF model's scores are not capped, so neither are these.
+    cfg.pop("attn_scores_soft_cap", None)
+    cfg["use_qk_norm"] = True
+    per_type = dict(getattr(hf_config, "rope_parameters", None) or {})
+    for layer_type, kept in (("sliding_attention", ("default",)),
+                             ("full_attention", ("default", "linear"))):
+        params = per_type.get(layer_type) or {}
+        rope_type = params.get("rope_type", "default")
+        if rope_type not in kept:
+            raise refuse(
+                f"rope_parameters.{layer_type}.rope_type", rope_type, "it rescales the rotary "
+                f"position frequencies of the {layer_type} layers; TransformerLens reproduces "
+                f"only {' and '.join(repr(k) for k in kept)} RoPE there for Gemma-3",
+            )
+        theta = params.get("rope_theta", 10000.0 if layer_type == "sliding_attention" else 1e6)
+        if layer_type == "sliding_attention":
+            cfg["rotary_base_local"] = theta
+        else:
+            cfg["rotary_base"] = theta
+            if rope_type == "linear":
+                cfg["rotary_scaling_factor"] = float(params["factor"])
+    if "local" not in cfg.get("attn_types", []):  # TransformerLens's local base needs local layers
+        cfg.pop("rotary_base_local")
     return cfg
 
 
@@ -194,6 +247,15 @@ ADAPTERS = (
         "mistral", "MistralForCausalLM", "model", mistral_config, convert_llama_weights,
         LLAMA_KEYS | {"sliding_window", "layer_types"},
     ),
+    Adapter(
+        "mixtral", "MixtralForCausalLM", "model", mixtral_config, convert_mixtral_weights,
+        LLAMA_KEYS | {"sliding_window", "layer_types", "num_local_experts", "num_experts_per_tok"},
+        ignored={
+            "router_jitter_noise": "noise on the router's input in training mode only",
+            "output_router_logits": "whether the router's logits are returned, not the reward",
+            "router_aux_loss_coef": "the load-balancing loss in training",
+        },
+    ),
     Adapter("qwen2", "Qwen2ForCausalLM", "model", qwen2_config, convert_qwen2_weights, _QWEN_KEYS),
     Adapter("qwen3", "Qwen3ForCausalLM", "model", qwen3_config, convert_qwen3_weights, _QWEN_KEYS),
     Adapter("gemma", "GemmaForCausalLM", "model", gemma_config, convert_gemma_weights, _GEMMA_KEYS),
@@ -204,6 +266,23 @@ ADAPTERS = (
         ignored={
             "final_logit_softcapping": "only Gemma2ForCausalLM caps its vocabulary logits; "
             "Gemma2ForSequenceClassification's score is not capped",
+        },
+    ),
+    Adapter(
+        "gemma3_text", "Gemma3ForCausalLM", "model", gemma3_text_config, convert_gemma_weights,
+        _GEMMA_KEYS | {"query_pre_attn_scalar", "sliding_window", "layer_types"},
+        ignored={
+            "attn_logit_softcapping": "stored by transformers' Gemma3Attention but never passed "
+            "to its attention function: the scores are not capped",
+            "final_logit_softcapping": "only Gemma3ForCausalLM caps its vocabulary logits; "
+            "Gemma3TextForSequenceClassification's score is not capped",
+            **dict.fromkeys(
+                ("image_token_id", "mm_tokens_per_image", "vision_config",
+                 "text_config"),
+                "only the multimodal Gemma3 classes (images, their tokens and the vision tower)",
+            ),
+            "attention_chunk_size": "only create_masks_for_generate (generation, and the "
+            "multimodal Gemma3 model)",
         },
     ),
 )
