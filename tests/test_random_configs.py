@@ -18,7 +18,7 @@ VOCAB = 50
 EOS = 1
 KEPT_ACTS = ["silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "gelu_fast"]
 ACTS = KEPT_ACTS * 3 + ["quick_gelu", "tanh"]  # and two that TransformerLens lacks
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=20, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
