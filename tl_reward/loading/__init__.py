@@ -94,7 +94,6 @@ def _from_directory(path: Path, tokenizer: Any, gate_pattern: Sequence[int] | No
         MODEL_MAPPING,
         AutoConfig,
         AutoModelForSequenceClassification,
-        AutoTokenizer,
     )
 
     found: dict[str, Any] = {}
@@ -123,17 +122,25 @@ def _from_directory(path: Path, tokenizer: Any, gate_pattern: Sequence[int] | No
             f"cannot load the {model_type} checkpoint in {str(path)!r} with transformers: "
             f"{type(err).__name__}: {err}"
         ) from err
-    if tokenizer is None and any(
+    return hf_model, local_tokenizer(path, tokenizer), head
+
+
+def local_tokenizer(path: Path, tokenizer: Any) -> Any:
+    """``tokenizer``, or when it is None the one saved in the directory ``path`` (None if it
+    has none); a broken one is a ModelSourceError naming the directory."""
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None or not any(
         (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
     ):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except Exception as err:  # noqa: BLE001
-            raise ModelSourceError(
-                f"cannot load the tokenizer in {str(path)!r}: {type(err).__name__}: {err}. Pass "
-                "tokenizer= explicitly, or remove the broken tokenizer files."
-            ) from err
-    return hf_model, tokenizer, head
+        return tokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise ModelSourceError(
+            f"cannot load the tokenizer in {str(path)!r}: {type(err).__name__}: {err}. Pass "
+            "tokenizer= explicitly, or remove the broken tokenizer files."
+        ) from err
 
 
 def _adapter_for(hf_config: Any) -> Adapter:

@@ -34,14 +34,14 @@ from ..errors import (
 )
 from ..implicit import ImplicitRewardModel
 from ..judge import HookedJudgeModel, JudgeRead, Template
-from . import _adapter_for, _checked_config, converted_state, fill, hooked_config
+from . import _adapter_for, _checked_config, converted_state, fill, hooked_config, local_tokenizer
 from ._build import empty_parameters
 
 logger = logging.getLogger(__name__)
 
 
 def _causal_from_directory(path: Path, tokenizer: Any) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type = _checked_config(
         path, ("ForCausalLM", "LMHeadModel"),
@@ -55,11 +55,7 @@ def _causal_from_directory(path: Path, tokenizer: Any) -> tuple[Any, Any]:
             f"cannot load the {model_type} checkpoint in {str(path)!r} with transformers: "
             f"{type(err).__name__}: {err}"
         ) from err
-    if tokenizer is None and any(
-        (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    ):
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return hf_model, tokenizer
+    return hf_model, local_tokenizer(path, tokenizer)
 
 
 def _as_causal_lm(model: Any, tokenizer: Any) -> tuple[Any, Any, nn.Linear]:
