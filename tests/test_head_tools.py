@@ -19,7 +19,7 @@ from tl_reward import (
     reward_lens,
 )
 from tl_reward.gated import gate_patch, gated_outputs
-from tl_reward.head_attribution import head_attribution
+from tl_reward.nonlinear_attribution import head_attribution
 
 
 def _ref_head(ref, pooled, prompt=None):

@@ -152,8 +152,6 @@ def test_judge_refusals():
     with pytest.raises(UnsupportedConfigError, match="final_logit_softcapping"):
         load_judge_reward_model(capped, template=TEMPLATE, yes=YES, no=NO)
     hf = causal_lm("llama")
-    with pytest.raises(UnsupportedConfigError, match="expected_score"):
-        load_judge_reward_model(hf, template=TEMPLATE, read="expected_score")
     with pytest.raises(InvalidInputError, match="outside the vocabulary"):
         load_judge_reward_model(hf, template=TEMPLATE, yes=YES, no=1000)
     with pytest.raises(InvalidInputError, match="text"):
@@ -200,3 +198,52 @@ def test_judge_organism_is_exact_and_has_the_tail_gap_the_tools_recover():
     # effect is the full margin, the score patching measures is the judge's
     patch = tr.activation_patch(judge, chosen, rejected, hook="resid_pre", per="layer", layers=[0])
     torch.testing.assert_close(patch.effects[0], margin, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------ expected-score judges
+SCORES = {11: 1.0, 12: 2.0, 13: 3.0, 14: 4.0}
+
+
+@pytest.mark.parametrize("arch,softcap", [("llama", None), ("gemma2", 3.0), ("gpt2", None)])
+def test_expected_score_judge_matches_hf_and_integrated_gradients_add_up(arch, softcap):
+    """sum_k v_k softmax(logits of the score tokens)_k at the last token, as HF computes the logits
+    (Gemma-2's final softcap included); a nonlinear head, so integrated gradients decompose it
+    (completeness within 1e-4) and direct attribution refuses."""
+    from tl_reward import errors, head_attribution, load_judge_reward_model
+    from tl_reward.attribution import direct_reward_attribution
+
+    hf = causal_lm(arch)
+    if softcap:
+        hf.config.final_logit_softcapping = softcap
+    seqs = ragged_sequences()
+    ids, values = list(SCORES), torch.tensor(list(SCORES.values()))
+    with torch.no_grad():
+        truth = torch.stack([torch.softmax(hf(torch.tensor([s])).logits[0, -1, ids].float(), -1)
+                             @ values for s in seqs])
+    judge = load_judge_reward_model(hf, template=TEMPLATE, read="expected_score", scores=SCORES)
+    for side in ("left", "right"):
+        tokens, mask = pad_batch(seqs, side)
+        with torch.no_grad():
+            got = judge(tokens, attention_mask=mask)
+        torch.testing.assert_close(got, truth, atol=1e-4, rtol=0, msg=f"{arch} {side}")
+    assert truth.std() > 1e-3  # the scores differ between texts: the test can fail
+    tokens, mask = pad_batch(seqs, "right")
+    res = head_attribution(judge, tokens, mask, steps=16, progress=False)
+    assert res.completeness_gap.abs().max() < 1e-4
+    torch.testing.assert_close(res.values.sum(0) + res.bias + res.completeness_gap, truth,
+                               atol=1e-4, rtol=0)
+    with pytest.raises(errors.LinearHeadRequiredError):
+        direct_reward_attribution(judge, tokens, mask, progress=False)
+
+
+def test_expected_score_judge_refusals():
+    from tl_reward import errors, load_judge_reward_model
+
+    hf = causal_lm("llama")
+    with pytest.raises(errors.InvalidInputError, match="needs scores="):
+        load_judge_reward_model(hf, template=TEMPLATE, read="expected_score")
+    with pytest.raises(errors.UnsupportedConfigError, match="fold_ln=True with read='expected_score'"):
+        load_judge_reward_model(hf, template=TEMPLATE, read="expected_score", scores=SCORES,
+                                fold_ln=True)
+    with pytest.raises(errors.InvalidInputError, match="only with read='expected_score'"):
+        load_judge_reward_model(hf, template=TEMPLATE, read="yes_no", scores=SCORES, yes=YES, no=NO)

@@ -35,3 +35,15 @@ def test_editable_build_emits_no_setuptools_warning(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Warning" not in res.stderr, res.stderr[-3000:]
     assert any(p.name.endswith(".whl") for p in out.iterdir()), sorted(p.name for p in out.iterdir())
+
+
+def test_no_public_name_is_also_a_submodule_name():
+    """A public function named like its submodule (``tl_reward.x`` the function, ``tl_reward/x.py``
+    the module) is shadowed by the module once anything imports the module: ``from tl_reward
+    import x`` would then give the module, depending on import order."""
+    import pkgutil
+
+    import tl_reward
+
+    modules = {m.name for m in pkgutil.iter_modules(tl_reward.__path__)}
+    assert not set(tl_reward._EXPORTS) & modules

@@ -31,8 +31,8 @@ _EXPORTS: dict[str, str] = {
     "GatedOutputs": "gated",
     "gate_patch": "gated",
     "gated_outputs": "gated",
-    "HeadAttributionResult": "head_attribution",
-    "head_attribution": "head_attribution",
+    "HeadAttributionResult": "nonlinear_attribution",
+    "head_attribution": "nonlinear_attribution",
     "GatedHead": "heads",
     "MLPHead": "heads",
     "StepRewards": "process",
@@ -117,8 +117,6 @@ if TYPE_CHECKING:
     from .hacking import distortion_index as distortion_index
     from .hacking import effort_distortion as effort_distortion
     from .hacking import probe_cascade as probe_cascade
-    from .head_attribution import HeadAttributionResult as HeadAttributionResult
-    from .head_attribution import head_attribution as head_attribution
     from .heads import GatedHead as GatedHead
     from .heads import MLPHead as MLPHead
     from .implicit import ImplicitRewardModel as ImplicitRewardModel
@@ -144,6 +142,8 @@ if TYPE_CHECKING:
     from .model import HookedRewardModel as HookedRewardModel
     from .model import PairScores as PairScores
     from .model import SuspectInputWarning as SuspectInputWarning
+    from .nonlinear_attribution import HeadAttributionResult as HeadAttributionResult
+    from .nonlinear_attribution import head_attribution as head_attribution
     from .patching import PatchResult as PatchResult
     from .patching import activation_patch as activation_patch
     from .patching import activation_patch_grids as activation_patch_grids

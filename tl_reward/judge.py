@@ -7,11 +7,19 @@ head on the final normalised residual at the last real token. :class:`HookedJudg
 :class:`~tl_reward.model.HookedRewardModel` whose reward head is that one column, and whose
 texts go through the judge template before tokenization; every reward-model tool works on it and
 decomposes the judge's score exactly. Build one with :func:`tl_reward.load_judge_reward_model`.
+
+An expected-score judge (``read="expected_score"``: ``sum_k v_k softmax(logits_S)_k`` over score
+tokens ``S``, e.g. "1".."5") is not linear in the residual: its head is :class:`ExpectedScoreHead`,
+a nonlinear reward head (:mod:`tl_reward.heads`), and the tools treat it as one (lens exact,
+``head_attribution`` by integrated gradients with its completeness gap, patching on the score;
+``direct_reward_attribution`` refuses).
 """
 
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
+import torch
+from torch import Tensor, nn
 from transformer_lens import HookedTransformerConfig
 
 from .errors import InvalidInputError
@@ -22,6 +30,29 @@ Template = str | Callable[[Text], Text]
 judge prompt (a string, or a chat rendered with ``add_generation_prompt=True``)."""
 
 JudgeRead = Literal["yes_no", "expected_score"] | Mapping[str | int, float]
+
+
+class ExpectedScoreHead(nn.Module):
+    """``sum_k values_k * softmax(cap(pooled @ weight.T + bias))_k``: the expected score of a judge
+    over its score tokens, from the final normalised residual ``pooled`` [batch, d_model].
+
+    ``weight`` [k, d_model] and ``bias`` [k] are the LM head's rows of the score tokens; ``cap``
+    is the model's final logit softcap (Gemma-2's ``cap * tanh(logit / cap)``), applied before the
+    softmax as in the HF forward; the softmax over the score tokens alone is the renormalised
+    distribution over them (the other tokens' logits cancel)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor, values: Tensor, cap: float | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.register_buffer("values", values.detach().clone())
+        self.cap = cap
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        logits = pooled @ self.weight.T + self.bias
+        if self.cap:
+            logits = self.cap * torch.tanh(logits / self.cap)
+        return torch.softmax(logits.float(), dim=-1).to(pooled.dtype) @ self.values.to(pooled.dtype)
 
 
 def _chat_as_lines(chat: Sequence[Mapping[str, str]]) -> str:

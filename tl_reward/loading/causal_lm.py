@@ -33,7 +33,7 @@ from ..errors import (
     UnsupportedConfigError,
 )
 from ..implicit import ImplicitRewardModel
-from ..judge import HookedJudgeModel, JudgeRead, Template
+from ..judge import ExpectedScoreHead, HookedJudgeModel, JudgeRead, Template
 from . import _adapter_for, _checked_config, converted_state, fill, hooked_config, local_tokenizer
 from ._build import empty_parameters
 
@@ -198,15 +198,9 @@ def _read_weights(read: JudgeRead, yes: str | int, no: str | int) -> dict[str | 
     if isinstance(read, str):
         if read == "yes_no":
             return {yes: 1.0, no: -1.0}
-        if read == "expected_score":
-            raise UnsupportedConfigError(
-                "read='expected_score' (a softmax over score tokens) is not linear in the final "
-                "residual, so it cannot be a reward head that the attribution and patching tools "
-                "decompose exactly. Use read='yes_no' or read={token: weight, ...} (a weighted sum "
-                "of logits); an expected-score judge is not implemented yet."
-            )
         raise InvalidInputError(
-            f"read={read!r} is not one of 'yes_no' or a mapping {{token: weight}}"
+            f"read={read!r} is not one of 'yes_no', 'expected_score' or a mapping "
+            "{token: weight}"
         )
     if not isinstance(read, Mapping) or not read:
         raise InvalidInputError(
@@ -223,6 +217,7 @@ def load_judge_reward_model(
     read: JudgeRead = "yes_no",
     yes: str | int = "Yes",
     no: str | int = "No",
+    scores: Mapping[str | int, float] | None = None,
     fold_ln: bool = False,
     center_writing_weights: bool = False,
     device: str | torch.device | None = None,
@@ -246,19 +241,32 @@ def load_judge_reward_model(
         template: how a text becomes the judge prompt: a format string with one ``{text}``
             field, or a callable returning a string or a chat (rendered with the tokenizer's
             chat template and ``add_generation_prompt=True``).
-        read: ``"yes_no"`` or a mapping from tokens (single-token strings or ids) to weights.
-            ``"expected_score"`` (a softmax expectation, not linear) is refused.
+        read: ``"yes_no"``, a mapping from tokens (single-token strings or ids) to weights, or
+            ``"expected_score"``: ``sum_k v_k softmax(logits of the score tokens)_k`` with the
+            tokens and values of ``scores`` (e.g. ``{"1": 1, ..., "5": 5}``). That one is not
+            linear in the residual: its head is a nonlinear
+            :class:`~tl_reward.judge.ExpectedScoreHead` (Gemma-2's final softcap included), so
+            use ``head_attribution`` (integrated gradients, completeness gap reported) rather
+            than direct attribution, which refuses; ``fold_ln`` is refused with it.
         yes, no: the tokens ``read="yes_no"`` contrasts.
+        scores: the score tokens and their values, for ``read="expected_score"`` only.
         fold_ln, center_writing_weights, device, dtype, n_ctx: as
             :func:`tl_reward.load_reward_model`.
 
-    A model with a final logit softcap (Gemma-2's ``final_logit_softcapping``) is refused: the
-    difference of capped logits is not linear in the residual.
+    With a linear read, a model with a final logit softcap (Gemma-2's
+    ``final_logit_softcapping``) is refused: the difference of capped logits is not linear in the
+    residual (``read="expected_score"`` includes the cap).
     """
     if device is not None:
         device = checked_device(device)
     model, tokenizer, head = _as_causal_lm(model, tokenizer)
     cap = _softcap(model.config)
+    if read == "expected_score":
+        return _expected_score_judge(
+            model, tokenizer, head, cap, template=template, scores=scores, fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights, device=device, dtype=dtype, n_ctx=n_ctx)
+    if scores is not None:
+        raise InvalidInputError(f"scores= is read only with read='expected_score', not read={read!r}")
     if cap:
         raise UnsupportedConfigError(
             f"final_logit_softcapping={cap}: the judge's capped logits cap*tanh(logit/cap) make "
@@ -289,6 +297,48 @@ def load_judge_reward_model(
         model, column, bias.reshape(1), make, fold_ln=fold_ln,
         center_writing_weights=center_writing_weights, device=device, dtype=dtype, n_ctx=n_ctx,
     )
+    logger.info("converted %s into a judge reading %s", type(model).__name__, label)
+    return judge
+
+
+def _expected_score_judge(
+    model: Any, tokenizer: Any, head: nn.Linear, cap: float | None, *, template: Template,
+    scores: Mapping[str | int, float] | None, fold_ln: bool, center_writing_weights: bool,
+    device: Any, dtype: torch.dtype | None, n_ctx: int | None,
+) -> HookedJudgeModel:
+    """The judge whose reward is the expected score over ``scores``' tokens (see
+    :func:`load_judge_reward_model`): the trunk as for any judge, the head an
+    :class:`~tl_reward.judge.ExpectedScoreHead` on the final normalised residual."""
+    if not isinstance(scores, Mapping) or len(scores) < 2:
+        raise InvalidInputError(
+            "read='expected_score' needs scores={token: value, ...} with at least two score "
+            f"tokens (e.g. {{'1': 1, '2': 2, '3': 3}}), got {scores!r}"
+        )
+    if fold_ln:
+        raise UnsupportedConfigError(
+            "fold_ln=True with read='expected_score': the final norm would have to be folded "
+            "into a nonlinear head; load with fold_ln=False"
+        )
+    ids = [_token_id(tokenizer, t, head.out_features) for t in scores]
+    if len(set(ids)) != len(ids):
+        raise InvalidInputError(f"score tokens {list(scores)} map to repeated ids {ids}")
+    weight = head.weight[ids].detach()
+    bias = head.bias[ids].detach() if head.bias is not None else torch.zeros(len(ids))
+    values = torch.tensor([float(v) for v in scores.values()])
+    label = "E[score] over " + ", ".join(f"{k!s}={float(v):g}" for k, v in scores.items())
+
+    def make(cfg: HookedTransformerConfig) -> HookedJudgeModel:
+        return HookedJudgeModel(
+            cfg, tokenizer, template=template, read_token_ids=tuple(ids),
+            read_weights=tuple(float(v) for v in values), label_names=(label,),
+        )
+
+    placeholder = torch.zeros(1, weight.shape[1], dtype=weight.dtype)  # the nonlinear head reads
+    judge = _build(  # the normalised residual itself, not unembed
+        model, placeholder, torch.zeros(1, dtype=weight.dtype), make, fold_ln=False,
+        center_writing_weights=center_writing_weights, device=device, dtype=dtype, n_ctx=n_ctx,
+    )
+    judge.set_reward_head(ExpectedScoreHead(weight, bias.to(weight.dtype), values, cap))
     logger.info("converted %s into a judge reading %s", type(model).__name__, label)
     return judge
 
