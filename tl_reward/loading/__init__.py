@@ -125,6 +125,19 @@ def _from_directory(path: Path, tokenizer: Any, gate_pattern: Sequence[int] | No
     return hf_model, local_tokenizer(path, tokenizer), head
 
 
+def local_directory(model: str | os.PathLike) -> Path:
+    """``model`` as a local directory; anything else (a hub id, a missing path) is refused:
+    tl_reward never downloads."""
+    path = Path(model)
+    if not path.is_dir():
+        raise ModelSourceError(
+            f"{str(model)!r} is not a local directory. tl_reward never downloads from a hub: "
+            "load the model with transformers and pass the object, or save_pretrained() it "
+            "and pass the directory."
+        )
+    return path
+
+
 def local_tokenizer(path: Path, tokenizer: Any) -> Any:
     """``tokenizer``, or when it is None the one saved in the directory ``path`` (None if it
     has none); a broken one is a ModelSourceError naming the directory."""
@@ -314,13 +327,7 @@ def load_reward_model(
     if device is not None:  # before any loading
         device = checked_device(device)
     if isinstance(model, str | os.PathLike):
-        path = Path(model)
-        if not path.is_dir():
-            raise ModelSourceError(
-                f"{str(model)!r} is not a local directory. tl_reward never downloads from a hub: "
-                "load the model with transformers and pass the object, or save_pretrained() it "
-                "and pass the directory."
-            )
+        path = local_directory(model)
         # read once, in the requested dtype, straight to the requested device (memory-mapped)
         model, tokenizer, stored_head = _from_directory(path, tokenizer, gate_pattern,
                                                         **_read_kwargs(device, dtype))

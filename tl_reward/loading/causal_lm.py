@@ -34,7 +34,15 @@ from ..errors import (
 )
 from ..implicit import ImplicitRewardModel
 from ..judge import ExpectedScoreHead, HookedJudgeModel, JudgeRead, Template
-from . import _adapter_for, _checked_config, converted_state, fill, hooked_config, local_tokenizer
+from . import (
+    _adapter_for,
+    _checked_config,
+    converted_state,
+    fill,
+    hooked_config,
+    local_directory,
+    local_tokenizer,
+)
 from ._build import empty_parameters
 
 logger = logging.getLogger(__name__)
@@ -61,13 +69,7 @@ def _causal_from_directory(path: Path, tokenizer: Any) -> tuple[Any, Any]:
 def _as_causal_lm(model: Any, tokenizer: Any) -> tuple[Any, Any, nn.Linear]:
     """The HF causal LM object (loaded from a local directory if one is given) and its LM head."""
     if isinstance(model, str | os.PathLike):
-        path = Path(model)
-        if not path.is_dir():
-            raise ModelSourceError(
-                f"{str(model)!r} is not a local directory. tl_reward never downloads from a hub: "
-                "load the model with transformers and pass the object, or save_pretrained() it "
-                "and pass the directory."
-            )
+        path = local_directory(model)
         model, tokenizer = _causal_from_directory(path, tokenizer)
     from transformers import PreTrainedModel
 
