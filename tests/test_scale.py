@@ -54,12 +54,26 @@ def test_identical_buffers_are_stored_once():
     assert torch.equal(model.blocks[1].attn.rotary_sin, reference)
 
 
-def test_directory_load_in_half_precision_is_memory_mapped(tmp_path):
-    """From a directory, the checkpoint is read in the requested dtype (no float32 copy) and its
-    tensors are the memory-mapped file's: the parameters live in a mapping of model.safetensors."""
-    hf = make_hf_model("llama", gqa=True).to(torch.bfloat16)
+@pytest.mark.parametrize("kind", ["reward_model", "causal_lm"])
+def test_directory_load_in_half_precision_is_memory_mapped(tmp_path, kind):
+    """From a directory, the checkpoint is read in the requested dtype (no float32 copy); a
+    reward model's tensors are the memory-mapped file's: the parameters live in a mapping of
+    model.safetensors. A causal LM (what judges and implicit rewards load) is read the same way;
+    its HookedTransformer keeps TransformerLens's own parameter layout, so the attention weights
+    are copied per tensor."""
+    import transformers as T
+    from helpers import make_config
+
+    from tl_reward import load_causal_lm
+
+    if kind == "reward_model":
+        hf, load = make_hf_model("llama", gqa=True), load_reward_model
+    else:
+        hf = T.LlamaForCausalLM(make_config("llama", gqa=True)).eval()
+        load = load_causal_lm
+    hf = hf.to(torch.bfloat16)
     hf.save_pretrained(tmp_path)
-    model = load_reward_model(tmp_path, dtype=torch.bfloat16)
+    model = load(tmp_path, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in model.parameters())
     maps = []
     for line in open("/proc/self/maps"):
@@ -68,11 +82,13 @@ def test_directory_load_in_half_precision_is_memory_mapped(tmp_path):
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
             maps.append((lo, hi))
     w_q = model.blocks[0].attn.W_Q
-    assert any(lo <= w_q.data_ptr() < hi for lo, hi in maps), "W_Q is not the file's mapping"
+    in_file = any(lo <= w_q.data_ptr() < hi for lo, hi in maps)
+    assert in_file == (kind == "reward_model"), "W_Q is not the file's mapping"
+    assert maps, "the checkpoint was not memory-mapped"
     tokens, mask = pad_batch(ragged_sequences(seed=4), "right")
-    with torch.no_grad():  # the same rewards as converting the same HF model in memory
+    with torch.no_grad():  # the same outputs as converting the same HF model in memory
         assert torch.equal(model(tokens, attention_mask=mask),
-                           load_reward_model(hf)(tokens, attention_mask=mask))
+                           load(hf)(tokens, attention_mask=mask))
 
 
 def test_a_sequence_whose_graph_cannot_fit_is_checkpointed_or_refused(monkeypatch):
