@@ -39,9 +39,11 @@ D_SAE = 4096
 
 
 
-def floor_activations(tool: str, cfg, n: int) -> int:
-    """Bytes of the activations ``tool`` must read for one sequence (pair) of ``n`` tokens."""
+def floor_activations(tool: str, cfg, n: int, patched_layers: int | None = None) -> int:
+    """Bytes of the activations ``tool`` must read for one sequence (pair) of ``n`` tokens
+    (patching: of ``patched_layers`` layers, all by default)."""
     L, d, H, dh, dm = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp
+    P = L if patched_layers is None else patched_layers
     kv = cfg.n_key_value_heads or H
     item = torch.tensor([], dtype=cfg.dtype).element_size()
     pooled = (2 * L + 2) * d * 4
@@ -56,9 +58,9 @@ def floor_activations(tool: str, cfg, n: int) -> int:
         # z, mlp_post and resid_pre of both runs at every position, and the target's gradients
         "atp": 3 * L * n * (H * dh + dm + d) * item,
         # the patched hook of both runs and the target's residual stream at every position
-        "patch_layer": 3 * L * n * d * item,
-        "patch_head": (2 * L * n * H * dh + L * n * d) * item,
-        "patch_position": 3 * L * n * d * item,
+        "patch_layer": 3 * P * n * d * item,
+        "patch_head": (2 * P * n * H * dh + P * n * d) * item,
+        "patch_position": 3 * P * n * d * item,
         "sae_attribution": 2 * d * D_SAE * 4 + pooled,
     }[tool]
 
@@ -93,8 +95,9 @@ def _trim() -> None:
         pass
 
 
-def measure(model, tool: str, n: int, base: int) -> dict:
-    """Peak RSS over ``base`` (the RSS before the model was built) while ``tool`` runs once."""
+def measure(model, tool: str, n: int, base: int, patch_last_layer: bool = False) -> dict:
+    """Peak RSS over ``base`` (the RSS before the model was built) while ``tool`` runs once
+    (the patching tools on the last layer only with ``patch_last_layer``)."""
     import tl_reward as tr
 
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -118,9 +121,11 @@ def measure(model, tool: str, n: int, base: int) -> dict:
     elif tool == "atp":
         tr.attribution_patch(model, a, b, hooks=("z", "mlp_post", "resid_pre"), progress=False)
     elif tool == "patch_layer":
-        tr.activation_patch(model, a, b, hook="attn_out", per="layer", progress=False)
+        tr.activation_patch(model, a, b, hook="attn_out", per="layer", progress=False,
+                            layers=[model.cfg.n_layers - 1] if patch_last_layer else None)
     elif tool == "patch_head":
-        tr.activation_patch(model, a, b, hook="z", per="head", progress=False)
+        tr.activation_patch(model, a, b, hook="z", per="head", progress=False,
+                            layers=[model.cfg.n_layers - 1] if patch_last_layer else None)
     elif tool == "patch_position":  # every position of the first layer's residual stream
         tr.activation_patch(model, a, b, hook="resid_pre", per="layer_pos", layers=[0],
                             progress=False)
@@ -136,7 +141,8 @@ def measure(model, tool: str, n: int, base: int) -> dict:
     else:
         raise KeyError(tool)
     seconds = time.perf_counter() - start
-    floor = weights + floor_activations(tool, model.cfg, n)
+    patched = 1 if patch_last_layer and tool in ("patch_layer", "patch_head") else None
+    floor = weights + floor_activations(tool, model.cfg, n, patched)
     peak_bytes = peak() - base
     return {"tool": tool, "n": n, "weights": weights, "floor": floor, "peak": peak_bytes,
             "ratio": peak_bytes / floor, "seconds": seconds}
@@ -151,6 +157,8 @@ def main() -> None:
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--budget-gib", type=float, default=None,
                         help="tl_reward.set_memory_budget for the run (default: the library's)")
+    parser.add_argument("--patch-last-layer", action="store_true",
+                        help="patch_layer / patch_head on the last layer only (their floor too)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.tiny:
@@ -169,7 +177,7 @@ def main() -> None:
     results = []
     for tool in args.tools.split(","):
         for n in lengths:
-            results.append(measure(model, tool, n, base))
+            results.append(measure(model, tool, n, base, args.patch_last_layer))
             r = results[-1]
             print(f"{tool:26s} {n:5d}  peak {r['peak'] / 1e9:.3f} GB  floor "
                   f"{r['floor'] / 1e9:.3f} GB  ratio {r['ratio']:.2f}  {r['seconds']:.1f} s",

@@ -60,8 +60,8 @@ _EXPORTS: dict[str, str] = {
     "load_reward_model": "loading",
     "supported_architectures": "loading",
     "HookedRewardModel": "model",
-    "PairScores": "model",
-    "SuspectInputWarning": "model",
+    "PairScores": "texts",
+    "SuspectInputWarning": "texts",
     "PatchResult": "patching",
     "activation_patch": "patching",
     "activation_patch_grids": "patching",
@@ -140,8 +140,6 @@ if TYPE_CHECKING:
     from .loading.causal_lm import load_implicit_reward_model as load_implicit_reward_model
     from .loading.causal_lm import load_judge_reward_model as load_judge_reward_model
     from .model import HookedRewardModel as HookedRewardModel
-    from .model import PairScores as PairScores
-    from .model import SuspectInputWarning as SuspectInputWarning
     from .nonlinear_attribution import HeadAttributionResult as HeadAttributionResult
     from .nonlinear_attribution import head_attribution as head_attribution
     from .patching import PatchResult as PatchResult
@@ -156,4 +154,6 @@ if TYPE_CHECKING:
     from .sae import sae_pair_attribution as sae_pair_attribution
     from .sae import sae_reward_attribution as sae_reward_attribution
     from .sae import train_sae as train_sae
+    from .texts import PairScores as PairScores
+    from .texts import SuspectInputWarning as SuspectInputWarning
     from .tuned_lens import TunedRewardLens as TunedRewardLens

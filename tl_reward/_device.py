@@ -1,4 +1,5 @@
-"""Devices: a clear error for one that is not a torch device or that this machine lacks."""
+"""Devices and precision: a clear error for a device that is not a torch device or that this
+machine lacks, where each layer of a model lives, and the dtype results are reported in."""
 
 import torch
 
@@ -63,3 +64,10 @@ def block_device(cfg, layer: int) -> torch.device:
 def output_device(cfg) -> torch.device:
     """Where the final norm, the reward head and the rewards live: the last block's device."""
     return block_device(cfg, cfg.n_layers - 1)
+
+
+def readout_dtype(model) -> torch.dtype:
+    """The dtype read-outs, attributions and patching effects are computed and reported in: the
+    model's, at least float32 (a half-precision model's activations are upcast first; differences
+    and sums of many small terms in half precision would round small effects away)."""
+    return torch.promote_types(model.cfg.dtype, torch.float32)

@@ -16,8 +16,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
+from ._device import readout_dtype
 from .errors import DeviceError, HookNameError, InvalidInputError
-from .model import HookedRewardModel, Text, readout_dtype
+from .model import HookedRewardModel, Text
 
 
 def choose(name: str, value: str, options: Iterable[str]) -> str:

@@ -103,7 +103,7 @@ def _user_errors() -> Iterator[None]:
     import warnings
 
     from .errors import TLRewardError
-    from .model import SuspectInputWarning
+    from .texts import SuspectInputWarning
 
     try:
         with warnings.catch_warnings():

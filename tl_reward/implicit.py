@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
 from .errors import InvalidInputError
-from .model import PairScores, Text
+from .texts import PairScores, Text
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ._device import readout_dtype
 from .errors import InvalidInputError, ObjectiveError
-from .model import HookedRewardModel, Text, readout_dtype
+from .model import HookedRewardModel, Text
 
 STEP_SCORES = ("probability", "reward")
 AGGREGATES = ("min", "last", "product", "mean")

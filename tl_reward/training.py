@@ -28,6 +28,7 @@ from torch import Tensor
 from .data.pairs import load_pairs
 from .errors import InvalidInputError, ObjectiveError
 from .model import HookedRewardModel
+from .texts import right_pad
 
 logger = logging.getLogger(__name__)
 
@@ -171,16 +172,6 @@ def _pad_id(model: Any, tokenizer: Any) -> int:
     return 0 if pad is None else int(pad)
 
 
-def _pad(ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
-    n_pos = max(len(x) for x in ids)
-    tokens = torch.full((len(ids), n_pos), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), n_pos), dtype=torch.long)
-    for row, x in enumerate(ids):
-        tokens[row, : len(x)] = torch.as_tensor(x, dtype=torch.long)
-        mask[row, : len(x)] = 1
-    return tokens.to(device), mask.to(device)
-
-
 def rewards_of(model: Any, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"],
                capture: dict[str, Any] | None = None) -> Float[Tensor, "batch"]:
     """Scalar reward of each row, from a HookedRewardModel or an HF reward model.
@@ -234,7 +225,7 @@ def pair_margins(
         for start in tqdm(range(0, len(data), batch_size), desc="margins", disable=not progress,
                           leave=False):
             rows = chosen[start : start + batch_size] + rejected[start : start + batch_size]
-            tokens, mask = _pad(rows, pad_id, device)
+            tokens, mask = right_pad(rows, pad_id, device)
             r = rewards_of(model, tokens, mask).float().cpu()
             n = len(r) // 2
             out.append(r[:n] - r[n:])
@@ -355,7 +346,7 @@ def train_reward_model(
             idx = order[cursor : cursor + config.batch_size]
             cursor += config.batch_size
             rows = [chosen_ids[i] for i in idx.tolist()] + [rejected_ids[i] for i in idx.tolist()]
-            tokens, mask = _pad(rows, pad_id, device)
+            tokens, mask = right_pad(rows, pad_id, device)
             acts = dict.fromkeys(hooks)
             rewards = rewards_of(model, tokens, mask, acts).float()
             k = len(idx)
