@@ -40,6 +40,8 @@ _EXPORTS: dict[str, str] = {
     "effort_distortion": "hacking",
     "probe_cascade": "hacking",
     "ImplicitRewardModel": "implicit",
+    "TextReward": "text_reward",
+    "RewardInputs": "text_reward",
     "ResponseBatch": "implicit",
     "response_batch_from_ids": "implicit",
     "ImplicitAttributionResult": "implicit_analysis",
@@ -156,4 +158,6 @@ if TYPE_CHECKING:
     from .sae import sae_pair_attribution as sae_pair_attribution
     from .sae import sae_reward_attribution as sae_reward_attribution
     from .sae import train_sae as train_sae
+    from .text_reward import RewardInputs as RewardInputs
+    from .text_reward import TextReward as TextReward
     from .tuned_lens import TunedRewardLens as TunedRewardLens
