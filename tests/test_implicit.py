@@ -233,6 +233,76 @@ def test_linearisation_against_finite_differences(arch):
     assert checked == (6 if arch == "gpt2" else 4)
 
 
+def test_neuron_attribution_splits_each_mlp_exactly(pair):
+    """Neuron level: a layer's neurons plus its b_out row add up to that layer's MLP attribution
+    at the component level (Gemma-2: through ln2_post under its cached scale), and everything
+    else is the component level's own rows."""
+    from tl_reward.implicit_analysis import implicit_reward_attribution
+
+    arch, _, _, variants = pair
+    model = variants["dpo"]
+    batch = _batch("left")
+    comp = implicit_reward_attribution(model, batch)
+    neur = implicit_reward_attribution(model, batch, level="neuron")
+    torch.testing.assert_close(neur.remainder, comp.remainder, atol=1e-6, rtol=0)
+    torch.testing.assert_close(neur.values.sum(0) + neur.remainder.sum(-1), neur.total,
+                               atol=1e-4, rtol=0, msg=arch)
+    d_mlp = model.policy.cfg.d_mlp
+    for k, label in enumerate(comp.labels):
+        name, part = label.split("/")
+        if part.endswith("_mlp_out"):
+            layer = part.split("_")[0]
+            rows = [i for i, lab in enumerate(neur.labels)
+                    if lab.startswith(f"{name}/L{layer}N") or lab == f"{name}/{layer}_mlp_bias"]
+            assert len(rows) == d_mlp + 1
+            torch.testing.assert_close(neur.per_position[rows].sum(0), comp.per_position[k],
+                                       atol=1e-4, rtol=0, msg=f"{arch} {label}")
+        else:
+            torch.testing.assert_close(neur.per_position[neur.labels.index(label)],
+                                       comp.per_position[k], atol=1e-6, rtol=0)
+    if arch == "llama":  # no MLP bias: the b_out rows are 0
+        bias = [i for i, lab in enumerate(neur.labels) if lab.endswith("_mlp_bias")]
+        assert float(neur.values[bias].abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_neuron_linearisation_against_finite_differences(arch):
+    """Each neuron's attribution is d reward / d eps when eps * (its write post_i * W_out[i],
+    centred and scaled) is added to the final norm's normalised state."""
+    from tl_reward import load_causal_lm, load_implicit_reward_model
+    from tl_reward.implicit_analysis import implicit_reward_attribution
+
+    models = [load_causal_lm(causal_lm(arch, s), dtype=torch.float64) for s in (0, 1)]
+    model = load_implicit_reward_model(*models, beta=BETA)
+    batch = _batch("left")
+    result = implicit_reward_attribution(model, batch, level="neuron")
+    eps = 1e-4
+    for label in ("policy/L0N3", "policy/L1N0", "reference/L1N5"):
+        name, part = label.split("/")
+        layer, neuron = (int(x) for x in part[1:].split("N"))
+        m = model.models[name]
+        with torch.no_grad():
+            _, cache = m.run_with_cache(batch.tokens, attention_mask=batch.attention_mask,
+                                        padding_side="right")
+        d = cache[f"blocks.{layer}.mlp.hook_post"][..., neuron, None] * m.blocks[layer].mlp.W_out[
+            neuron]
+        if m.cfg.normalization_type == "LN":
+            d = d - d.mean(-1, keepdim=True)
+        d = d / cache["ln_final.hook_scale"]
+
+        def shifted(e, m=m, d=d):
+            def hook_fn(act, hook):
+                return act + e * d
+
+            with m.hooks(fwd_hooks=[("ln_final.hook_normalized", hook_fn)]), torch.no_grad():
+                return model(batch)
+
+        fd = (shifted(eps) - shifted(-eps)) / (2 * eps)
+        value = result.values[result.labels.index(label)]
+        assert float(value.abs().max()) > 1e-6  # a neuron that does something
+        torch.testing.assert_close(fd, value, atol=1e-6, rtol=1e-5, msg=label)
+
+
 def _perturbed_copy(hooked, param: str, std: float, seed: int = 0):
     import copy
 

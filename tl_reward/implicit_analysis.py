@@ -33,13 +33,14 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 from ._readout import choose
 from .errors import InvalidInputError
 from .implicit import ImplicitRewardModel, ResponseBatch, log_probs_from_logits, token_log_probs
 
 SIGNS = {"policy": 1.0, "reference": -1.0}
-LEVELS = ("component", "head")
+LEVELS = ("component", "head", "neuron")
 
 
 def _targets(batch: ResponseBatch) -> tuple[Tensor, Tensor]:
@@ -207,9 +208,41 @@ def _parts(m: HookedTransformer, cache, rows: Tensor, pos: Tensor, level: str, d
         else:
             parts.append(attn_out)
             labels.append(f"{layer}_attn_out")
-        parts.append(at(get_act_name("mlp_out", layer)))
-        labels.append(f"{layer}_mlp_out")
+        if level != "neuron":
+            parts.append(at(get_act_name("mlp_out", layer)))
+            labels.append(f"{layer}_mlp_out")
     return torch.stack(parts), labels
+
+
+def _neuron_contributions(m: HookedTransformer, cache, rows: Tensor, pos: Tensor, layer: int,
+                          g: Tensor, dt: torch.dtype) -> tuple[Tensor, list[str]]:
+    """First-order contribution ``[d_mlp + 1, token]`` of each MLP neuron of ``layer`` (and of
+    the rest of its output, ``b_out``) to the log-probability, given ``g = d lp / d resid`` at the
+    final residual (centred and divided by the final norm's scale). A neuron writes
+    ``post_i * W_out[i]``, through a norm after the MLP (Gemma-2's ``ln2_post``, OLMo-2's
+    ``ln2``) under its cached scale, so its contribution is ``post_i * (W_out[i] . g')`` without
+    materialising ``[d_mlp, token, d_model]``."""
+    block = m.blocks[layer]
+    post = cache[get_act_name("post", layer)][rows, pos].to(dt)  # [token, d_mlp]
+    gl = g
+    after = []
+    if m.cfg.use_normalization_before_and_after and getattr(block, "ln2_post", None) is not None:
+        after.append(("ln2_post", block.ln2_post))
+    if m.cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        after.append(("ln2", block.ln2))
+    for name, norm in after:
+        if getattr(norm, "b", None) is not None or m.cfg.normalization_type in ("LN", "LNPre"):
+            raise InvalidInputError(
+                f"neuron-level attribution through a centring norm after the MLP ({name}) is "
+                "not supported; use level='component'"
+            )
+        w = getattr(norm, "w", None)
+        gl = gl * (w.to(dt) if w is not None else 1.0) / cache[
+            f"blocks.{layer}.{name}.hook_scale"][rows, pos].to(dt)
+    neurons = (post * (gl @ block.mlp.W_out.detach().to(dt).T)).T  # [d_mlp, token]
+    whole = (cache[get_act_name("mlp_out", layer)][rows, pos].to(dt) * g).sum(-1)
+    labels = [f"L{layer}N{i}" for i in range(neurons.shape[0])] + [f"{layer}_mlp_bias"]
+    return torch.cat([neurons, (whole - neurons.sum(0))[None]]), labels
 
 
 def implicit_reward_attribution(
@@ -217,9 +250,12 @@ def implicit_reward_attribution(
 ) -> ImplicitAttributionResult:
     """Linearised direct attribution of the implicit reward to each model's components.
 
-    ``level``: ``"component"`` (embeddings, each layer's attention and MLP output) or ``"head"``
+    ``level``: ``"component"`` (embeddings, each layer's attention and MLP output), ``"head"``
     (attention outputs split into heads and the output bias ``b_O``; after ``fold_ln=True`` the
-    value biases are folded into ``b_O``, so they move from the heads to that row). Reference
+    value biases are folded into ``b_O``, so they move from the heads to that row) or
+    ``"neuron"`` (each layer's attention output, and its MLP output split into neurons
+    ``L3N7``, ``post_i * W_out[i]``, and the rest ``3_mlp_bias``, i.e. ``b_out``; the rows of a
+    layer add up to its ``3_mlp_out`` at the component level). Reference
     components enter
     with a minus sign. See the module docstring for what is decomposed: each part's first-order
     contribution through the log-softmax, linearised at the actual final state, plus a remainder
@@ -237,6 +273,8 @@ def implicit_reward_attribution(
               "ln_final.hook_normalized", "ln_final.hook_scale", "ln1_post.hook_scale")
     if level == "head":
         wanted = (*wanted, "attn.hook_z")
+    if level == "neuron":
+        wanted = (*wanted, "mlp.hook_post", "ln2_post.hook_scale", "ln2.hook_scale")
     for name, m in model.models.items():
         with torch.no_grad():
             _, cache = m.run_with_cache(batch.tokens, attention_mask=batch.attention_mask,
@@ -254,6 +292,13 @@ def implicit_reward_attribution(
         scale = cache["ln_final.hook_scale"][rows, src].to(dt)  # [token, 1]
         w = (SIGNS[name] * weights).to(dt)
         contrib = torch.einsum("ctd,td->ct", parts / scale, grad) * w  # [part, token]
+        if level == "neuron":
+            g = grad - grad.mean(-1, keepdim=True) if m.cfg.normalization_type in (
+                "LN", "LNPre") else grad
+            for layer in range(m.cfg.n_layers):
+                c, lab = _neuron_contributions(m, cache, rows, src, layer, g / scale, dt)
+                contrib = torch.cat([contrib, c * w])
+                part_labels = [*part_labels, *lab]
         const = (lp - (grad * n).sum(-1)) * w
         dense = torch.zeros(len(part_labels), *shape, dtype=dt, device=contrib.device)
         dense[:, rows, pos] = contrib
