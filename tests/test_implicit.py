@@ -427,3 +427,79 @@ def test_fold_ln_changes_neither_the_reward_nor_the_component_attribution():
     a, b = (implicit_reward_attribution(m, batch) for m in (folded, plain))
     torch.testing.assert_close(a.values, b.values, atol=1e-4, rtol=0)
     torch.testing.assert_close(a.remainder, b.remainder, atol=1e-4, rtol=0)
+
+
+def test_position_patching_matches_transformer_lens_under_left_padding():
+    """The layer x position grid of policy -> reference patching equals TransformerLens's
+    get_act_patch_resid_pre / get_act_patch_mlp_out run on each sequence alone (unpadded), with
+    the implicit reward as metric; padding positions have no effect; small chunks change
+    nothing."""
+    import transformer_lens.patching as tlp
+
+    from tl_reward import load_causal_lm, load_implicit_reward_model
+    from tl_reward.implicit import log_probs_from_logits, response_batch_from_ids
+    from tl_reward.implicit_analysis import implicit_position_patch
+
+    policy = load_causal_lm(causal_lm("qwen2", 0))
+    reference = load_causal_lm(causal_lm("qwen2", 1))
+    model = load_implicit_reward_model(policy, reference, beta=BETA, length_normalize=True)
+    prompts, responses = prompts_and_responses(seed=6, n=3)
+    batch = response_batch_from_ids(prompts, responses, pad_token_id=PAD, padding_side="left")
+    ours = {h: implicit_position_patch(model, batch, hook=h) for h in ("resid_pre", "mlp_out")}
+    chunked = implicit_position_patch(model, batch, hook="mlp_out", max_rows=5)
+    torch.testing.assert_close(chunked.effects, ours["mlp_out"].effects, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours["resid_pre"].reward, model(batch), atol=1e-5, rtol=0)
+    tl = {"resid_pre": tlp.get_act_patch_resid_pre, "mlp_out": tlp.get_act_patch_mlp_out}
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        one = response_batch_from_ids([p], [r])
+        lp_policy = model.log_probs(one)["policy"]
+        w = model.token_weights(one)
+
+        def metric(logits, lp_policy=lp_policy, one=one, w=w):
+            return ((lp_policy - log_probs_from_logits(logits, one.tokens)) * w).sum()
+
+        _, policy_cache = policy.run_with_cache(one.tokens)
+        base = metric(reference(one.tokens))
+        n = one.tokens.shape[1]
+        offset = batch.tokens.shape[1] - n  # left padding
+        for hook, fn in tl.items():
+            truth = fn(reference, one.tokens, policy_cache, metric) - base  # [layer, pos]
+            torch.testing.assert_close(ours[hook].effects[:, offset:, i], truth, atol=1e-4,
+                                       rtol=0, msg=f"{hook} sequence {i}")
+            pad = ours[hook].effects[:, :offset, i]
+            torch.testing.assert_close(pad, torch.zeros_like(pad), atol=1e-6, rtol=0)
+    df = ours["resid_pre"].to_dataframe()
+    assert list(df.columns) == ["layer", "position", "sequence", "effect"]
+    assert len(df) == ours["resid_pre"].effects.numel()
+    row = df.iloc[7]
+    assert row.effect == pytest.approx(float(ours["resid_pre"].effects[
+        int(row.layer), int(row.position), int(row.sequence)]))
+
+
+def test_result_frames_are_their_tensors(pair):
+    """The shared long-format to_dataframe: one row per entry, labels where the tensor's index
+    is."""
+    from tl_reward.implicit_analysis import (
+        implicit_activation_patch,
+        implicit_reward_attribution,
+        implicit_reward_lens,
+    )
+
+    _, _, _, variants = pair
+    model = variants["dpo"]
+    batch = _batch("right")
+    lens = implicit_reward_lens(model, batch)
+    attr = implicit_reward_attribution(model, batch)
+    patch = implicit_activation_patch(model, batch, hook="mlp_out")
+    for frame, tensor, labels, key, value in (
+            (lens.to_dataframe(), lens.rewards, lens.labels, "layer", "reward"),
+            (attr.to_dataframe(), attr.values, attr.labels, "component", "value"),
+            (patch.to_dataframe(), patch.effects, patch.cells, "cell", "effect")):
+        assert len(frame) == tensor.numel()
+        for k in (0, len(frame) // 2, len(frame) - 1):
+            row = frame.iloc[k]
+            i = labels.index(row[key])
+            assert row[value] == pytest.approx(float(tensor[i, int(row.sequence)]), abs=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(lens.to_dataframe()["log_prob_reference"].values).reshape(
+            lens.rewards.shape), lens.log_probs["reference"].double().detach())

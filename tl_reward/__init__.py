@@ -47,6 +47,8 @@ _EXPORTS: dict[str, str] = {
     "ImplicitAttributionResult": "implicit_analysis",
     "ImplicitLensResult": "implicit_analysis",
     "ImplicitPatchResult": "implicit_analysis",
+    "ImplicitPositionPatchResult": "implicit_analysis",
+    "implicit_position_patch": "implicit_analysis",
     "implicit_activation_patch": "implicit_analysis",
     "implicit_attribution_patch": "implicit_analysis",
     "implicit_reward_attribution": "implicit_analysis",
@@ -127,8 +129,10 @@ if TYPE_CHECKING:
     from .implicit_analysis import ImplicitAttributionResult as ImplicitAttributionResult
     from .implicit_analysis import ImplicitLensResult as ImplicitLensResult
     from .implicit_analysis import ImplicitPatchResult as ImplicitPatchResult
+    from .implicit_analysis import ImplicitPositionPatchResult as ImplicitPositionPatchResult
     from .implicit_analysis import implicit_activation_patch as implicit_activation_patch
     from .implicit_analysis import implicit_attribution_patch as implicit_attribution_patch
+    from .implicit_analysis import implicit_position_patch as implicit_position_patch
     from .implicit_analysis import implicit_reward_attribution as implicit_reward_attribution
     from .implicit_analysis import implicit_reward_lens as implicit_reward_lens
     from .judge import HookedJudgeModel as HookedJudgeModel

@@ -35,7 +35,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-from ._readout import choose
+from ._readout import choose, long_frame
 from .errors import InvalidInputError
 from .implicit import ImplicitRewardModel, ResponseBatch, log_probs_from_logits, token_log_probs
 
@@ -93,14 +93,9 @@ class ImplicitLensResult:
         return self.per_token.sum(-1)
 
     def to_dataframe(self):
-        import pandas as pd
-
-        r = self.rewards.detach().cpu()
-        return pd.DataFrame(
-            [{"layer": lab, "sequence": b, "reward": float(r[i, b]),
-              **{f"log_prob_{k}": float(v[i, b]) for k, v in self.log_probs.items()}}
-             for i, lab in enumerate(self.labels) for b in range(r.shape[1])]
-        )
+        return long_frame(self.rewards, ("layer", "sequence"), {"layer": self.labels},
+                          value="reward",
+                          extra={f"log_prob_{k}": v for k, v in self.log_probs.items()})
 
 
 @torch.no_grad()
@@ -160,13 +155,7 @@ class ImplicitAttributionResult:
         return self.per_position.sum(-1)
 
     def to_dataframe(self):
-        import pandas as pd
-
-        v = self.values.detach().cpu()
-        return pd.DataFrame(
-            [{"component": lab, "sequence": b, "value": float(v[i, b])}
-             for i, lab in enumerate(self.labels) for b in range(v.shape[1])]
-        )
+        return long_frame(self.values, ("component", "sequence"), {"component": self.labels})
 
     def top(self, k: int = 10):
         """The ``k`` components with the largest mean |contribution|."""
@@ -341,11 +330,8 @@ class ImplicitPatchResult:
         return sign * self.effects / self.reward
 
     def to_dataframe(self):
-        import pandas as pd
-
-        e = self.effects.detach().cpu()
-        return pd.DataFrame([{"cell": c, "sequence": b, "effect": float(e[i, b])}
-                             for i, c in enumerate(self.cells) for b in range(e.shape[1])])
+        return long_frame(self.effects, ("cell", "sequence"), {"cell": self.cells},
+                          value="effect")
 
 
 def _hook_name(hook: str, layer: int) -> str:
@@ -421,6 +407,105 @@ def implicit_activation_patch(
                 cells.append(f"L{la}H{unit}" if unit is not None else f"{la}_{hook}")
     return ImplicitPatchResult(effects=torch.stack(effects), reward=base, cells=tuple(cells),
                                hook=hook, direction=direction)
+
+
+POSITION_HOOKS = ("resid_pre", "attn_out", "mlp_out", "resid_mid", "resid_post")
+
+
+@dataclass(frozen=True)
+class ImplicitPositionPatchResult:
+    """Single-position patching between policy and reference with the implicit reward as metric.
+
+    ``effects[layer, pos, batch]``: patched reward - unpatched reward when ``hook`` of layer
+    ``layers[l]`` is replaced at position ``pos`` only (in the padded batch's positions; 0 at
+    padding) by the source model's; ``reward[batch]``: the unpatched reward.
+    """
+
+    effects: Float[Tensor, "layer pos batch"]
+    reward: Float[Tensor, "batch"]
+    layers: tuple[int, ...]
+    hook: str
+    direction: str
+
+    def to_dataframe(self):
+        return long_frame(self.effects, ("layer", "position", "sequence"),
+                          {"layer": list(self.layers)}, value="effect")
+
+
+def implicit_position_patch(
+    model: ImplicitRewardModel,
+    batch: ResponseBatch,
+    *,
+    hook: str = "resid_pre",
+    direction: str = "policy_to_reference",
+    layers: Sequence[int] | None = None,
+    max_rows: int = 64,
+) -> ImplicitPositionPatchResult:
+    """Exact single-position patching (a layer x position grid, as
+    ``transformer_lens.patching.get_act_patch_resid_pre``) between policy and reference: each
+    cell writes the source model's ``hook`` activation at one layer and one position into the
+    target model, on every sequence at once, and recomputes the implicit reward with the other
+    model unchanged. Batched: the cells of a layer run as rows of a few forwards (at most
+    ``max_rows`` rows each) that start at the patched layer from the target's cached residual.
+    """
+    choose("hook", hook, POSITION_HOOKS)
+    choose("direction", direction, DIRECTIONS)
+    _check_same_shape(model)
+    if max_rows < 1:
+        raise InvalidInputError(f"max_rows must be >= 1, got {max_rows}")
+    batch = model.checked(batch)
+    source_name, target_name = direction.split("_to_")
+    source, target = model.models[source_name], model.models[target_name]
+    n_layers = target.cfg.n_layers
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    bad = [la for la in layers if not 0 <= la < n_layers]
+    if bad:
+        raise InvalidInputError(f"layers {bad} out of range 0..{n_layers - 1}")
+    tokens, mask = batch.tokens, batch.attention_mask
+    n_batch, n_pos = tokens.shape
+    weights = model.token_weights(batch)
+    names = {_hook_name(hook, la) for la in layers}
+    starts = {get_act_name("resid_pre", la) for la in layers}
+    with torch.no_grad():
+        _, src_cache = source.run_with_cache(tokens, attention_mask=mask, padding_side="right",
+                                             names_filter=lambda n: n in names)
+        _, tgt_cache = target.run_with_cache(tokens, attention_mask=mask, padding_side="right",
+                                             names_filter=lambda n: n in starts)
+        lp_source = token_log_probs(source, tokens, mask)
+        lp_target = token_log_probs(target, tokens, mask)
+
+        def reward(lp_t: Tensor, lp_s: Tensor, w: Tensor) -> Tensor:
+            lp = {source_name: lp_s, target_name: lp_t}
+            return ((lp["policy"] - lp["reference"]) * w.to(lp_t)).sum(-1)
+
+        base = reward(lp_target, lp_source, weights)
+        # every (position, sequence) cell as one row; rows of a chunk run in one forward
+        cell_pos = torch.arange(n_pos, device=tokens.device).repeat_interleave(n_batch)
+        cell_row = torch.arange(n_batch, device=tokens.device).repeat(n_pos)
+        per_chunk = max(1, max_rows)
+        effects = torch.zeros(len(layers), n_pos * n_batch, dtype=base.dtype, device=base.device)
+        for li, la in enumerate(layers):
+            name = _hook_name(hook, la)
+            src_act = src_cache[name]
+            start = tgt_cache[get_act_name("resid_pre", la)]
+            for s in range(0, n_pos * n_batch, per_chunk):
+                rows, pos = cell_row[s:s + per_chunk], cell_pos[s:s + per_chunk]
+                k = torch.arange(len(rows), device=tokens.device)
+
+                def patch(act, hook, rows=rows, pos=pos, k=k, src_act=src_act):
+                    act = act.clone()
+                    act[k, pos] = src_act[rows, pos].to(act.dtype)
+                    return act
+
+                with target.hooks(fwd_hooks=[(name, patch)]):
+                    logits = target(start[rows], attention_mask=mask[rows], padding_side="right",
+                                    start_at_layer=la)
+                lp_t = log_probs_from_logits(logits, tokens[rows])
+                effects[li, s:s + per_chunk] = (reward(lp_t, lp_source[rows], weights[rows])
+                                                - base[rows])
+    effects = effects.reshape(len(layers), n_pos, n_batch)
+    return ImplicitPositionPatchResult(effects=effects, reward=base, layers=tuple(layers),
+                                       hook=hook, direction=direction)
 
 
 def implicit_attribution_patch(
