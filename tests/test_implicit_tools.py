@@ -7,6 +7,15 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest (and steadiest on a shared machine) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def organism():
     from tl_reward.organisms import dpo
@@ -114,7 +123,6 @@ def _mean_ablation_effect(model, head, texts, head_texts):
     return (patched - clean).double()
 
 
-@pytest.mark.slow
 def test_cart_discovery_on_the_implicit_reward(organism):
     """Discovery on the policy (reference fixed) keeps circuits whose mean ablation changes the
     tail rewards; its effects equal an independent patch of the same heads, and ablating them
