@@ -1,11 +1,14 @@
 """Attribution patching: exact where the reward is linear, autograd-true, comparable with patching."""
 
+import contextlib
+
 import pytest
 import torch
 from helpers import make_hf_model, pad_batch, ragged_sequences, randomize_
 from scipy.stats import spearmanr
 
 from tl_reward import activation_patch, attribution_patch, errors, load_reward_model
+from tl_reward import memory_budget as set_memory_budget_for_test
 from tl_reward.patching import HOOKS, PERS
 
 HOOKS_ALL = ("z", "v", "mlp_post", "attn_out", "mlp_out", "resid_post")
@@ -149,6 +152,56 @@ def test_chunks_leave_parameter_grads_alone_and_work_with_frozen_parameters():
     frozen = attribution_patch(model, clean, corrupt, hooks=("z", "resid_pre"), progress=False, **kw)
     for hook in ("z", "resid_pre"):
         torch.testing.assert_close(frozen.estimates[hook], first.estimates[hook])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_checkpointed_blocks_give_the_same_estimates_and_hold_one_layer_graph(arch):
+    """Activation checkpointing (chosen automatically when one pair's graph exceeds the memory
+    budget) recomputes each block in the backward pass: same estimates, same rewards, frozen
+    parameters too, and the model's forward is its own again afterwards."""
+    model = load_reward_model(randomize_(make_hf_model(arch, gqa=arch != "gpt2")))
+    clean, corrupt, kw = _ragged()
+    hooks = ("z", "v", "mlp_post", "resid_pre", "attn_out", "mlp_out")
+    plain = attribution_patch(model, clean, corrupt, hooks=hooks, checkpoint=False,
+                              progress=False, **kw)
+    with set_memory_budget_for_test(1e-6):  # far below one pair's graph: checkpointing chosen
+        auto = attribution_patch(model, clean, corrupt, hooks=hooks, progress=False, **kw)
+    assert auto.stats.n_forwards == 3 * clean.shape[0]  # one pair a chunk, one forward more
+    model.requires_grad_(False)
+    frozen = attribution_patch(model, clean, corrupt, hooks=hooks, checkpoint=True,
+                               progress=False, **kw)
+    for result in (auto, frozen):
+        for hook in hooks:
+            torch.testing.assert_close(result.estimates[hook], plain.estimates[hook],
+                                       atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(result.corrupt_reward, plain.corrupt_reward)
+    assert all("forward" not in block.__dict__ for block in model.blocks)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_checkpointed_blocks_keep_one_layer_of_graph():
+    """The saved tensors of a checkpointed backward: only block inputs are kept by the forward
+    (each block's graph is recomputed when its backward runs), a fraction of the full graph."""
+    from tl_reward._memory import checkpointed_blocks
+
+    model = load_reward_model(make_hf_model("llama", gqa=True))
+    tokens = torch.randint(3, 97, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def saved_bytes(checkpoint: bool) -> int:
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        ctx = checkpointed_blocks(model) if checkpoint else contextlib.nullcontext()
+        with ctx, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(tokens).sum()
+        return total
+
+    full, ckpt = saved_bytes(False), saved_bytes(True)
+    assert ckpt < full / 4, (ckpt, full)
 
 
 def test_layers_subset_and_explicit_position_map_match_exact_grid():

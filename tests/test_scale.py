@@ -54,12 +54,26 @@ def test_identical_buffers_are_stored_once():
     assert torch.equal(model.blocks[1].attn.rotary_sin, reference)
 
 
-def test_directory_load_in_half_precision_is_memory_mapped(tmp_path):
-    """From a directory, the checkpoint is read in the requested dtype (no float32 copy) and its
-    tensors are the memory-mapped file's: the parameters live in a mapping of model.safetensors."""
-    hf = make_hf_model("llama", gqa=True).to(torch.bfloat16)
+@pytest.mark.parametrize("kind", ["reward_model", "causal_lm"])
+def test_directory_load_in_half_precision_is_memory_mapped(tmp_path, kind):
+    """From a directory, the checkpoint is read in the requested dtype (no float32 copy); a
+    reward model's tensors are the memory-mapped file's: the parameters live in a mapping of
+    model.safetensors. A causal LM (what judges and implicit rewards load) is read the same way;
+    its HookedTransformer keeps TransformerLens's own parameter layout, so the attention weights
+    are copied per tensor."""
+    import transformers as T
+    from helpers import make_config
+
+    from tl_reward import load_causal_lm
+
+    if kind == "reward_model":
+        hf, load = make_hf_model("llama", gqa=True), load_reward_model
+    else:
+        hf = T.LlamaForCausalLM(make_config("llama", gqa=True)).eval()
+        load = load_causal_lm
+    hf = hf.to(torch.bfloat16)
     hf.save_pretrained(tmp_path)
-    model = load_reward_model(tmp_path, dtype=torch.bfloat16)
+    model = load(tmp_path, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in model.parameters())
     maps = []
     for line in open("/proc/self/maps"):
@@ -68,33 +82,56 @@ def test_directory_load_in_half_precision_is_memory_mapped(tmp_path):
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
             maps.append((lo, hi))
     w_q = model.blocks[0].attn.W_Q
-    assert any(lo <= w_q.data_ptr() < hi for lo, hi in maps), "W_Q is not the file's mapping"
+    in_file = any(lo <= w_q.data_ptr() < hi for lo, hi in maps)
+    assert in_file == (kind == "reward_model"), "W_Q is not the file's mapping"
+    assert maps, "the checkpoint was not memory-mapped"
     tokens, mask = pad_batch(ragged_sequences(seed=4), "right")
-    with torch.no_grad():  # the same rewards as converting the same HF model in memory
+    with torch.no_grad():  # the same outputs as converting the same HF model in memory
         assert torch.equal(model(tokens, attention_mask=mask),
-                           load_reward_model(hf)(tokens, attention_mask=mask))
+                           load(hf)(tokens, attention_mask=mask))
 
 
-def test_a_sequence_that_cannot_fit_the_available_memory_is_refused_before_it_runs(monkeypatch):
-    """AtP's backward keeps every layer's attention scores: where one sequence's need exceeds the
-    memory available (measured: AtP at 2,048 tokens on a 1B model was killed by the system's OOM
-    killer at 23 GB), the tool says so instead; a forward-only tool on the same input still runs.
+def test_a_sequence_whose_graph_cannot_fit_is_checkpointed_or_refused(monkeypatch):
+    """AtP's backward keeps every layer's graph (measured: AtP at 2,048 tokens on a 1B model was
+    killed by the system's OOM killer at 23 GB before checkpointing). Where one sequence's full
+    graph exceeds the memory available, AtP recomputes it block by block (the same estimates);
+    asked not to checkpoint, it is refused before it runs, and so is a sequence whose
+    checkpointed graph does not fit either; a forward-only tool on the same input still runs.
     Only the available-memory reading is replaced here, not any number the tools compute."""
+    import transformers as T
+    from helpers import make_config, randomize_
+
     import tl_reward._memory as memory
     from tl_reward import attribution_patch, errors, reward_lens
 
-    model = load_reward_model(make_hf_model("llama", gqa=True))
+    config = make_config("llama", gqa=True)
+    config.num_hidden_layers = 8
+    torch.manual_seed(0)
+    hf = T.AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+    model = load_reward_model(randomize_(hf).eval())
     tokens, mask = pad_batch(ragged_sequences(seed=5), "right")
     n = tokens.shape[1]
+    kw = dict(hooks=("z", "resid_pre"), layers=[6, 7], progress=False)
+    plain = attribution_patch(model, tokens[:2], tokens[2:4], checkpoint=False, **kw)
     forward = memory.forward_bytes_per_row(model.cfg, n)
-    backward = memory.forward_bytes_per_row(model.cfg, n, grad=True)
-    assert backward > forward
-    monkeypatch.setattr(memory, "available_memory", lambda device="cpu": (forward + backward) // 2)
-    with memory.memory_budget(forward / 2**30 / 4):  # below one row: one row at a time
+    kept = 3 * n * 2 * (64 + 64) * 4  # both runs' activations and the gradients of z, resid_pre
+    backward = memory.forward_bytes_per_row(model.cfg, n, grad=True) + kept
+    checkpointed = memory.forward_bytes_per_row(model.cfg, n, grad=True, checkpointed=True) + kept
+    assert forward < checkpointed < backward
+    available = (checkpointed + backward) // 2
+    monkeypatch.setattr(memory, "available_memory", lambda device="cpu": available)
+    with memory.memory_budget(available / 2**30):
         reward_lens(model, tokens, mask)
+        atp = attribution_patch(model, tokens[:2], tokens[2:4], **kw)
+        assert atp.stats.n_forwards == 3 * 2  # checkpointed: one pair a chunk, one more forward
+        for hook, est in plain.estimates.items():
+            torch.testing.assert_close(atp.estimates[hook], est, atol=1e-5, rtol=1e-4)
         with pytest.raises(errors.InsufficientMemoryError, match=rf"one sequence of {n} tokens.*"
                            r"backward pass keeps every layer"):
-            attribution_patch(model, tokens[:2], tokens[2:4], progress=False)
+            attribution_patch(model, tokens[:2], tokens[2:4], checkpoint=False, **kw)
+    monkeypatch.setattr(memory, "available_memory", lambda device="cpu": forward)
+    with memory.memory_budget(forward / 2**30), pytest.raises(errors.InsufficientMemoryError):
+        attribution_patch(model, tokens[:2], tokens[2:4], **kw)
 
 
 def test_memory_budget_picks_smaller_batches_with_the_same_results():
@@ -165,3 +202,48 @@ def test_bench_scale_runs_at_tiny_scale():
     assert r["bf16_effect_corr"] > 0.99
     assert r["bf16_reward_gap"] < 0.05 * r["bf16_reward_scale"] + 1e-3
     assert "| forward 2 x 128" in bench.table(r)
+
+
+def test_layers_split_over_devices_are_placed_where_transformer_lens_runs_them(monkeypatch):
+    """``n_devices``: block i lives on TransformerLens's ``get_device_for_block_index(i)``, the
+    embeddings with block 0, the final norm and the head with the last block, and the forward
+    (both paths) passes the residual stream between them. Without several GPUs, the placement
+    alone is replaced: the second half of the layers goes to the ``meta`` device (shapes, no
+    numbers), where any operation mixing devices fails as it would across GPUs. The numbers are
+    checked on one device by every other test."""
+    import sys
+
+    import transformer_lens.utilities.multi_gpu as multi_gpu
+
+    from tl_reward import errors, reward_lens
+    from tl_reward._device import block_device, checked_n_devices
+
+    def split(index, cfg, device=None):
+        return torch.device("meta" if index >= cfg.n_layers // 2 else "cpu")
+
+    monkeypatch.setattr(multi_gpu, "get_device_for_block_index", split)
+    monkeypatch.setattr(sys.modules["transformer_lens.HookedTransformer"],
+                        "get_device_for_block_index", split)
+    hf = make_hf_model("llama", gqa=True)
+    model = load_reward_model(hf)
+    n = model.cfg.n_layers
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name.startswith("blocks."):
+            expected = block_device(model.cfg, int(name.split(".")[1]))
+        else:
+            expected = torch.device("cpu" if name.startswith("embed") else "meta")
+        assert tensor.device == expected, name
+    assert block_device(model.cfg, n - 1).type == "meta"
+    tokens = torch.randint(3, 90, (3, 9), generator=torch.Generator().manual_seed(0))
+    for return_type in ("reward", "per_position"):  # the scoring-token path and the full one
+        reward = model(tokens, return_type=return_type)
+        assert reward.device.type == "meta" and reward.shape[0] == 3
+    with pytest.raises(errors.DeviceError, match="split over 2"):
+        model.cfg.n_devices = 2
+        reward_lens(model, tokens)
+    with pytest.raises(errors.DeviceError, match="pass device='cuda'"):
+        checked_n_devices("cpu", 2)
+    with pytest.raises(errors.DeviceError, match="positive integer"):
+        checked_n_devices("cpu", 0)
+    with pytest.raises(errors.DeviceError, match="pass device='cuda'"):
+        load_reward_model(hf, n_devices=2)

@@ -16,7 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
-from .errors import HookNameError, InvalidInputError
+from .errors import DeviceError, HookNameError, InvalidInputError
 from .model import HookedRewardModel, Text, readout_dtype
 
 
@@ -36,7 +36,17 @@ def as_tokens(
     tokens: Tensor | Sequence[Text],
     attention_mask: Tensor | None,
 ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"] | None]:
-    """Token ids and mask from token ids or texts (texts are tokenized and right-padded)."""
+    """Token ids and mask from token ids or texts (texts are tokenized and right-padded).
+
+    The analysis tools gather activations of every layer in one place, so they need the model on
+    one device: a model split over several (``n_devices``) is refused here with what to do."""
+    if model.cfg.n_devices > 1:
+        raise DeviceError(
+            f"this tool needs the model on one device; it is split over {model.cfg.n_devices} "
+            "(n_devices). A split model scores (model.score, score_pairs, forward, "
+            "run_with_cache); for the analysis tools load it with n_devices=1 on one device "
+            "with room for it (or in a lower dtype)"
+        )
     if isinstance(tokens, Tensor):
         tokens, attention_mask = model._check_tokens(tokens.to(model.cfg.device), attention_mask)
         return tokens, attention_mask

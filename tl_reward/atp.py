@@ -28,13 +28,14 @@ reward far from linear.
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ._memory import rows_that_fit
+from ._memory import checkpointed_blocks, needs_checkpointing, rows_that_fit
 from ._readout import as_tokens, choose, readout_dtype
 from .errors import InvalidInputError
 from .model import HookedRewardModel, Text
@@ -173,6 +174,7 @@ def attribution_patch(
     positions: str | Tensor = "align_end",
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
+    checkpoint: bool | None = None,
     progress: bool = True,
 ) -> AtPResult:
     """Attribution patching: first-order estimates of every patch of ``hooks`` at once.
@@ -188,9 +190,17 @@ def attribution_patch(
         positions: ``"align_end"`` or a ``[pair, target_pos]`` map, as in ``activation_patch``.
         layers: restrict to these layers (default all).
         batch_size: pairs per chunk (each chunk: two forwards and one backward); bounds memory.
+            Fewer pairs run at once where the memory budget
+            (:func:`tl_reward.set_memory_budget`) allows fewer.
+        checkpoint: run the target run's blocks under activation checkpointing
+            (:func:`tl_reward._memory.checkpointed_blocks`: one layer's graph held at a time
+            during the backward pass, for one more forward); ``None`` (default) does so exactly
+            when one pair's full backward graph would not fit the memory budget (long inputs).
+            The estimates are the same either way.
         progress: show a progress bar over the chunks.
 
-    Cost: two forwards and one backward per chunk of pairs, whatever the number of cells.
+    Cost: two forwards and one backward per chunk of pairs, whatever the number of cells (one
+    forward more with ``checkpoint``).
     """
     hooks = tuple(hooks)
     if not hooks:
@@ -220,10 +230,17 @@ def attribution_patch(
         )
     if batch_size < 1:
         raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
-    # the memory budget: the target run's graph, kept for the backward, bounds the pairs per chunk
-    batch_size = rows_that_fit(cfg, max(clean_t.shape[1], corrupt_t.shape[1]), batch_size,
-                               grad=True)
     names = {f"blocks.{l}.{HOOKS[h][0]}": (h, l) for h in hooks for l in layers}
+    # the memory budget: the target run's graph, kept for the backward, and the activations read
+    # (both runs' and the gradients) bound the pairs per chunk; a graph that does not fit even
+    # for one pair is recomputed layer by layer in the backward pass instead
+    n_pos = max(clean_t.shape[1], corrupt_t.shape[1])
+    kept = 3 * n_pos * sum(_cell_width(cfg, HOOKS[h][1], h) for h in hooks) * len(layers) * max(
+        torch.tensor([], dtype=cfg.dtype).element_size(), 4)
+    if checkpoint is None:
+        checkpoint = needs_checkpointing(cfg, n_pos, kept_per_row=kept)
+    batch_size = rows_that_fit(cfg, n_pos, batch_size, kept_per_row=kept, grad=True,
+                               checkpointed=checkpoint)
     t_tokens, t_mask = (corrupt_t, corrupt_m) if mode == "denoise" else (clean_t, clean_m)
     s_tokens, s_mask = (clean_t, clean_m) if mode == "denoise" else (corrupt_t, corrupt_m)
     if not isinstance(positions, str):
@@ -241,16 +258,17 @@ def attribution_patch(
             model, names, layers,
             s_tokens[rows], None if s_mask is None else s_mask[rows],
             t_tokens[rows], None if t_mask is None else t_mask[rows],
-            positions if isinstance(positions, str) else positions[rows],
+            positions if isinstance(positions, str) else positions[rows], checkpoint,
         ))
     estimates = {h: torch.cat([c[0][h] for c in chunks], dim=-1) for h in hooks}
     pos_map, pooled, source_r, target_r = (torch.cat([c[k] for c in chunks]) for k in range(1, 5))
     clean_r, corrupt_r = (source_r, target_r) if mode == "denoise" else (target_r, source_r)
     flops = n_pairs * cfg.n_layers * (
         _layer_flops(model, s_tokens.shape[1], s_tokens.shape[1])
-        + 3 * _layer_flops(model, n_t, n_t)  # forward + backward (about twice a forward)
+        # forward + backward (about twice a forward), and the recomputing forward
+        + (3 + checkpoint) * _layer_flops(model, n_t, n_t)
     )
-    stats = PatchStats(n_forwards=2 * len(chunks), n_rows=2 * n_pairs, flops=float(flops),
+    stats = PatchStats(n_forwards=(2 + checkpoint) * len(chunks), n_rows=2 * n_pairs, flops=float(flops),
                        seconds=time.perf_counter() - started, device=str(pooled.device),
                        dtype=cfg.dtype)
     return AtPResult(
@@ -260,12 +278,24 @@ def attribution_patch(
     )
 
 
-def _atp_rows(model, names, layers, s_tokens, s_mask, t_tokens, t_mask, positions):
+def _cell_width(cfg, kind: str, hook: str) -> int:
+    """Entries of one position of ``hook`` at one layer (heads times d_head, neurons, d_model)."""
+    if kind == "neuron":
+        return cfg.d_mlp
+    if kind == "head":
+        kv = hook in ("k", "v") and cfg.n_key_value_heads is not None
+        return (cfg.n_key_value_heads if kv else cfg.n_heads) * cfg.d_head
+    return cfg.d_model
+
+
+def _atp_rows(model, names, layers, s_tokens, s_mask, t_tokens, t_mask, positions,
+              checkpoint: bool):
     """Estimates of one chunk of pairs: two forwards (source, target) and one backward."""
     source = _forward(model, s_tokens, s_mask, names, grad=False)
-    target = _forward(model, t_tokens, t_mask, names, grad=True)
-    acts = list(target.cache)
-    grads = torch.autograd.grad(target.reward.sum(), [target.cache[n] for n in acts])
+    with checkpointed_blocks(model) if checkpoint else nullcontext():
+        target = _forward(model, t_tokens, t_mask, names, grad=True)
+        acts = list(target.cache)
+        grads = torch.autograd.grad(target.reward.sum(), [target.cache[n] for n in acts])
     pos_map = _position_map(target, source, positions)
     n_pairs, n_t = target.tokens.shape
     dt = readout_dtype(model)

@@ -27,6 +27,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
+from ._device import block_device, output_device
 from ._memory import rows_that_fit
 from .errors import (
     HeadError,
@@ -312,7 +313,7 @@ class HookedRewardModel(HookedTransformer):
                 f"the {head.kind} head returns {n_out} rewards but this model was built for "
                 f"{self.n_rewards}; build the model with that many outputs"
             )
-        self.reward_head = head.to(device=self.cfg.device, dtype=self.cfg.dtype)
+        self.reward_head = head.to(device=output_device(self.cfg), dtype=self.cfg.dtype)
         self.setup()
 
     def _linear_head(self) -> None:
@@ -529,7 +530,8 @@ class HookedRewardModel(HookedTransformer):
         batch_index = torch.arange(normed.shape[0], device=normed.device)
         prompt = None
         if head.reads_prompt_end:
-            prompt = normed[batch_index, self.prompt_end_index(tokens, attention_mask, pool_index)]
+            prompt_index = self.prompt_end_index(tokens, attention_mask, pool_index)
+            prompt = normed[batch_index, prompt_index.to(normed.device)]
         if return_type == "per_position":
             flat = normed.reshape(-1, normed.shape[-1])
             if prompt is not None:
@@ -635,11 +637,15 @@ class HookedRewardModel(HookedTransformer):
         (checked against it, and against HF, in the tests).
         """
         last = self.cfg.n_layers - 1
+        n_past = int(pool_index.max())
+        aligned = bool((pool_index == n_past).all())
+        x = x.to(block_device(self.cfg, last))  # where the last block lives (layers split)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(x.device)
         batch = x.shape[0]
         start = past[0].shape[1] if past is not None else 0
         pool_index = pool_index.to(x.device)
         rows = torch.arange(batch, device=x.device)
-        n_past = int(pool_index.max())
         query = x[rows, pool_index - start][:, None]  # [batch, 1, d_model]
         block = self.blocks[last]
         normed = block.ln1(x[:, : n_past - start])
@@ -648,7 +654,7 @@ class HookedRewardModel(HookedTransformer):
             k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
         real = (attention_mask[:, :n_past] if attention_mask is not None
                 else torch.ones(batch, n_past, dtype=torch.long, device=x.device))
-        if bool((pool_index == n_past).all()):
+        if aligned:
             mask = attention_mask[:, : n_past + 1] if attention_mask is not None else None
         else:  # right-align each row's past so that every query sits at position n_past
             src = torch.arange(n_past, device=x.device)[None] - (n_past - pool_index)[:, None]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
 
-from .._device import checked_device
+from .._device import checked_device, checked_n_devices
 from ..errors import (
     ModelSourceError,
     NotARewardModelError,
@@ -29,7 +29,7 @@ from ..heads import as_reward_head
 from ..model import HookedRewardModel, exact_ambiguous_folds
 from . import gpt, llama_like, olmo, phi
 from ._base import Adapter
-from ._build import assign_state, buffers_to, empty_parameters
+from ._build import assign_state, empty_parameters, place_buffers
 from .heads import checkpoint_head, head_of
 
 logger = logging.getLogger(__name__)
@@ -166,16 +166,24 @@ def _adapter_for(hf_config: Any) -> Adapter:
     return REGISTRY[model_type]
 
 
-def _read_kwargs(device: str | None, dtype: torch.dtype | None) -> dict[str, Any]:
+def _read_kwargs(device: str | None, dtype: torch.dtype | None,
+                 n_devices: int = 1) -> dict[str, Any]:
     """``from_pretrained`` arguments that read the checkpoint once, as it will be used: in
-    ``dtype`` (no float32 round trip) and, for an accelerator, straight onto it (no host copy).
+    ``dtype`` (no float32 round trip) and, for an accelerator, straight onto it (no host copy);
+    split over ``n_devices`` GPUs from ``device``'s index on, balanced as the layers will be.
     On the CPU, transformers memory-maps the safetensors file and its tensors are reused as they
     are."""
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if device is not None and torch.device(device).type != "cpu":
-        kwargs["device_map"] = device
+        if n_devices > 1:
+            start = torch.device(device).index or 0
+            kwargs["device_map"] = "balanced"
+            kwargs["max_memory"] = {i: torch.cuda.mem_get_info(i)[0]
+                                    for i in range(start, start + n_devices)}
+        else:
+            kwargs["device_map"] = device
     return kwargs
 
 
@@ -223,6 +231,7 @@ def hooked_config(
     dtype: torch.dtype | None,
     device: str | torch.device | None,
     extra_cfg: dict[str, Any] | None = None,
+    n_devices: int = 1,
 ) -> HookedTransformerConfig:
     """The HookedTransformerConfig of ``hf_model`` (checked by its adapter) with ``n_out`` head
     outputs, in ``dtype`` on ``device`` (default: the HF model's), ``n_ctx`` checked and capped."""
@@ -253,6 +262,7 @@ def hooked_config(
         model_name=Path(getattr(hf_config, "_name_or_path", "") or adapter.model_type).name,
         dtype=dtype or first_param.dtype,
         device=device if device is not None else str(first_param.device),
+        n_devices=n_devices,
         init_weights=False,
         default_prepend_bos=False,
     )
@@ -274,7 +284,7 @@ def fill(
             "blocks normalise each sublayer's output (post-norm), so no linear map follows those "
             "norms to fold their weights into. Load it with fold_ln=False."
         )
-    buffers_to(model, model.cfg.device)
+    place_buffers(model)
     overrides = exact_ambiguous_folds(state, model.cfg) if fold_ln else None
     assign_state(
         model, state, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
@@ -294,6 +304,7 @@ def load_reward_model(
     n_ctx: int | None = None,
     head: nn.Module | None = None,
     gate_pattern: Sequence[int] | None = None,
+    n_devices: int = 1,
 ) -> HookedRewardModel:
     """Convert an HF reward model into a :class:`HookedRewardModel` with identical rewards.
 
@@ -323,14 +334,20 @@ def load_reward_model(
             models only, where the norm removes the mean); rewards are unchanged.
         device, dtype: where and in what precision to build the model (default: the HF model's).
         n_ctx: longest sequence accepted (default: the HF context, capped at 4096).
+        n_devices: split the layers over this many CUDA devices from ``device`` on (a model
+            that does not fit one GPU): TransformerLens's own split (``cfg.n_devices``), block
+            ``i`` on ``tl_reward._device.block_device(cfg, i)``, the embeddings with the first
+            block, the final norm and the head with the last; a directory is read straight onto
+            those devices.
     """
     if device is not None:  # before any loading
         device = checked_device(device)
+    n_devices = checked_n_devices(device, n_devices)
     if isinstance(model, str | os.PathLike):
         path = local_directory(model)
         # read once, in the requested dtype, straight to the requested device (memory-mapped)
         model, tokenizer, stored_head = _from_directory(path, tokenizer, gate_pattern,
-                                                        **_read_kwargs(device, dtype))
+                                                        **_read_kwargs(device, dtype, n_devices))
         head = head if head is not None else stored_head
     from transformers import PreTrainedModel
 
@@ -357,7 +374,7 @@ def load_reward_model(
         nn.init.zeros_(score.weight)
     cfg = hooked_config(
         model, adapter, score.out_features, center_writing_weights=center_writing_weights,
-        n_ctx=n_ctx, dtype=dtype, device=device,
+        n_ctx=n_ctx, dtype=dtype, device=device, n_devices=n_devices,
     )
     id2label = getattr(hf_config, "id2label", None) or {}
     labels = [str(id2label.get(i, f"reward_{i}")) for i in range(score.out_features)]

@@ -28,6 +28,8 @@ from transformer_lens import HookedTransformer
 from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
 from transformer_lens.weight_processing import ProcessWeights
 
+from .._device import block_device, output_device
+
 # Buffers TransformerLens builds per attention layer from the config alone: one tensor per
 # distinct value (TransformerLens 3.9 builds causal masks at forward time; ``mask`` is empty).
 _SHAREABLE_BUFFERS = frozenset({"mask", "IGNORE", "rotary_sin", "rotary_cos"})
@@ -72,15 +74,29 @@ def empty_parameters() -> Iterator[None]:
         nn.Module.register_buffer = register_buffer
 
 
-def buffers_to(model: nn.Module, device: str | torch.device) -> None:
-    """Move every buffer to ``device``, keeping shared buffers shared."""
-    moved: dict[int, Tensor] = {}
-    for module in model.modules():
+def key_device(cfg: Any, key: str) -> torch.device:
+    """The device of the parameter or buffer ``key``: its block's (TransformerLens's split of the
+    layers over ``cfg.n_devices``), block 0's for the embeddings, the last block's for the final
+    norm and the head (see :func:`tl_reward._device.block_device`)."""
+    m = _LAYER_KEY.match(key)
+    if m:
+        return block_device(cfg, int(m.group(1)))
+    if key.startswith(("embed.", "pos_embed.", "hook_embed", "hook_pos_embed")):
+        return block_device(cfg, 0)
+    return output_device(cfg)
+
+
+def place_buffers(model: nn.Module) -> None:
+    """Move every buffer to its module's device (:func:`key_device`), keeping buffers shared
+    within a device."""
+    moved: dict[tuple[int, torch.device], Tensor] = {}
+    for module_name, module in model.named_modules():
+        device = key_device(model.cfg, module_name + ".")
         for name, buf in module._buffers.items():
-            if buf is not None and buf.device != torch.device(device):
-                if id(buf) not in moved:
-                    moved[id(buf)] = buf.to(device)
-                module._buffers[name] = moved[id(buf)]
+            if buf is not None and buf.device != device:
+                if (id(buf), device) not in moved:
+                    moved[id(buf), device] = buf.to(device)
+                module._buffers[name] = moved[id(buf), device]
 
 
 def swap_folded_norms(model: HookedTransformer, state: dict[str, Tensor]) -> bool:
@@ -104,7 +120,8 @@ def swap_folded_norms(model: HookedTransformer, state: dict[str, Tensor]) -> boo
 
 
 def _process(
-    chunk: dict[str, Tensor], layer: int | None, cfg: Any, *, fold_ln: bool, center: bool
+    chunk: dict[str, Tensor], layer: int | None, cfg: Any, *, fold_ln: bool, center: bool,
+    device: torch.device,
 ) -> dict[str, Tensor]:
     """TransformerLens's ``process_weights`` on one layer's weights (``layer``) or on the rest
     (``None``: embeddings, final norm, head), through a copy of the config with that many layers.
@@ -122,7 +139,7 @@ def _process(
         if cfg.positional_embedding_type not in ("rotary", "alibi", "none"):
             dummies.append("pos_embed.W_pos")
         for key in dummies:
-            chunk[key] = torch.zeros(1, cfg.d_model, dtype=cfg.dtype, device=cfg.device)
+            chunk[key] = torch.zeros(1, cfg.d_model, dtype=cfg.dtype, device=device)
     out = ProcessWeights.process_weights(
         chunk,
         sub_cfg,
@@ -203,6 +220,7 @@ def assign_state(
     if fold_ln:
         fold_ln = swap_folded_norms(model, state)
     processing = fold_ln or center_writing_weights
+    assigned: set[str] = set()
     with torch.no_grad():
         for layer, keys in _chunks(list(state), cfg.n_layers):
             chunk = {}
@@ -211,19 +229,21 @@ def assign_state(
                 if tensor.is_meta:  # filled by fill_missing_keys from the empty model
                     module_name, _, name = key.rpartition(".")
                     tensor = _default(model.get_submodule(module_name), name, tensor)
-                chunk[key] = tensor.to(device=cfg.device, dtype=cfg.dtype)
+                chunk[key] = tensor.to(device=key_device(cfg, key), dtype=cfg.dtype)
             if processing:
                 # folding never changes the embeddings (only centring does): not through the
                 # float32 round trip of process_weights, which would copy them for nothing
                 skip = {} if center_writing_weights else {
                     k: chunk.pop(k) for k in ("embed.W_E", "pos_embed.W_pos") if k in chunk}
-                chunk = _process(chunk, layer, cfg, fold_ln=fold_ln, center=center_writing_weights)
+                chunk = _process(chunk, layer, cfg, fold_ln=fold_ln, center=center_writing_weights,
+                                 device=block_device(cfg, 0 if layer is None else layer))
                 chunk.update(skip)
             for key in [k for k in chunk if k in overrides]:
-                chunk[key] = overrides.pop(key).to(device=cfg.device, dtype=cfg.dtype)
+                chunk[key] = overrides.pop(key).to(device=key_device(cfg, key), dtype=cfg.dtype)
             for key in list(chunk):
                 _assign(model, key, chunk.pop(key))
-    empty = [n for n, p in model.named_parameters() if p.is_meta]
+                assigned.add(key)
+    empty = [n for n, p in model.named_parameters() if n not in assigned]
     if empty:
         raise ValueError(f"no weights were converted for {empty}")
     if fold_ln:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from .._device import checked_device
+from .._device import checked_device, checked_n_devices
 from ..errors import (
     InvalidInputError,
     ModelSourceError,
@@ -37,6 +37,7 @@ from ..judge import ExpectedScoreHead, HookedJudgeModel, JudgeRead, Template
 from . import (
     _adapter_for,
     _checked_config,
+    _read_kwargs,
     converted_state,
     fill,
     hooked_config,
@@ -48,7 +49,8 @@ from ._build import empty_parameters
 logger = logging.getLogger(__name__)
 
 
-def _causal_from_directory(path: Path, tokenizer: Any) -> tuple[Any, Any]:
+def _causal_from_directory(path: Path, tokenizer: Any, **read: Any) -> tuple[Any, Any]:
+    """The causal LM in ``path``, read once as ``read`` (``_read_kwargs``) says, and its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type = _checked_config(
@@ -57,7 +59,7 @@ def _causal_from_directory(path: Path, tokenizer: Any) -> tuple[Any, Any]:
     )
     try:
         AutoConfig.from_pretrained(path, local_files_only=True)
-        hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **read)
     except Exception as err:  # noqa: BLE001 - any failure to read the checkpoint, with its cause
         raise ModelSourceError(
             f"cannot load the {model_type} checkpoint in {str(path)!r} with transformers: "
@@ -66,11 +68,13 @@ def _causal_from_directory(path: Path, tokenizer: Any) -> tuple[Any, Any]:
     return hf_model, local_tokenizer(path, tokenizer)
 
 
-def _as_causal_lm(model: Any, tokenizer: Any) -> tuple[Any, Any, nn.Linear]:
-    """The HF causal LM object (loaded from a local directory if one is given) and its LM head."""
+def _as_causal_lm(model: Any, tokenizer: Any,
+                  read: dict[str, Any] | None = None) -> tuple[Any, Any, nn.Linear]:
+    """The HF causal LM object (loaded from a local directory if one is given, in the dtype and
+    on the devices of ``read``) and its LM head."""
     if isinstance(model, str | os.PathLike):
         path = local_directory(model)
-        model, tokenizer = _causal_from_directory(path, tokenizer)
+        model, tokenizer = _causal_from_directory(path, tokenizer, **(read or {}))
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
@@ -104,6 +108,7 @@ def _build(
     dtype: torch.dtype | None,
     n_ctx: int | None,
     extra_cfg: dict[str, Any] | None = None,
+    n_devices: int = 1,
 ):
     """The reward-model loader's construction with another head: ``head_weight`` [n_out,
     d_model] and ``head_bias`` [n_out] become ``unembed``. ``make(cfg)`` builds the model
@@ -111,7 +116,7 @@ def _build(
     adapter = _adapter_for(model.config)
     cfg = hooked_config(
         model, adapter, head_weight.shape[0], center_writing_weights=center_writing_weights,
-        n_ctx=n_ctx, dtype=dtype, device=device, extra_cfg=extra_cfg,
+        n_ctx=n_ctx, dtype=dtype, device=device, extra_cfg=extra_cfg, n_devices=n_devices,
     )
     with empty_parameters():
         hooked = make(cfg)
@@ -133,6 +138,7 @@ def load_causal_lm(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     n_ctx: int | None = None,
+    n_devices: int = 1,
 ) -> HookedTransformer:
     """Convert an HF causal LM into a ``HookedTransformer`` with the same logits.
 
@@ -144,14 +150,16 @@ def load_causal_lm(
         fold_ln, center_writing_weights: TransformerLens's weight processing; logits unchanged
             (``center_unembed`` is never applied, so log-probabilities are read from the very
             logits HF computes).
-        device, dtype, n_ctx: as :func:`tl_reward.load_reward_model`.
+        device, dtype, n_ctx, n_devices: as :func:`tl_reward.load_reward_model` (a directory is
+            read once, in ``dtype``, onto the devices).
 
     Gemma-2's ``final_logit_softcapping`` becomes ``cfg.output_logits_soft_cap``. Padding (left or
     right) is given by ``attention_mask``; positions start at each row's first real token.
     """
     if device is not None:
         device = checked_device(device)
-    model, tokenizer, head = _as_causal_lm(model, tokenizer)
+    n_devices = checked_n_devices(device, n_devices)
+    model, tokenizer, head = _as_causal_lm(model, tokenizer, _read_kwargs(device, dtype, n_devices))
     bias = head.bias if head.bias is not None else torch.zeros(head.out_features)
     cap = _softcap(model.config)
 
@@ -167,7 +175,7 @@ def load_causal_lm(
     hooked = _build(
         model, head.weight, bias, make, fold_ln=fold_ln,
         center_writing_weights=center_writing_weights, device=device, dtype=dtype, n_ctx=n_ctx,
-        extra_cfg={"output_logits_soft_cap": cap} if cap else None,
+        extra_cfg={"output_logits_soft_cap": cap} if cap else None, n_devices=n_devices,
     )
     logger.info("converted %s into a HookedTransformer", type(model).__name__)
     return hooked
@@ -225,6 +233,7 @@ def load_judge_reward_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     n_ctx: int | None = None,
+    n_devices: int = 1,
 ) -> HookedJudgeModel:
     """A generative judge as a reward model: a linear read-out of its next-token logits.
 
@@ -252,7 +261,7 @@ def load_judge_reward_model(
             than direct attribution, which refuses; ``fold_ln`` is refused with it.
         yes, no: the tokens ``read="yes_no"`` contrasts.
         scores: the score tokens and their values, for ``read="expected_score"`` only.
-        fold_ln, center_writing_weights, device, dtype, n_ctx: as
+        fold_ln, center_writing_weights, device, dtype, n_ctx, n_devices: as
             :func:`tl_reward.load_reward_model`.
 
     With a linear read, a model with a final logit softcap (Gemma-2's
@@ -261,12 +270,14 @@ def load_judge_reward_model(
     """
     if device is not None:
         device = checked_device(device)
-    model, tokenizer, head = _as_causal_lm(model, tokenizer)
+    n_devices = checked_n_devices(device, n_devices)
+    model, tokenizer, head = _as_causal_lm(model, tokenizer, _read_kwargs(device, dtype, n_devices))
     cap = _softcap(model.config)
     if read == "expected_score":
         return _expected_score_judge(
             model, tokenizer, head, cap, template=template, scores=scores, fold_ln=fold_ln,
-            center_writing_weights=center_writing_weights, device=device, dtype=dtype, n_ctx=n_ctx)
+            center_writing_weights=center_writing_weights, device=device, dtype=dtype, n_ctx=n_ctx,
+            n_devices=n_devices)
     if scores is not None:
         raise InvalidInputError(f"scores= is read only with read='expected_score', not read={read!r}")
     if cap:
@@ -298,6 +309,7 @@ def load_judge_reward_model(
     judge = _build(
         model, column, bias.reshape(1), make, fold_ln=fold_ln,
         center_writing_weights=center_writing_weights, device=device, dtype=dtype, n_ctx=n_ctx,
+        n_devices=n_devices,
     )
     logger.info("converted %s into a judge reading %s", type(model).__name__, label)
     return judge
@@ -306,7 +318,7 @@ def load_judge_reward_model(
 def _expected_score_judge(
     model: Any, tokenizer: Any, head: nn.Linear, cap: float | None, *, template: Template,
     scores: Mapping[str | int, float] | None, fold_ln: bool, center_writing_weights: bool,
-    device: Any, dtype: torch.dtype | None, n_ctx: int | None,
+    device: Any, dtype: torch.dtype | None, n_ctx: int | None, n_devices: int = 1,
 ) -> HookedJudgeModel:
     """The judge whose reward is the expected score over ``scores``' tokens (see
     :func:`load_judge_reward_model`): the trunk as for any judge, the head an
@@ -339,6 +351,7 @@ def _expected_score_judge(
     judge = _build(  # the normalised residual itself, not unembed
         model, placeholder, torch.zeros(1, dtype=weight.dtype), make, fold_ln=False,
         center_writing_weights=center_writing_weights, device=device, dtype=dtype, n_ctx=n_ctx,
+        n_devices=n_devices,
     )
     judge.set_reward_head(ExpectedScoreHead(weight, bias.to(weight.dtype), values, cap))
     logger.info("converted %s into a judge reading %s", type(model).__name__, label)
@@ -356,6 +369,7 @@ def load_implicit_reward_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     n_ctx: int | None = None,
+    n_devices: int = 1,
     response_marker: str | None = None,
 ) -> ImplicitRewardModel:
     """The DPO implicit reward ``beta * sum_t [log pi(y_t|..) - log pi_ref(y_t|..)]``.
@@ -367,7 +381,7 @@ def load_implicit_reward_model(
         beta: the DPO temperature (> 0).
         length_normalize: average the log-ratio over the response tokens instead of summing.
         tokenizer: the shared tokenizer (taken from the policy's directory when omitted).
-        fold_ln, device, dtype, n_ctx: as :func:`load_causal_lm`, for both models.
+        fold_ln, device, dtype, n_ctx, n_devices: as :func:`load_causal_lm`, for both models.
         response_marker: where a plain-string text splits into prompt and response, for the
             tools that take texts (probes, CART discovery); see :class:`ImplicitRewardModel`.
     """
@@ -375,7 +389,8 @@ def load_implicit_reward_model(
     def convert(m: Any, tok: Any) -> tuple[HookedTransformer, Any]:
         if isinstance(m, HookedTransformer):
             return m, tok if tok is not None else getattr(m, "tokenizer", None)
-        hooked = load_causal_lm(m, tok, fold_ln=fold_ln, device=device, dtype=dtype, n_ctx=n_ctx)
+        hooked = load_causal_lm(m, tok, fold_ln=fold_ln, device=device, dtype=dtype, n_ctx=n_ctx,
+                                n_devices=n_devices)
         return hooked, hooked.tokenizer
 
     pol, tokenizer = convert(policy, tokenizer)
