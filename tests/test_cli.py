@@ -460,7 +460,41 @@ def test_causal_lm_options_that_do_not_fit_are_refused(runner, causal_lm_dir, pa
 def test_options_of_a_causal_lm_on_an_organism_are_refused(runner, dpo_pairs_file, pairs_file):
     res = invoke(runner, "score", "dpo_longtail", "--pairs", dpo_pairs_file, "--beta", "0.1")
     assert res.exit_code == 1 and "has its own reference and beta" in res.output
-    res = invoke(runner, "report", "dpo_longtail", "--pairs", dpo_pairs_file)
-    assert res.exit_code == 1 and "use score, lens and patch" in res.output
+    res = invoke(runner, "report", "dpo_longtail", "--pairs", dpo_pairs_file, "--beta", "0.1")
+    assert res.exit_code == 1 and "has its own reference and beta" in res.output
     res = invoke(runner, "score", "longtail", "--pairs", pairs_file, "--judge-template", "{t}")
     assert res.exit_code == 1 and "read a causal LM directory" in res.output
+
+
+def test_implicit_report_sections_are_the_api_numbers(runner, dpo_pairs_file, tmp_path):
+    """report on the DPO organism: scores, lens, linearised attribution and policy -> reference
+    patching equal the Python API's numbers on the same pairs; what does not apply is said."""
+    from tl_reward.data.pairs import load_pairs
+    from tl_reward.implicit_analysis import implicit_activation_patch, implicit_reward_lens
+    from tl_reward.organisms import dpo
+
+    res = invoke(runner, "report", "dpo_longtail", "--pairs", dpo_pairs_file, "--out",
+                 tmp_path / "r", "--patch-pairs", 3, "--no-probes")
+    assert res.exit_code == 0, res.output
+    numbers = json.loads((tmp_path / "r" / "report.json").read_text())
+    page = (tmp_path / "r" / "report.html").read_text()
+    model, tokenizer = dpo.load()
+    data = load_pairs(dpo_pairs_file)
+    chosen, rejected = dpo.pair_batches(data, tokenizer)
+    with torch.no_grad():
+        margin = model(chosen) - model(rejected)
+        lens = implicit_reward_lens(model, chosen).rewards - implicit_reward_lens(
+            model, rejected).rewards
+    torch.testing.assert_close(torch.tensor(numbers["scores"]["margin"]), margin, atol=1e-4,
+                               rtol=0)
+    torch.testing.assert_close(torch.tensor(numbers["lens"]["mean_margin"]), lens.mean(1),
+                               atol=1e-4, rtol=0)
+    assert len(numbers["lens"]["read_outs"]) == model.policy.cfg.n_layers + 1
+    assert numbers["attribution"]["max_sum_error"] < 1e-4  # parts + remainder = margin
+    patch = implicit_activation_patch(model, chosen[:3], hook="z")
+    assert numbers["patching"]["cells"] == list(patch.cells)
+    torch.testing.assert_close(torch.tensor(numbers["patching"]["mean_effect"]),
+                               patch.effects.mean(1), atol=1e-4, rtol=0)
+    assert "no score head" in numbers["not_applicable"]["reward head"]
+    assert "not applicable: reward head" in page
+    assert "Policy -&gt; reference head patching" in page

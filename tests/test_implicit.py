@@ -233,6 +233,76 @@ def test_linearisation_against_finite_differences(arch):
     assert checked == (6 if arch == "gpt2" else 4)
 
 
+def test_neuron_attribution_splits_each_mlp_exactly(pair):
+    """Neuron level: a layer's neurons plus its b_out row add up to that layer's MLP attribution
+    at the component level (Gemma-2: through ln2_post under its cached scale), and everything
+    else is the component level's own rows."""
+    from tl_reward.implicit_analysis import implicit_reward_attribution
+
+    arch, _, _, variants = pair
+    model = variants["dpo"]
+    batch = _batch("left")
+    comp = implicit_reward_attribution(model, batch)
+    neur = implicit_reward_attribution(model, batch, level="neuron")
+    torch.testing.assert_close(neur.remainder, comp.remainder, atol=1e-6, rtol=0)
+    torch.testing.assert_close(neur.values.sum(0) + neur.remainder.sum(-1), neur.total,
+                               atol=1e-4, rtol=0, msg=arch)
+    d_mlp = model.policy.cfg.d_mlp
+    for k, label in enumerate(comp.labels):
+        name, part = label.split("/")
+        if part.endswith("_mlp_out"):
+            layer = part.split("_")[0]
+            rows = [i for i, lab in enumerate(neur.labels)
+                    if lab.startswith(f"{name}/L{layer}N") or lab == f"{name}/{layer}_mlp_bias"]
+            assert len(rows) == d_mlp + 1
+            torch.testing.assert_close(neur.per_position[rows].sum(0), comp.per_position[k],
+                                       atol=1e-4, rtol=0, msg=f"{arch} {label}")
+        else:
+            torch.testing.assert_close(neur.per_position[neur.labels.index(label)],
+                                       comp.per_position[k], atol=1e-6, rtol=0)
+    if arch == "llama":  # no MLP bias: the b_out rows are 0
+        bias = [i for i, lab in enumerate(neur.labels) if lab.endswith("_mlp_bias")]
+        assert float(neur.values[bias].abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_neuron_linearisation_against_finite_differences(arch):
+    """Each neuron's attribution is d reward / d eps when eps * (its write post_i * W_out[i],
+    centred and scaled) is added to the final norm's normalised state."""
+    from tl_reward import load_causal_lm, load_implicit_reward_model
+    from tl_reward.implicit_analysis import implicit_reward_attribution
+
+    models = [load_causal_lm(causal_lm(arch, s), dtype=torch.float64) for s in (0, 1)]
+    model = load_implicit_reward_model(*models, beta=BETA)
+    batch = _batch("left")
+    result = implicit_reward_attribution(model, batch, level="neuron")
+    eps = 1e-4
+    for label in ("policy/L0N3", "policy/L1N0", "reference/L1N5"):
+        name, part = label.split("/")
+        layer, neuron = (int(x) for x in part[1:].split("N"))
+        m = model.models[name]
+        with torch.no_grad():
+            _, cache = m.run_with_cache(batch.tokens, attention_mask=batch.attention_mask,
+                                        padding_side="right")
+        d = cache[f"blocks.{layer}.mlp.hook_post"][..., neuron, None] * m.blocks[layer].mlp.W_out[
+            neuron]
+        if m.cfg.normalization_type == "LN":
+            d = d - d.mean(-1, keepdim=True)
+        d = d / cache["ln_final.hook_scale"]
+
+        def shifted(e, m=m, d=d):
+            def hook_fn(act, hook):
+                return act + e * d
+
+            with m.hooks(fwd_hooks=[("ln_final.hook_normalized", hook_fn)]), torch.no_grad():
+                return model(batch)
+
+        fd = (shifted(eps) - shifted(-eps)) / (2 * eps)
+        value = result.values[result.labels.index(label)]
+        assert float(value.abs().max()) > 1e-6  # a neuron that does something
+        torch.testing.assert_close(fd, value, atol=1e-6, rtol=1e-5, msg=label)
+
+
 def _perturbed_copy(hooked, param: str, std: float, seed: int = 0):
     import copy
 
@@ -357,3 +427,79 @@ def test_fold_ln_changes_neither_the_reward_nor_the_component_attribution():
     a, b = (implicit_reward_attribution(m, batch) for m in (folded, plain))
     torch.testing.assert_close(a.values, b.values, atol=1e-4, rtol=0)
     torch.testing.assert_close(a.remainder, b.remainder, atol=1e-4, rtol=0)
+
+
+def test_position_patching_matches_transformer_lens_under_left_padding():
+    """The layer x position grid of policy -> reference patching equals TransformerLens's
+    get_act_patch_resid_pre / get_act_patch_mlp_out run on each sequence alone (unpadded), with
+    the implicit reward as metric; padding positions have no effect; small chunks change
+    nothing."""
+    import transformer_lens.patching as tlp
+
+    from tl_reward import load_causal_lm, load_implicit_reward_model
+    from tl_reward.implicit import log_probs_from_logits, response_batch_from_ids
+    from tl_reward.implicit_analysis import implicit_position_patch
+
+    policy = load_causal_lm(causal_lm("qwen2", 0))
+    reference = load_causal_lm(causal_lm("qwen2", 1))
+    model = load_implicit_reward_model(policy, reference, beta=BETA, length_normalize=True)
+    prompts, responses = prompts_and_responses(seed=6, n=3)
+    batch = response_batch_from_ids(prompts, responses, pad_token_id=PAD, padding_side="left")
+    ours = {h: implicit_position_patch(model, batch, hook=h) for h in ("resid_pre", "mlp_out")}
+    chunked = implicit_position_patch(model, batch, hook="mlp_out", max_rows=5)
+    torch.testing.assert_close(chunked.effects, ours["mlp_out"].effects, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours["resid_pre"].reward, model(batch), atol=1e-5, rtol=0)
+    tl = {"resid_pre": tlp.get_act_patch_resid_pre, "mlp_out": tlp.get_act_patch_mlp_out}
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        one = response_batch_from_ids([p], [r])
+        lp_policy = model.log_probs(one)["policy"]
+        w = model.token_weights(one)
+
+        def metric(logits, lp_policy=lp_policy, one=one, w=w):
+            return ((lp_policy - log_probs_from_logits(logits, one.tokens)) * w).sum()
+
+        _, policy_cache = policy.run_with_cache(one.tokens)
+        base = metric(reference(one.tokens))
+        n = one.tokens.shape[1]
+        offset = batch.tokens.shape[1] - n  # left padding
+        for hook, fn in tl.items():
+            truth = fn(reference, one.tokens, policy_cache, metric) - base  # [layer, pos]
+            torch.testing.assert_close(ours[hook].effects[:, offset:, i], truth, atol=1e-4,
+                                       rtol=0, msg=f"{hook} sequence {i}")
+            pad = ours[hook].effects[:, :offset, i]
+            torch.testing.assert_close(pad, torch.zeros_like(pad), atol=1e-6, rtol=0)
+    df = ours["resid_pre"].to_dataframe()
+    assert list(df.columns) == ["layer", "position", "sequence", "effect"]
+    assert len(df) == ours["resid_pre"].effects.numel()
+    row = df.iloc[7]
+    assert row.effect == pytest.approx(float(ours["resid_pre"].effects[
+        int(row.layer), int(row.position), int(row.sequence)]))
+
+
+def test_result_frames_are_their_tensors(pair):
+    """The shared long-format to_dataframe: one row per entry, labels where the tensor's index
+    is."""
+    from tl_reward.implicit_analysis import (
+        implicit_activation_patch,
+        implicit_reward_attribution,
+        implicit_reward_lens,
+    )
+
+    _, _, _, variants = pair
+    model = variants["dpo"]
+    batch = _batch("right")
+    lens = implicit_reward_lens(model, batch)
+    attr = implicit_reward_attribution(model, batch)
+    patch = implicit_activation_patch(model, batch, hook="mlp_out")
+    for frame, tensor, labels, key, value in (
+            (lens.to_dataframe(), lens.rewards, lens.labels, "layer", "reward"),
+            (attr.to_dataframe(), attr.values, attr.labels, "component", "value"),
+            (patch.to_dataframe(), patch.effects, patch.cells, "cell", "effect")):
+        assert len(frame) == tensor.numel()
+        for k in (0, len(frame) // 2, len(frame) - 1):
+            row = frame.iloc[k]
+            i = labels.index(row[key])
+            assert row[value] == pytest.approx(float(tensor[i, int(row.sequence)]), abs=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(lens.to_dataframe()["log_prob_reference"].values).reshape(
+            lens.rewards.shape), lens.log_probs["reference"].double().detach())

@@ -40,11 +40,15 @@ _EXPORTS: dict[str, str] = {
     "effort_distortion": "hacking",
     "probe_cascade": "hacking",
     "ImplicitRewardModel": "implicit",
+    "TextReward": "text_reward",
+    "RewardInputs": "text_reward",
     "ResponseBatch": "implicit",
     "response_batch_from_ids": "implicit",
     "ImplicitAttributionResult": "implicit_analysis",
     "ImplicitLensResult": "implicit_analysis",
     "ImplicitPatchResult": "implicit_analysis",
+    "ImplicitPositionPatchResult": "implicit_analysis",
+    "implicit_position_patch": "implicit_analysis",
     "implicit_activation_patch": "implicit_analysis",
     "implicit_attribution_patch": "implicit_analysis",
     "implicit_reward_attribution": "implicit_analysis",
@@ -125,8 +129,10 @@ if TYPE_CHECKING:
     from .implicit_analysis import ImplicitAttributionResult as ImplicitAttributionResult
     from .implicit_analysis import ImplicitLensResult as ImplicitLensResult
     from .implicit_analysis import ImplicitPatchResult as ImplicitPatchResult
+    from .implicit_analysis import ImplicitPositionPatchResult as ImplicitPositionPatchResult
     from .implicit_analysis import implicit_activation_patch as implicit_activation_patch
     from .implicit_analysis import implicit_attribution_patch as implicit_attribution_patch
+    from .implicit_analysis import implicit_position_patch as implicit_position_patch
     from .implicit_analysis import implicit_reward_attribution as implicit_reward_attribution
     from .implicit_analysis import implicit_reward_lens as implicit_reward_lens
     from .judge import HookedJudgeModel as HookedJudgeModel
@@ -154,6 +160,8 @@ if TYPE_CHECKING:
     from .sae import sae_pair_attribution as sae_pair_attribution
     from .sae import sae_reward_attribution as sae_reward_attribution
     from .sae import train_sae as train_sae
+    from .text_reward import RewardInputs as RewardInputs
+    from .text_reward import TextReward as TextReward
     from .texts import PairScores as PairScores
     from .texts import SuspectInputWarning as SuspectInputWarning
     from .tuned_lens import TunedRewardLens as TunedRewardLens

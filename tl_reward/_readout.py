@@ -163,3 +163,31 @@ def batches(n: int, batch_size: int, progress: bool, desc: str):
     starts = range(0, n, batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False):
         yield slice(start, min(start + batch_size, n))
+
+
+def long_frame(values: Tensor, dims: Sequence[str], labels: dict[str, Sequence] | None = None,
+               *, value: str = "value", extra: dict[str, Tensor] | None = None):
+    """A tensor as a long-format DataFrame: one row per entry (C order), one column per dimension
+    (its ``labels``, or the index 0..n-1) then ``value``; ``extra`` tensors of the same shape add
+    columns. The ``to_dataframe`` of the result classes."""
+    import numpy as np
+    import pandas as pd
+
+    v = values.detach().cpu()
+    if v.ndim != len(dims):
+        raise InvalidInputError(f"a {v.ndim}-d tensor needs {v.ndim} dimension names, got {dims}")
+    labels = labels or {}
+    index = np.indices(tuple(v.shape)).reshape(v.ndim, -1)
+    columns = {}
+    for d, (name, idx) in enumerate(zip(dims, index, strict=True)):
+        if name in labels:
+            if len(labels[name]) != v.shape[d]:
+                raise InvalidInputError(
+                    f"{len(labels[name])} labels for dimension {name!r} of size {v.shape[d]}")
+            columns[name] = np.asarray(list(labels[name]))[idx]
+        else:
+            columns[name] = idx
+    columns[value] = v.double().numpy().reshape(-1)
+    for k, t in (extra or {}).items():
+        columns[k] = t.detach().cpu().double().numpy().reshape(-1)
+    return pd.DataFrame(columns)

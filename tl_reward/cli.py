@@ -531,13 +531,14 @@ def report(
     max_pairs: MaxPairsOpt = None, seed: SeedOpt = 0, objective: ObjectiveOpt = None,
     force: ForceOpt = False,
     judge_template: JudgeTemplateOpt = None, judge_read: JudgeReadOpt = "yes_no",
-    yes: YesOpt = "Yes", no: NoOpt = "No",
+    yes: YesOpt = "Yes", no: NoOpt = "No", beta: BetaOpt = None, reference: ReferenceOpt = None,
 ) -> None:
-    """One self-contained HTML page (scores, lens, attribution, patching, probes) and a JSON of every number."""
-    src = Source(model, judge_template, judge_read, yes, no)
-    if src.implicit:
-        _fail(f"report reads reward models and judges; for the {IMPLICIT_ORGANISM} implicit reward "
-              "use score, lens and patch (or the Python API: tl_reward.implicit_reward_lens, ...)")
+    """One self-contained HTML page (scores, lens, attribution, patching, probes) and a JSON of every number.
+
+    For a DPO implicit reward: scores, the lens of the log-ratio, the linearised attribution of
+    the margin, policy -> reference head patching and the probes; the page says what does not
+    apply (no score head)."""
+    src = Source(model, judge_template, judge_read, yes, no, beta, reference)
     _check_sources(src, pairs)
     if out.suffix.lower() == ".json":
         _fail(f"--out {str(out)!r}: name the page (.html) or a folder; the JSON goes beside the page")
@@ -545,13 +546,14 @@ def report(
     if not is_page and out.is_file():
         _fail(f"--out {str(out)!r} is an existing file, not a folder; name a folder or an .html page")
     _writable(out, directory=not is_page)
-    from .report import build_report
+    from .report import build_implicit_report, build_report
 
     _setup(seed)
     with _user_errors():
         rm, data = _model(src, device, dtype, objective), _pairs(pairs, max_pairs, seed)
         _check_inputs(rm, data, force)
-        rep = build_report(rm, data, patch_pairs=patch_pairs, batch_size=batch_size,
+        build = build_implicit_report if src.implicit else build_report
+        rep = build(rm, data, patch_pairs=patch_pairs, batch_size=batch_size,
                            probes="builtin" if probes else None,
                            title=f"tl_reward report: {model} on {pairs.name}")
         page, numbers = rep.write(out)

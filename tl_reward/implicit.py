@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
 from .errors import InvalidInputError
+from .text_reward import FwdHooks, RewardInputs
 from .texts import PairScores, Text
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,10 @@ class ImplicitRewardModel(nn.Module):
         beta: the DPO temperature.
         length_normalize: average over response tokens instead of summing.
         tokenizer: shared by both models; needed for texts.
+        response_marker: where a single-string text splits into prompt and response (at the
+            marker's first occurrence, the marker starting the response), for the tools that
+            take plain texts (probes, CART discovery: :meth:`encode_texts`); ``None`` accepts
+            only ``(prompt, response)`` pairs there.
     """
 
     def __init__(
@@ -151,8 +156,13 @@ class ImplicitRewardModel(nn.Module):
         beta: float,
         length_normalize: bool = False,
         tokenizer=None,
+        response_marker: str | None = None,
     ) -> None:
         super().__init__()
+        if response_marker is not None and (not isinstance(response_marker, str)
+                                            or not response_marker):
+            raise InvalidInputError(
+                f"response_marker must be a non-empty string or None, got {response_marker!r}")
         if not isinstance(beta, int | float) or isinstance(beta, bool) or not beta > 0:
             raise InvalidInputError(f"beta must be a positive number, got {beta!r}")
         if reference is not None:
@@ -168,6 +178,7 @@ class ImplicitRewardModel(nn.Module):
         self.beta = float(beta)
         self.length_normalize = bool(length_normalize)
         self.tokenizer = tokenizer
+        self.response_marker = response_marker
 
     @property
     def models(self) -> dict[str, HookedTransformer]:
@@ -343,3 +354,98 @@ class ImplicitRewardModel(nn.Module):
                           batch_size=batch_size, progress=progress)
         n = len(prompts)
         return PairScores(chosen=both[:n], rejected=both[n:], label_names=("implicit_reward",))
+
+    # ------------------------------------------------------------------ TextReward
+    # the interface probes and CART discovery call (tl_reward.text_reward.TextReward): units
+    # live in the policy, the reference is held fixed
+    @property
+    def unit_model(self) -> HookedTransformer:
+        """The policy: the model whose hooks hold the units probes and discovery work on."""
+        return self.policy
+
+    @property
+    def is_scalar(self) -> bool:
+        return True
+
+    def split_text(self, text: "str | tuple[Text, str | Text]", i: int = 0
+                   ) -> tuple[Text, str | Text]:
+        """``(prompt, response)`` of one text: a pair as given, or a string cut at the first
+        ``response_marker`` (the marker starts the response)."""
+        if isinstance(text, tuple | list) and len(text) == 2 and not isinstance(text[0], dict):
+            return text[0], text[1]
+        if not isinstance(text, str):
+            raise InvalidInputError(
+                f"text {i}: an implicit reward takes (prompt, response) pairs or strings, got "
+                f"{type(text).__name__}"
+            )
+        if self.response_marker is None:
+            raise InvalidInputError(
+                f"text {i} is one string, but this implicit reward has no response_marker to "
+                "split it into prompt and response; pass (prompt, response) pairs, or set "
+                "model.response_marker (e.g. ' answer')"
+            )
+        cut = text.find(self.response_marker)
+        if cut <= 0:
+            raise InvalidInputError(
+                f"text {i} ({text[:40]!r}...) has no prompt before the response marker "
+                f"{self.response_marker!r}; every text needs a prompt, then the marker"
+            )
+        return text[:cut], text[cut:]
+
+    def encode_texts(self, texts: Sequence) -> RewardInputs:
+        """Texts (``(prompt, response)`` pairs, or strings split at ``response_marker``) as
+        right-padded inputs; the read-out weights are uniform over the positions whose logits
+        predict a response token."""
+        if isinstance(texts, str):
+            raise InvalidInputError("encode_texts takes a list of texts, not one string")
+        pairs = [self.split_text(t, i) for i, t in enumerate(texts)]
+        batch = self.encode([p for p, _ in pairs], [r for _, r in pairs])
+        batch = self.checked(batch)
+        read = torch.zeros_like(batch.response_mask, dtype=torch.float32)
+        read[:, :-1] = batch.response_mask[:, 1:].to(torch.float32)
+        read = read / read.sum(-1, keepdim=True)
+        return RewardInputs(batch.tokens, batch.attention_mask, read, None, batch)
+
+    @torch.no_grad()
+    def score_texts(self, texts: Sequence, *, batch_size: int = 16,
+                    progress: bool = True) -> Float[Tensor, "batch"]:
+        """The implicit reward of each text (see :meth:`encode_texts`)."""
+        from tqdm.auto import tqdm
+
+        if batch_size < 1:
+            raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+        texts = list(texts)
+        if not texts:
+            raise InvalidInputError("score_texts() got no texts")
+        starts = range(0, len(texts), batch_size)
+        out = [self(self.encode_texts(texts[s : s + batch_size]).payload)
+               for s in tqdm(starts, desc="scoring", disable=not progress or len(starts) < 2,
+                             leave=False)]
+        return torch.cat(out)
+
+    def reward_runner(self, inputs: RewardInputs, first_layer: int = 0):
+        """``fwd_hooks -> implicit rewards`` on ``inputs``, the hooks on the policy (the reference
+        unchanged); each policy forward starts at ``first_layer`` from a cached residual."""
+        batch = inputs.payload
+        if not isinstance(batch, ResponseBatch):
+            raise InvalidInputError("these inputs were not encoded by an implicit reward model "
+                                    "(use model.encode_texts)")
+        tokens, mask = batch.tokens, batch.attention_mask
+        weights = self.token_weights(batch)
+        with torch.no_grad():
+            ref = (token_log_probs(self.reference, tokens, mask) if self.reference is not None
+                   else None)
+            resid = (self.policy(tokens, attention_mask=mask, padding_side="right",
+                                 stop_at_layer=first_layer) if first_layer > 0 else None)
+
+        def run(fwd_hooks: FwdHooks) -> Float[Tensor, "batch"]:
+            with self.policy.hooks(fwd_hooks=fwd_hooks):
+                if resid is None:
+                    logits = self.policy(tokens, attention_mask=mask, padding_side="right")
+                else:
+                    logits = self.policy(resid, attention_mask=mask, padding_side="right",
+                                         start_at_layer=first_layer)
+            lp = log_probs_from_logits(logits, tokens)
+            ratio = lp - ref.to(lp) if ref is not None else lp
+            return (ratio * weights.to(lp)).sum(-1)
+        return run

@@ -33,13 +33,14 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-from ._readout import choose
+from ._readout import choose, long_frame
 from .errors import InvalidInputError
 from .implicit import ImplicitRewardModel, ResponseBatch, log_probs_from_logits, token_log_probs
 
 SIGNS = {"policy": 1.0, "reference": -1.0}
-LEVELS = ("component", "head")
+LEVELS = ("component", "head", "neuron")
 
 
 def _targets(batch: ResponseBatch) -> tuple[Tensor, Tensor]:
@@ -92,14 +93,9 @@ class ImplicitLensResult:
         return self.per_token.sum(-1)
 
     def to_dataframe(self):
-        import pandas as pd
-
-        r = self.rewards.detach().cpu()
-        return pd.DataFrame(
-            [{"layer": lab, "sequence": b, "reward": float(r[i, b]),
-              **{f"log_prob_{k}": float(v[i, b]) for k, v in self.log_probs.items()}}
-             for i, lab in enumerate(self.labels) for b in range(r.shape[1])]
-        )
+        return long_frame(self.rewards, ("layer", "sequence"), {"layer": self.labels},
+                          value="reward",
+                          extra={f"log_prob_{k}": v for k, v in self.log_probs.items()})
 
 
 @torch.no_grad()
@@ -159,13 +155,7 @@ class ImplicitAttributionResult:
         return self.per_position.sum(-1)
 
     def to_dataframe(self):
-        import pandas as pd
-
-        v = self.values.detach().cpu()
-        return pd.DataFrame(
-            [{"component": lab, "sequence": b, "value": float(v[i, b])}
-             for i, lab in enumerate(self.labels) for b in range(v.shape[1])]
-        )
+        return long_frame(self.values, ("component", "sequence"), {"component": self.labels})
 
     def top(self, k: int = 10):
         """The ``k`` components with the largest mean |contribution|."""
@@ -207,9 +197,41 @@ def _parts(m: HookedTransformer, cache, rows: Tensor, pos: Tensor, level: str, d
         else:
             parts.append(attn_out)
             labels.append(f"{layer}_attn_out")
-        parts.append(at(get_act_name("mlp_out", layer)))
-        labels.append(f"{layer}_mlp_out")
+        if level != "neuron":
+            parts.append(at(get_act_name("mlp_out", layer)))
+            labels.append(f"{layer}_mlp_out")
     return torch.stack(parts), labels
+
+
+def _neuron_contributions(m: HookedTransformer, cache, rows: Tensor, pos: Tensor, layer: int,
+                          g: Tensor, dt: torch.dtype) -> tuple[Tensor, list[str]]:
+    """First-order contribution ``[d_mlp + 1, token]`` of each MLP neuron of ``layer`` (and of
+    the rest of its output, ``b_out``) to the log-probability, given ``g = d lp / d resid`` at the
+    final residual (centred and divided by the final norm's scale). A neuron writes
+    ``post_i * W_out[i]``, through a norm after the MLP (Gemma-2's ``ln2_post``, OLMo-2's
+    ``ln2``) under its cached scale, so its contribution is ``post_i * (W_out[i] . g')`` without
+    materialising ``[d_mlp, token, d_model]``."""
+    block = m.blocks[layer]
+    post = cache[get_act_name("post", layer)][rows, pos].to(dt)  # [token, d_mlp]
+    gl = g
+    after = []
+    if m.cfg.use_normalization_before_and_after and getattr(block, "ln2_post", None) is not None:
+        after.append(("ln2_post", block.ln2_post))
+    if m.cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        after.append(("ln2", block.ln2))
+    for name, norm in after:
+        if getattr(norm, "b", None) is not None or m.cfg.normalization_type in ("LN", "LNPre"):
+            raise InvalidInputError(
+                f"neuron-level attribution through a centring norm after the MLP ({name}) is "
+                "not supported; use level='component'"
+            )
+        w = getattr(norm, "w", None)
+        gl = gl * (w.to(dt) if w is not None else 1.0) / cache[
+            f"blocks.{layer}.{name}.hook_scale"][rows, pos].to(dt)
+    neurons = (post * (gl @ block.mlp.W_out.detach().to(dt).T)).T  # [d_mlp, token]
+    whole = (cache[get_act_name("mlp_out", layer)][rows, pos].to(dt) * g).sum(-1)
+    labels = [f"L{layer}N{i}" for i in range(neurons.shape[0])] + [f"{layer}_mlp_bias"]
+    return torch.cat([neurons, (whole - neurons.sum(0))[None]]), labels
 
 
 def implicit_reward_attribution(
@@ -217,9 +239,12 @@ def implicit_reward_attribution(
 ) -> ImplicitAttributionResult:
     """Linearised direct attribution of the implicit reward to each model's components.
 
-    ``level``: ``"component"`` (embeddings, each layer's attention and MLP output) or ``"head"``
+    ``level``: ``"component"`` (embeddings, each layer's attention and MLP output), ``"head"``
     (attention outputs split into heads and the output bias ``b_O``; after ``fold_ln=True`` the
-    value biases are folded into ``b_O``, so they move from the heads to that row). Reference
+    value biases are folded into ``b_O``, so they move from the heads to that row) or
+    ``"neuron"`` (each layer's attention output, and its MLP output split into neurons
+    ``L3N7``, ``post_i * W_out[i]``, and the rest ``3_mlp_bias``, i.e. ``b_out``; the rows of a
+    layer add up to its ``3_mlp_out`` at the component level). Reference
     components enter
     with a minus sign. See the module docstring for what is decomposed: each part's first-order
     contribution through the log-softmax, linearised at the actual final state, plus a remainder
@@ -237,6 +262,8 @@ def implicit_reward_attribution(
               "ln_final.hook_normalized", "ln_final.hook_scale", "ln1_post.hook_scale")
     if level == "head":
         wanted = (*wanted, "attn.hook_z")
+    if level == "neuron":
+        wanted = (*wanted, "mlp.hook_post", "ln2_post.hook_scale", "ln2.hook_scale")
     for name, m in model.models.items():
         with torch.no_grad():
             _, cache = m.run_with_cache(batch.tokens, attention_mask=batch.attention_mask,
@@ -254,6 +281,13 @@ def implicit_reward_attribution(
         scale = cache["ln_final.hook_scale"][rows, src].to(dt)  # [token, 1]
         w = (SIGNS[name] * weights).to(dt)
         contrib = torch.einsum("ctd,td->ct", parts / scale, grad) * w  # [part, token]
+        if level == "neuron":
+            g = grad - grad.mean(-1, keepdim=True) if m.cfg.normalization_type in (
+                "LN", "LNPre") else grad
+            for layer in range(m.cfg.n_layers):
+                c, lab = _neuron_contributions(m, cache, rows, src, layer, g / scale, dt)
+                contrib = torch.cat([contrib, c * w])
+                part_labels = [*part_labels, *lab]
         const = (lp - (grad * n).sum(-1)) * w
         dense = torch.zeros(len(part_labels), *shape, dtype=dt, device=contrib.device)
         dense[:, rows, pos] = contrib
@@ -296,11 +330,8 @@ class ImplicitPatchResult:
         return sign * self.effects / self.reward
 
     def to_dataframe(self):
-        import pandas as pd
-
-        e = self.effects.detach().cpu()
-        return pd.DataFrame([{"cell": c, "sequence": b, "effect": float(e[i, b])}
-                             for i, c in enumerate(self.cells) for b in range(e.shape[1])])
+        return long_frame(self.effects, ("cell", "sequence"), {"cell": self.cells},
+                          value="effect")
 
 
 def _hook_name(hook: str, layer: int) -> str:
@@ -376,6 +407,105 @@ def implicit_activation_patch(
                 cells.append(f"L{la}H{unit}" if unit is not None else f"{la}_{hook}")
     return ImplicitPatchResult(effects=torch.stack(effects), reward=base, cells=tuple(cells),
                                hook=hook, direction=direction)
+
+
+POSITION_HOOKS = ("resid_pre", "attn_out", "mlp_out", "resid_mid", "resid_post")
+
+
+@dataclass(frozen=True)
+class ImplicitPositionPatchResult:
+    """Single-position patching between policy and reference with the implicit reward as metric.
+
+    ``effects[layer, pos, batch]``: patched reward - unpatched reward when ``hook`` of layer
+    ``layers[l]`` is replaced at position ``pos`` only (in the padded batch's positions; 0 at
+    padding) by the source model's; ``reward[batch]``: the unpatched reward.
+    """
+
+    effects: Float[Tensor, "layer pos batch"]
+    reward: Float[Tensor, "batch"]
+    layers: tuple[int, ...]
+    hook: str
+    direction: str
+
+    def to_dataframe(self):
+        return long_frame(self.effects, ("layer", "position", "sequence"),
+                          {"layer": list(self.layers)}, value="effect")
+
+
+def implicit_position_patch(
+    model: ImplicitRewardModel,
+    batch: ResponseBatch,
+    *,
+    hook: str = "resid_pre",
+    direction: str = "policy_to_reference",
+    layers: Sequence[int] | None = None,
+    max_rows: int = 64,
+) -> ImplicitPositionPatchResult:
+    """Exact single-position patching (a layer x position grid, as
+    ``transformer_lens.patching.get_act_patch_resid_pre``) between policy and reference: each
+    cell writes the source model's ``hook`` activation at one layer and one position into the
+    target model, on every sequence at once, and recomputes the implicit reward with the other
+    model unchanged. Batched: the cells of a layer run as rows of a few forwards (at most
+    ``max_rows`` rows each) that start at the patched layer from the target's cached residual.
+    """
+    choose("hook", hook, POSITION_HOOKS)
+    choose("direction", direction, DIRECTIONS)
+    _check_same_shape(model)
+    if max_rows < 1:
+        raise InvalidInputError(f"max_rows must be >= 1, got {max_rows}")
+    batch = model.checked(batch)
+    source_name, target_name = direction.split("_to_")
+    source, target = model.models[source_name], model.models[target_name]
+    n_layers = target.cfg.n_layers
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    bad = [la for la in layers if not 0 <= la < n_layers]
+    if bad:
+        raise InvalidInputError(f"layers {bad} out of range 0..{n_layers - 1}")
+    tokens, mask = batch.tokens, batch.attention_mask
+    n_batch, n_pos = tokens.shape
+    weights = model.token_weights(batch)
+    names = {_hook_name(hook, la) for la in layers}
+    starts = {get_act_name("resid_pre", la) for la in layers}
+    with torch.no_grad():
+        _, src_cache = source.run_with_cache(tokens, attention_mask=mask, padding_side="right",
+                                             names_filter=lambda n: n in names)
+        _, tgt_cache = target.run_with_cache(tokens, attention_mask=mask, padding_side="right",
+                                             names_filter=lambda n: n in starts)
+        lp_source = token_log_probs(source, tokens, mask)
+        lp_target = token_log_probs(target, tokens, mask)
+
+        def reward(lp_t: Tensor, lp_s: Tensor, w: Tensor) -> Tensor:
+            lp = {source_name: lp_s, target_name: lp_t}
+            return ((lp["policy"] - lp["reference"]) * w.to(lp_t)).sum(-1)
+
+        base = reward(lp_target, lp_source, weights)
+        # every (position, sequence) cell as one row; rows of a chunk run in one forward
+        cell_pos = torch.arange(n_pos, device=tokens.device).repeat_interleave(n_batch)
+        cell_row = torch.arange(n_batch, device=tokens.device).repeat(n_pos)
+        per_chunk = max(1, max_rows)
+        effects = torch.zeros(len(layers), n_pos * n_batch, dtype=base.dtype, device=base.device)
+        for li, la in enumerate(layers):
+            name = _hook_name(hook, la)
+            src_act = src_cache[name]
+            start = tgt_cache[get_act_name("resid_pre", la)]
+            for s in range(0, n_pos * n_batch, per_chunk):
+                rows, pos = cell_row[s:s + per_chunk], cell_pos[s:s + per_chunk]
+                k = torch.arange(len(rows), device=tokens.device)
+
+                def patch(act, hook, rows=rows, pos=pos, k=k, src_act=src_act):
+                    act = act.clone()
+                    act[k, pos] = src_act[rows, pos].to(act.dtype)
+                    return act
+
+                with target.hooks(fwd_hooks=[(name, patch)]):
+                    logits = target(start[rows], attention_mask=mask[rows], padding_side="right",
+                                    start_at_layer=la)
+                lp_t = log_probs_from_logits(logits, tokens[rows])
+                effects[li, s:s + per_chunk] = (reward(lp_t, lp_source[rows], weights[rows])
+                                                - base[rows])
+    effects = effects.reshape(len(layers), n_pos, n_batch)
+    return ImplicitPositionPatchResult(effects=effects, reward=base, layers=tuple(layers),
+                                       hook=hook, direction=direction)
 
 
 def implicit_attribution_patch(

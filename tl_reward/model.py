@@ -35,6 +35,7 @@ from .errors import (
     UnsupportedConfigError,
 )
 from .heads import RewardHead, as_reward_head
+from .text_reward import RewardInputs, one_hot_read_weights
 from .texts import Text, TextMethods
 
 if TYPE_CHECKING:
@@ -659,3 +660,42 @@ class HookedRewardModel(TextMethods, HookedTransformer):
                               stop_at_layer=self.cfg.n_layers, attention_mask=mask,
                               past_kv_cache=cache)
         return self._head(self.ln_final(out)[:, 0], "reward")
+
+    # ------------------------------------------------------------------ TextReward
+    # the interface probes and CART discovery call (tl_reward.text_reward.TextReward)
+    @property
+    def unit_model(self) -> "HookedRewardModel":
+        """The model whose hooks hold circuit units: this model itself."""
+        return self
+
+    def encode_texts(self, texts: Sequence[Text]) -> RewardInputs:
+        """Texts tokenized and right-padded, read out at each row's scoring token."""
+        tokens, mask = self.pad(self.tokenize(list(texts)))
+        index = self.pooled_index(tokens, mask)
+        return RewardInputs(tokens, mask, one_hot_read_weights(index, tuple(tokens.shape),
+                                                               tokens.device), index)
+
+    def score_texts(self, texts: Sequence[Text], *, batch_size: int = 16,
+                    progress: bool = True) -> Tensor:
+        """The reward of each text (:meth:`score`)."""
+        return self.score(list(texts), batch_size=batch_size, progress=progress)
+
+    def reward_runner(self, inputs: RewardInputs, first_layer: int = 0):
+        """``fwd_hooks -> rewards`` on ``inputs``, each forward starting at ``first_layer`` from
+        a cached residual stream (exact: hooks before that layer are not allowed)."""
+        tokens, mask, pool = inputs.tokens, inputs.attention_mask, inputs.read_index
+        if pool is None:
+            pool = self.pooled_index(tokens, mask)
+        if first_layer <= 0:
+            def run_full(fwd_hooks):
+                with self.hooks(fwd_hooks=fwd_hooks):
+                    return self(tokens, attention_mask=mask, pool_index=pool)
+            return run_full
+        with torch.no_grad():
+            resid = self(tokens, attention_mask=mask, stop_at_layer=first_layer)
+
+        def run(fwd_hooks):
+            with self.hooks(fwd_hooks=fwd_hooks):
+                return self(resid, attention_mask=mask, start_at_layer=first_layer,
+                            pool_index=pool)
+        return run

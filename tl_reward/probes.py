@@ -74,6 +74,7 @@ from ._stats import CORRECTIONS, TESTS, adjust_p_values, bootstrap_ci, minimum_e
 from .data.probe_sets import ProbeSet
 from .errors import InvalidInputError, ObjectiveError
 from .model import HookedRewardModel
+from .text_reward import TextReward
 
 EFFECT_SCALES = ("reward_sd", "absolute")
 VERDICTS = ("positive bias", "negative bias", "not significant", "insufficient pairs",
@@ -239,7 +240,7 @@ class ProbeReport:
         return fig
 
 
-def _check_scalar(model: HookedRewardModel) -> None:
+def _check_scalar(model: TextReward) -> None:
     if not model.is_scalar:
         raise ObjectiveError(
             f"probes measure a scalar reward; this head has {model.n_rewards} objectives "
@@ -247,9 +248,9 @@ def _check_scalar(model: HookedRewardModel) -> None:
         )
 
 
-def _score_probe(model: HookedRewardModel, probe: ProbeSet, batch_size: int, progress: bool):
-    base_ids = model.tokenize(list(probe.base))
-    pert_ids = model.tokenize(list(probe.perturbed))
+def _score_probe(model: TextReward, probe: ProbeSet, batch_size: int, progress: bool):
+    base_ids = model.encode_texts(list(probe.base)).ids()
+    pert_ids = model.encode_texts(list(probe.perturbed)).ids()
     identical = sum(a == b for a, b in zip(base_ids, pert_ids, strict=True))
     if identical == len(probe):
         raise InvalidInputError(
@@ -258,14 +259,14 @@ def _score_probe(model: HookedRewardModel, probe: ProbeSet, batch_size: int, pro
             "strips the formatting); use a probe written in the tokenizer's vocabulary"
         )
     with torch.no_grad():
-        rewards = model.score(list(probe.base) + list(probe.perturbed), batch_size=batch_size,
-                              progress=progress)
+        rewards = model.score_texts(list(probe.base) + list(probe.perturbed),
+                                    batch_size=batch_size, progress=progress)
     n = len(probe)
     return rewards[:n].detach().cpu().double(), rewards[n:].detach().cpu().double(), identical
 
 
 def run_probes(
-    model: HookedRewardModel,
+    model: TextReward,
     probes: ProbeSet | Sequence[ProbeSet],
     *,
     alpha: float = 0.05,
@@ -284,6 +285,9 @@ def run_probes(
     """Run probes on a reward model: effect, CI, test, correction, verdict for each.
 
     Args:
+        model: any :class:`~tl_reward.text_reward.TextReward`: a
+            :class:`~tl_reward.HookedRewardModel`, or an :class:`~tl_reward.ImplicitRewardModel`
+            (probe texts are split into prompt and response at its ``response_marker``).
         probes: one probe set or several (e.g. :func:`~tl_reward.data.probe_sets.builtin_probe_sets`).
         alpha: level of the corrected test.
         correction: ``"bh"`` (Benjamini-Hochberg), ``"by"`` (Benjamini-Yekutieli, any
@@ -510,7 +514,7 @@ def _one_per_unit(probe: ProbeSet, max_units: int, seed: int) -> list[int]:
 
 
 def localise_probe(
-    model: HookedRewardModel,
+    model: TextReward,
     probe: ProbeSet,
     *,
     level: str = "head",
@@ -549,6 +553,12 @@ def localise_probe(
     clash = set(extra) & set(LOCAL_METHODS)
     if clash:
         raise InvalidInputError(f"extra localisers may not reuse the built-in names {sorted(clash)}")
+    if not isinstance(model, HookedRewardModel):
+        raise InvalidInputError(
+            f"localise_probe works on a reward model with a score head (HookedRewardModel), got "
+            f"{type(model).__name__}; for an implicit reward localise the change with "
+            "tl_reward.implicit_analysis (implicit_reward_attribution, implicit_activation_patch)"
+        )
     _check_scalar(model)
     index = _one_per_unit(probe, max_units, seed)
     sub = probe.subset(index)

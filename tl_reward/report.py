@@ -88,14 +88,18 @@ def _summary_table(numbers: dict[str, Any]) -> str:
             ("mean margin", f"{s['mean_margin']:+.4f}")]
     rows += [(f"accuracy: {k}", f"{v['accuracy']:.1%} ({v['pairs']} pairs)")
              for k, v in s["by_scenario"].items()]
-    rows.append(("lens: median crystallisation read-out (90% of the final margin)",
-                 numbers["lens"]["median_crystallisation"]))
+    if "median_crystallisation" in numbers["lens"]:
+        rows.append(("lens: median crystallisation read-out (90% of the final margin)",
+                     numbers["lens"]["median_crystallisation"]))
     rows += [(f"head #{i + 1} by |mean direct attribution to the margin| (bar height)",
               f"{r['component']}: {r['mean']:+.4f}")
              for i, r in enumerate(numbers["attribution"]["top"][:3])]
-    rows += [(f"head #{i + 1} by |fraction of the margin restored| (heatmap value)",
-              f"{r['head']}: {r['fraction_restored']:+.3f}")
+    restored = "fraction of the margin restored" if "fraction_restored" in (
+        numbers["patching"]["top"] or [{}])[0] else "fraction of the reward removed"
+    key = "fraction_restored" if restored.endswith("restored") else "fraction_removed"
+    rows += [(f"head #{i + 1} by |{restored}| (heatmap value)", f"{r['head']}: {r[key]:+.3f}")
              for i, r in enumerate(numbers["patching"]["top"][:3])]
+    rows += [(f"not applicable: {k}", v) for k, v in numbers.get("not_applicable", {}).items()]
     probes = numbers.get("probes")
     if isinstance(probes, dict):
         rows.append(("probes", f"skipped: {probes['skipped']}"))
@@ -277,3 +281,168 @@ def _probe_figure(probe_report):
              "between the ticks can be 'not significant'",
         xref="paper", yref="paper", x=0, y=1.08, showarrow=False, align="left")
     return fig
+
+
+# ------------------------------------------------------------------------ implicit rewards
+IMPLICIT_NOT_APPLICABLE = {
+    "reward head": "a DPO implicit reward has no score head: it is beta * sum over the response "
+                   "tokens of log pi - log pi_ref, so there is no reward direction, no pooled "
+                   "token and no crystallisation read-out of a head",
+    "exact direct attribution": "a log-probability is not linear in the final residual; the "
+                                "attribution shown is the stated linearisation "
+                                "(tl_reward.implicit_analysis), with its remainder reported",
+    "chosen -> rejected patching": "replaced by policy -> reference patching: which heads carry "
+                                   "the change DPO made to the reference",
+}
+
+
+def build_implicit_report(
+    model: Any,
+    pairs: PreferenceDataset,
+    *,
+    patch_pairs: int = 8,
+    probes: Any = "builtin",
+    batch_size: int = 16,
+    title: str = "tl_reward report (DPO implicit reward)",
+    progress: bool = True,
+) -> Report:
+    """The report's sections that make sense for a DPO implicit reward
+    (:class:`~tl_reward.ImplicitRewardModel`): scores, the lens of the log-ratio, the linearised
+    head attribution of the margin (with its remainder), and policy -> reference head patching
+    (the share of each chosen response's reward a head removes), on the first ``patch_pairs``
+    pairs. Probes run on the texts split at the model's ``response_marker`` (skipped, with the
+    reason, when it has none or its tokenizer cannot see them). What does not apply is said in
+    ``numbers["not_applicable"]`` and on the page."""
+    from .implicit_analysis import (
+        implicit_activation_patch,
+        implicit_reward_attribution,
+        implicit_reward_lens,
+    )
+
+    if len(pairs) == 0:
+        raise InvalidInputError("the report got no preference pairs")
+    if patch_pairs < 1:
+        raise InvalidInputError(f"patch_pairs must be >= 1, got {patch_pairs}")
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+    steps = tqdm(total=5, desc="report", disable=not progress, leave=False)
+    start = time.perf_counter()
+    sides = {}
+    for side in ("chosen", "rejected"):
+        parts = [p.prompt_and_response(side) for p in pairs]
+        sides[side] = ([a for a, _ in parts], [b for _, b in parts])
+
+    def batches(side: str):
+        prompts, responses = sides[side]
+        for s in range(0, len(prompts), batch_size):
+            yield model.encode(prompts[s:s + batch_size], responses[s:s + batch_size])
+
+    scores = model.score_pairs(sides["chosen"][0], sides["chosen"][1], sides["rejected"][1],
+                               batch_size=batch_size, progress=False)
+    correct = scores.margin > 0
+    scen = pairs.scenarios
+    by_scenario = {}
+    for s, n in pairs.scenario_counts().items():
+        keep = torch.tensor([x == s for x in scen])
+        by_scenario[s] = {"pairs": n, "accuracy": float(correct[keep].float().mean()),
+                          "mean_margin": float(scores.margin[keep].mean())}
+    steps.update()
+
+    with torch.no_grad():
+        lens = {side: [implicit_reward_lens(model, b) for b in batches(side)]
+                for side in ("chosen", "rejected")}
+    labels = list(lens["chosen"][0].labels)
+    lens_margin = (torch.cat([r.rewards for r in lens["chosen"]], 1)
+                   - torch.cat([r.rewards for r in lens["rejected"]], 1))  # [layer, pair]
+    steps.update()
+
+    attr = {side: [implicit_reward_attribution(model, b, level="head") for b in batches(side)]
+            for side in ("chosen", "rejected")}
+    values = (torch.cat([r.values.detach() for r in attr["chosen"]], 1)
+              - torch.cat([r.values.detach() for r in attr["rejected"]], 1))  # [component, pair]
+    remainder = (torch.cat([r.remainder.detach().sum(-1) for r in attr["chosen"]])
+                 - torch.cat([r.remainder.detach().sum(-1) for r in attr["rejected"]]))
+    attr_labels = list(attr["chosen"][0].labels)
+    attr_mean = values.detach().cpu().mean(1)
+    attr_order = attr_mean.abs().argsort(descending=True)[:10].tolist()
+    top_attr = [{"component": attr_labels[i], "mean": float(attr_mean[i])} for i in attr_order]
+    steps.update()
+
+    n_patch = min(patch_pairs, len(pairs))
+    patch = None
+    if model.reference is not None:
+        first = model.encode(sides["chosen"][0][:n_patch], sides["chosen"][1][:n_patch])
+        patch = implicit_activation_patch(model, first, hook="z", direction="policy_to_reference")
+        frac = patch.fraction.detach().cpu().mean(1)
+        order = frac.nan_to_num(nan=0.0).abs().argsort(descending=True)[:10].tolist()
+        top_patch = [{"head": patch.cells[i], "fraction_removed": float(frac[i]),
+                      "mean_effect": float(patch.effects[i].mean())} for i in order]
+    steps.update()
+    probe_report = None
+    if probes is not None:
+        from .data.probe_sets import builtin_probe_sets
+
+        sets = builtin_probe_sets() if isinstance(probes, str) and probes == "builtin" else probes
+        try:
+            probe_report = run_probes(model, sets, batch_size=batch_size, progress=False)
+        except InvalidInputError as err:
+            probe_report = str(err)
+    steps.update()
+    steps.close()
+
+    not_applicable = dict(IMPLICIT_NOT_APPLICABLE)
+    if patch is None:
+        not_applicable["policy -> reference patching"] = (
+            "this implicit reward has no reference model (reference=None)")
+    numbers = {
+        "model": {"kind": "dpo_implicit_reward", "beta": model.beta,
+                  "length_normalize": model.length_normalize,
+                  "has_reference": model.reference is not None,
+                  "n_layers": model.policy.cfg.n_layers, "d_model": model.policy.cfg.d_model,
+                  "n_heads": model.policy.cfg.n_heads,
+                  "n_params": sum(p.numel() for p in model.policy.parameters())},
+        "scores": {"n_pairs": len(pairs), "accuracy": scores.accuracy,
+                   "mean_margin": float(scores.margin.mean()), "by_scenario": by_scenario,
+                   "chosen": _floats(scores.chosen), "rejected": _floats(scores.rejected),
+                   "margin": _floats(scores.margin)},
+        "lens": {"read_outs": labels, "mean_margin": _floats(lens_margin.mean(1))},
+        "attribution": {"level": "head", "linearised": True, "labels": attr_labels,
+                        "mean": _floats(values.mean(1)),
+                        "mean_remainder": float(remainder.mean()),
+                        "max_sum_error": float((values.sum(0) + remainder - scores.margin.to(
+                            values)).abs().max()),
+                        "top": top_attr},
+        "patching": ({"hook": "z", "per": "head", "direction": "policy_to_reference",
+                      "n_pairs": n_patch, "cells": list(patch.cells),
+                      "mean_effect": _floats(patch.effects.mean(1)),
+                      "mean_fraction_removed": _floats(patch.fraction.mean(1)), "top": top_patch}
+                     if patch is not None else {"top": []}),
+        "not_applicable": not_applicable,
+        "seconds": time.perf_counter() - start,
+    }
+    if isinstance(probe_report, str):
+        numbers["probes"] = {"skipped": probe_report}
+    elif probe_report is not None:
+        numbers["probes"] = [
+            {**row, "min_effect": r.min_effect}
+            for row, r in zip(probe_report.to_dataframe().to_dict(orient="records"),
+                              probe_report.results, strict=True)
+        ]
+    figures = {
+        "Margins": _margin_histogram(scores.margin, scen),
+        "Implicit reward lens: mean margin after each layer (log-ratio read out per layer)":
+            _lens_figure(labels, lens_margin.mean(1)),
+        "Linearised attribution of the margin: the 10 components with the largest |mean|":
+            _attribution_bars(top_attr),
+    }
+    if patch is not None:
+        import plotly.express as px
+
+        figures[f"Policy -> reference head patching on {n_patch} chosen responses"] = px.bar(
+            x=[r["head"] for r in top_patch], y=[r["fraction_removed"] for r in top_patch],
+            labels={"x": "policy head patched into the reference",
+                    "y": "mean fraction of the implicit reward removed"})
+    if probe_report is not None and not isinstance(probe_report, str):
+        figures["Reward-hacking probes: mean reward change (CI), verdict"] = _probe_figure(
+            probe_report)
+    return Report(title=title, numbers=numbers, figures=figures)

@@ -1,6 +1,8 @@
 """CART circuit discovery (section 3.3): differential activation, coherence, grouping, validation.
 
-:func:`discover` runs the whole pipeline on a :class:`~tl_reward.HookedRewardModel` and two text
+:func:`discover` runs the whole pipeline on a reward (any
+:class:`~tl_reward.text_reward.TextReward`: a :class:`~tl_reward.HookedRewardModel`, or the
+policy of an :class:`~tl_reward.ImplicitRewardModel` with its reference fixed) and two text
 sources (tail and head inputs):
 
 1. **Differential activation** of every unit (all MLP neurons and attention heads by default),
@@ -37,7 +39,7 @@ from torch import Tensor
 from .._readout import choose
 from .._stats import CORRECTIONS, adjust_p_values
 from ..errors import InvalidInputError
-from ..model import HookedRewardModel
+from ..text_reward import RewardInputs, TextReward
 from .metrics import (
     ESTIMATORS,
     gaussian_mi_from_covariance,
@@ -62,7 +64,6 @@ from .units import (
     circuit_width,
     intervention_hooks,
     read_units,
-    reward_runner,
 )
 
 logger = logging.getLogger(__name__)
@@ -74,13 +75,25 @@ KEEP = ("effect", "specific")
 
 
 # ----------------------------------------------------------------------------- streaming helpers
+def iter_inputs(
+    model: TextReward, source: TextSource, batch_size: int, name: str
+) -> Iterator[tuple[list[Any], RewardInputs]]:
+    """``(texts, inputs)`` batches of a text source, encoded by the reward."""
+    for texts in chunks(open_source(source, name), batch_size):
+        yield texts, model.encode_texts(texts)
+
+
 def iter_batches(
-    model: HookedRewardModel, source: TextSource, batch_size: int, name: str
+    model: TextReward, source: TextSource, batch_size: int, name: str
 ) -> Iterator[tuple[list[Any], Tensor, Tensor]]:
     """``(texts, tokens, attention_mask)`` batches of a text source (tokenized, right-padded)."""
-    for texts in chunks(open_source(source, name), batch_size):
-        tokens, mask = model.pad(model.tokenize(texts))
-        yield texts, tokens, mask
+    for texts, inputs in iter_inputs(model, source, batch_size, name):
+        yield texts, inputs.tokens, inputs.attention_mask
+
+
+def _pooled(inputs: RewardInputs) -> Tensor:
+    """What ``position="pooled"`` reads: one position per row, or the read-out weights."""
+    return inputs.read_index if inputs.read_index is not None else inputs.read_weights
 
 
 def _progress(source: TextSource, batch_size: int, desc: str, progress: bool):
@@ -213,11 +226,12 @@ def _stream_moments(model, source, units, position, saes, batch_size, name, prog
     rows = TensorReservoir(reservoir, len(units), seed=seed) if reservoir else None
     bar = _progress(source, batch_size, f"streaming {name}", progress)
     with torch.no_grad():
-        for batch, tokens, mask in bar(iter_batches(model, source, batch_size, name)):
+        for batch, inputs in bar(iter_inputs(model, source, batch_size, name)):
             if texts is not None:
                 texts.add(batch)
-            scal, rawv = read_units(model, tokens, mask, units, position=position, saes=saes,
-                                    raw=raw)
+            scal, rawv = read_units(model.unit_model, inputs.tokens, inputs.attention_mask, units,
+                                    position=position, saes=saes, raw=raw,
+                                    pooled=_pooled(inputs))
             moments.update(scal)
             if raw_mean is not None:
                 raw_mean.update(rawv)
@@ -229,7 +243,7 @@ def _stream_moments(model, source, units, position, saes, batch_size, name, prog
 
 
 def activation_statistics(
-    model: HookedRewardModel,
+    model: TextReward,
     tail: TextSource,
     head: TextSource,
     *,
@@ -245,8 +259,8 @@ def activation_statistics(
     ``units`` defaults to every MLP neuron and attention head (:func:`~tl_reward.cart.all_units`);
     ``position`` reads them at the scoring token (``"pooled"``) or averages over real tokens.
     """
-    units = tuple(all_units(model) if units is None else units)
-    check_units(model, units, saes)
+    units = tuple(all_units(model.unit_model) if units is None else units)
+    check_units(model.unit_model, units, saes)
     mt = _stream_moments(model, tail, units, position, saes, batch_size, "tail", progress)[0]
     mh = _stream_moments(model, head, units, position, saes, batch_size, "head", progress)[0]
     return UnitStatistics(
@@ -361,16 +375,17 @@ def _ablation_values(model, circuits, head_texts, ablation, saes, batch_size,
     out = []
     for c in circuits:
         if ablation == "zero":
-            out.append(torch.zeros(circuit_width(model, c)))
+            out.append(torch.zeros(circuit_width(model.unit_model, c)))
             continue
         if known is not None and all(u in known for u in c.units):
             out.append(torch.cat([known[u].reshape(-1) for u in c.units]))
             continue
         mean = RunningMean()
         with torch.no_grad():
-            for _, tokens, mask in iter_batches(model, head_texts, batch_size, "head"):
-                mean.update(read_units(model, tokens, mask, c.units, position=c.position,
-                                       saes=saes, raw=True)[1])
+            for _, inputs in iter_inputs(model, head_texts, batch_size, "head"):
+                mean.update(read_units(model.unit_model, inputs.tokens, inputs.attention_mask,
+                                       c.units, position=c.position, saes=saes, raw=True,
+                                       pooled=_pooled(inputs))[1])
         out.append(mean.mean)
     return out
 
@@ -381,15 +396,16 @@ def _effects(model, circuits, values, texts, saes, batch_size) -> tuple[Tensor, 
     effects = [[] for _ in circuits]
     acts, rewards = [], []
     with torch.no_grad():
-        for _, tokens, mask in iter_batches(model, texts, batch_size, "texts"):
-            pool = model.pooled_index(tokens, mask)
-            clean = model(tokens, attention_mask=mask, pool_index=pool)
+        for _, inputs in iter_inputs(model, texts, batch_size, "texts"):
+            tokens, mask, pool = inputs.tokens, inputs.attention_mask, _pooled(inputs)
+            clean = model.reward_runner(inputs, 0)([])
             rewards.append(clean.cpu())
-            acts.append(circuit_activations(model, tokens, mask, circuits, saes=saes))
+            acts.append(circuit_activations(model.unit_model, tokens, mask, circuits, saes=saes,
+                                            pooled=pool))
             for k, (c, v) in enumerate(zip(circuits, values, strict=True)):
-                run = reward_runner(model, tokens, mask, c.first_layer)
-                hooks = intervention_hooks(model, c, pool, mask, values=v.to(clean.device),
-                                           saes=saes)
+                run = model.reward_runner(inputs, c.first_layer)
+                hooks = intervention_hooks(model.unit_model, c, pool, mask,
+                                           values=v.to(clean.device), saes=saes)
                 effects[k].append((run(hooks) - clean).detach().cpu())
     return (torch.stack([torch.cat(e) for e in effects]).double(),
             torch.cat(acts).T.detach().cpu().double(), torch.cat(rewards).double())
@@ -418,7 +434,7 @@ def _two_sample_p(x: np.ndarray, y: np.ndarray, test: str) -> float:
 
 
 def validate_circuits(
-    model: HookedRewardModel,
+    model: TextReward,
     circuits: Sequence[Circuit],
     tail: TextSource,
     head: TextSource,
@@ -457,7 +473,7 @@ def validate_circuits(
     circuits = tuple(circuits)
     if not circuits:
         raise InvalidInputError("no circuits to validate")
-    check_units(model, [u for c in circuits for u in c.units], saes)
+    check_units(model.unit_model, [u for c in circuits for u in c.units], saes)
     tail_s = _sample_texts(tail, max_samples, seed, "tail")
     head_s = _sample_texts(head, max_samples, seed + 1, "head")
     if min(len(tail_s), len(head_s)) < 2:
@@ -554,7 +570,7 @@ class Discovery:
 
 
 def discover(
-    model: HookedRewardModel,
+    model: TextReward,
     tail: TextSource,
     head: TextSource,
     *,
@@ -583,6 +599,11 @@ def discover(
     """CART circuit discovery (section 3.3) on tail and head inputs; see the module docstring.
 
     Args:
+        model: any :class:`~tl_reward.text_reward.TextReward`: a
+            :class:`~tl_reward.HookedRewardModel` (units read at the scoring token with
+            ``position="pooled"``), or an :class:`~tl_reward.ImplicitRewardModel` (units of the
+            policy, the reference held fixed; ``"pooled"`` reads the mean over the positions
+            that predict response tokens, and ablations act at those positions).
         tail, head: the texts of rare (tail) and common (head) scenarios: lists, or zero-argument
             callables returning a fresh iterable (streamed twice; nothing is kept but moments and
             bounded samples).
@@ -631,7 +652,7 @@ def discover(
     circuits = group_circuits(mi_t - mi_h, candidates, threshold=coherence_threshold,
                               aggregate=aggregate, position=position)
     # the head mean of each candidate's raw activation, for mean ablation
-    widths = [model.cfg.d_head if u.kind == "head" else 1 for u in candidates]
+    widths = [model.unit_model.cfg.d_head if u.kind == "head" else 1 for u in candidates]
     offs = np.cumsum([0, *widths])
     reference = {u: raw_h.mean[offs[i]:offs[i + 1]].float() for i, u in enumerate(candidates)}
     validation = validate_circuits(  # on the text samples kept by the second pass

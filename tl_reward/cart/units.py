@@ -29,11 +29,13 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_act_name
 
 from .._readout import choose
 from ..errors import HookNameError, InvalidInputError
 from ..model import HookedRewardModel
+from ..text_reward import RewardInputs, one_hot_read_weights
 from .metrics import AGGREGATES, circuit_activation
 
 KINDS = ("neuron", "head", "feature")
@@ -128,7 +130,7 @@ class Circuit:
 
 
 def all_units(
-    model: HookedRewardModel,
+    model: HookedTransformer,
     kinds: Sequence[str] = ("neuron", "head"),
     *,
     layers: Sequence[int] | None = None,
@@ -169,7 +171,7 @@ def _d_sae(sae: Any) -> int:
 
 
 def check_units(
-    model: HookedRewardModel, units: Sequence[Unit], saes: Mapping[str, Any] | None
+    model: HookedTransformer, units: Sequence[Unit], saes: Mapping[str, Any] | None
 ) -> None:
     """Raise a clear error for a hook the model lacks, an index out of range or a missing SAE."""
     cfg = model.cfg
@@ -195,18 +197,18 @@ def check_units(
             raise InvalidInputError(f"unit {u.label}: index {u.index} is not in 0..{size - 1}")
 
 
-def raw_width(model: HookedRewardModel, unit: Unit) -> int:
+def raw_width(model: HookedTransformer, unit: Unit) -> int:
     """Number of raw activation values of a unit: ``d_head`` for a head, 1 otherwise."""
     return model.cfg.d_head if unit.kind == "head" else 1
 
 
-def circuit_width(model: HookedRewardModel, circuit: Circuit) -> int:
+def circuit_width(model: HookedTransformer, circuit: Circuit) -> int:
     """``d_circuit``: the length of the circuit's concatenated raw activations."""
     return sum(raw_width(model, u) for u in circuit.units)
 
 
 # ----------------------------------------------------------------------------- reading
-def _stop_layer(model: HookedRewardModel, hooks: Sequence[str]) -> int | None:
+def _stop_layer(model: HookedTransformer, hooks: Sequence[str]) -> int | None:
     layers = []
     for h in hooks:
         m = _LAYER.match(h)
@@ -220,8 +222,12 @@ def _stop_layer(model: HookedRewardModel, hooks: Sequence[str]) -> int | None:
 def _positions(
     batch: int, n_pos: int, position: str, pool_index: Tensor, mask: Tensor | None, device
 ) -> Tensor:
-    """``[batch, pos]`` weights of each position in the circuit's read-out (they sum to 1)."""
+    """``[batch, pos]`` weights of each position in the circuit's read-out (they sum to 1).
+    ``pool_index`` is each row's read position ``[batch]``, or the reward's read-out weights
+    ``[batch, pos]`` (:attr:`~tl_reward.text_reward.RewardInputs.read_weights`)."""
     if position == "pooled":
+        if pool_index.ndim == 2:
+            return pool_index.to(device=device, dtype=torch.float32)
         w = torch.zeros(batch, n_pos, device=device)
         w[torch.arange(batch, device=device), pool_index] = 1.0
         return w
@@ -253,7 +259,7 @@ def _by_hook(units: Sequence[Unit]) -> dict[tuple[str, str], list[int]]:
 
 
 def read_units(
-    model: HookedRewardModel,
+    model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"] | None,
     units: Sequence[Unit],
@@ -261,15 +267,20 @@ def read_units(
     position: str = "pooled",
     saes: Mapping[str, Any] | None = None,
     raw: bool = False,
+    pooled: Tensor | None = None,
 ) -> tuple[Float[Tensor, "batch unit"], Tensor | None]:
     """Scalar activations ``[batch, unit]`` of ``units`` (and their raw activations, position-
     weighted and concatenated in unit order, with ``raw=True``), from one forward that stops after
-    the last layer needed. Differentiable."""
+    the last layer needed. Differentiable.
+
+    ``pooled``: what ``position="pooled"`` reads: each row's position ``[batch]`` or read-out
+    weights ``[batch, pos]`` (default: a reward model's ``pooled_index``; an implicit reward's
+    policy needs its :attr:`~tl_reward.text_reward.RewardInputs.read_weights`)."""
     choose("position", position, POSITIONS)
     if not units:
         raise InvalidInputError("no units to read")
     check_units(model, units, saes)
-    pool_index = model.pooled_index(tokens, attention_mask)
+    pool_index = model.pooled_index(tokens, attention_mask) if pooled is None else pooled
     groups = _by_hook(units)
     store: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
     weights: list[Tensor] = []
@@ -280,7 +291,8 @@ def read_units(
                 weights.append(_positions(act.shape[0], act.shape[1], position, pool_index,
                                           attention_mask, act.device))
             w = weights[0]
-            if position == "pooled":  # gather first: SAE encoders then see one position
+            if position == "pooled" and pool_index.ndim == 1:  # gather first: SAE encoders
+                # then see one position
                 rows = torch.arange(act.shape[0], device=act.device)
                 sel = act[rows, pool_index][:, None]
                 scal, rawv = _unit_values(sel, [units[i] for i in members], saes)
@@ -296,7 +308,8 @@ def read_units(
                  for (hook_name, kind), members in groups.items()]
     model.run_with_hooks(tokens, attention_mask=attention_mask, return_type=None,
                          stop_at_layer=_stop_layer(model, [h for h, _ in groups]),
-                         fwd_hooks=fwd_hooks)
+                         fwd_hooks=fwd_hooks)  # [batch, pos] ids with a mask: a reward model's
+    # forward and a HookedTransformer's read them alike
     batch = tokens.shape[0]
     dtype = next(iter(store.values()))[0].dtype
     scalars = torch.empty(batch, len(units), dtype=dtype, device=tokens.device)
@@ -317,28 +330,32 @@ def read_units(
 
 
 def unit_activations(
-    model: HookedRewardModel,
+    model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"] | None,
     units: Sequence[Unit],
     *,
     position: str = "pooled",
     saes: Mapping[str, Any] | None = None,
+    pooled: Tensor | None = None,
 ) -> Float[Tensor, "batch unit"]:
-    """Scalar activation of each unit on each input (see the module docstring). Differentiable."""
-    return read_units(model, tokens, attention_mask, units, position=position, saes=saes)[0]
+    """Scalar activation of each unit on each input (see the module docstring; ``pooled`` as in
+    :func:`read_units`). Differentiable."""
+    return read_units(model, tokens, attention_mask, units, position=position, saes=saes,
+                      pooled=pooled)[0]
 
 
 def circuit_activations(
-    model: HookedRewardModel,
+    model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"] | None,
     circuits: Sequence[Circuit],
     *,
     saes: Mapping[str, Any] | None = None,
+    pooled: Tensor | None = None,
 ) -> Float[Tensor, "batch circuit"]:
-    """``a_c(x)`` of every circuit on every input, one forward per read-out position.
-    Differentiable, so a training loss can use it."""
+    """``a_c(x)`` of every circuit on every input, one forward per read-out position
+    (``pooled`` as in :func:`read_units`). Differentiable, so a training loss can use it."""
     if not circuits:
         raise InvalidInputError("no circuits given")
     out: list[Tensor | None] = [None] * len(circuits)
@@ -348,7 +365,8 @@ def circuit_activations(
             continue
         units = list(dict.fromkeys(u for i in members for u in circuits[i].units))
         where = {u: k for k, u in enumerate(units)}
-        acts = unit_activations(model, tokens, attention_mask, units, position=position, saes=saes)
+        acts = unit_activations(model, tokens, attention_mask, units, position=position, saes=saes,
+                                pooled=pooled)
         for i in members:
             c = circuits[i]
             cols = torch.tensor([where[u] for u in c.units], device=acts.device)
@@ -358,9 +376,9 @@ def circuit_activations(
 
 # ----------------------------------------------------------------------------- interventions
 def intervention_hooks(
-    model: HookedRewardModel,
+    model: HookedTransformer,
     circuit: Circuit,
-    pool_index: Int[Tensor, "batch"],
+    pool_index: Int[Tensor, "batch"] | Float[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"] | None,
     *,
     shift: Float[Tensor, "batch d_circuit"] | None = None,
@@ -369,7 +387,9 @@ def intervention_hooks(
 ) -> list[tuple[str, Callable]]:
     """TransformerLens forward hooks that change the circuit's raw activations at the positions it
     reads: add ``shift`` (the ``delta`` of eq. (7), per input) or set them to ``values`` (an
-    ablation: zeros, or a reference mean). Exactly one of the two must be given."""
+    ablation: zeros, or a reference mean). Exactly one of the two must be given. ``pool_index``:
+    each row's pooled position, or the reward's read-out weights (``pooled`` circuits act where
+    they are nonzero)."""
     if (shift is None) == (values is None):
         raise InvalidInputError("give exactly one of shift= (perturb) or values= (ablate)")
     widths = [raw_width(model, u) for u in circuit.units]
@@ -428,18 +448,11 @@ def reward_runner(
     first_layer: int,
 ) -> Callable[[list[tuple[str, Callable]]], Float[Tensor, "batch"]]:
     """A function ``fwd_hooks -> rewards`` that starts each forward at ``first_layer`` from a
-    cached residual stream (exact: nothing before that layer is changed by the hooks)."""
+    cached residual stream (exact: nothing before that layer is changed by the hooks); see
+    :meth:`tl_reward.HookedRewardModel.reward_runner`."""
     pool_index = model.pooled_index(tokens, attention_mask)
-    if first_layer <= 0:
-        def run_full(fwd_hooks):
-            with model.hooks(fwd_hooks=fwd_hooks):
-                return model(tokens, attention_mask=attention_mask, pool_index=pool_index)
-        return run_full
-    with torch.no_grad():
-        resid = model(tokens, attention_mask=attention_mask, stop_at_layer=first_layer)
-
-    def run(fwd_hooks):
-        with model.hooks(fwd_hooks=fwd_hooks):
-            return model(resid, attention_mask=attention_mask, start_at_layer=first_layer,
-                         pool_index=pool_index)
-    return run
+    if attention_mask is None:
+        attention_mask = torch.ones_like(tokens)
+    inputs = RewardInputs(tokens, attention_mask, one_hot_read_weights(
+        pool_index, tuple(tokens.shape), tokens.device), pool_index)
+    return model.reward_runner(inputs, first_layer)

@@ -370,6 +370,7 @@ def load_implicit_reward_model(
     dtype: torch.dtype | None = None,
     n_ctx: int | None = None,
     n_devices: int = 1,
+    response_marker: str | None = None,
 ) -> ImplicitRewardModel:
     """The DPO implicit reward ``beta * sum_t [log pi(y_t|..) - log pi_ref(y_t|..)]``.
 
@@ -381,6 +382,8 @@ def load_implicit_reward_model(
         length_normalize: average the log-ratio over the response tokens instead of summing.
         tokenizer: the shared tokenizer (taken from the policy's directory when omitted).
         fold_ln, device, dtype, n_ctx, n_devices: as :func:`load_causal_lm`, for both models.
+        response_marker: where a plain-string text splits into prompt and response, for the
+            tools that take texts (probes, CART discovery); see :class:`ImplicitRewardModel`.
     """
 
     def convert(m: Any, tok: Any) -> tuple[HookedTransformer, Any]:
@@ -393,4 +396,4 @@ def load_implicit_reward_model(
     pol, tokenizer = convert(policy, tokenizer)
     ref = None if reference is None else convert(reference, tokenizer)[0]
     return ImplicitRewardModel(pol, ref, beta=beta, length_normalize=length_normalize,
-                               tokenizer=tokenizer)
+                               tokenizer=tokenizer, response_marker=response_marker)

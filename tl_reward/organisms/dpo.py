@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.pairs import PreferenceDataset
-from ..data.synthetic import LongTailTask, word_tokenizer
+from ..data.synthetic import RESPONSE_MARK, LongTailTask, word_tokenizer
 from ..errors import ModelSourceError
 from ..implicit import ResponseBatch, log_probs_from_logits, response_batch_from_ids
 
@@ -85,7 +85,7 @@ def eval_set() -> PreferenceDataset:
 
 def load(**load_kwargs: Any):
     """The shipped pair as an :class:`~tl_reward.ImplicitRewardModel` (``beta`` = the training
-    beta) and its tokenizer."""
+    beta, plain task texts split into prompt and response at ``" answer"``) and its tokenizer."""
     from transformers import AutoTokenizer
 
     from ..loading.causal_lm import load_implicit_reward_model
@@ -96,6 +96,7 @@ def load(**load_kwargs: Any):
             "`python -m tl_reward.organisms.dpo`"
         )
     tokenizer = AutoTokenizer.from_pretrained(DIRECTORY / "policy", local_files_only=True)
+    load_kwargs.setdefault("response_marker", " " + RESPONSE_MARK)
     model = load_implicit_reward_model(DIRECTORY / "policy", DIRECTORY / "reference", beta=BETA,
                                        tokenizer=tokenizer, **load_kwargs)
     return model, tokenizer
