@@ -207,3 +207,23 @@ def test_rebuilding_a_head_organism_reproduces_the_shipped_weights(name, tmp_pat
     for key in old:
         assert torch.equal(new[key], old[key]), key
     assert meta["accuracy"] == module.info()["accuracy"]
+
+
+def test_trained_gated_organism_gate_attributed_to_the_urgent_token_and_its_head(gated):
+    """Which input switched `cautious` on: the gate weight's integrated gradients put it on the
+    head path patching names, and that head's share on the `urgent` token it attends to."""
+    from tl_reward.nonlinear_attribution import gate_attribution
+
+    model, _, G = gated
+    clean, _ = _minimal_pairs(G, model)
+    heads = gate_attribution(model, clean, objective="cautious", level="head", progress=False)
+    assert float(heads.completeness_gap.abs().max()) < 1e-4
+    assert bool((heads.total > 0.99).all())
+    mean = heads.values.mean(-1)
+    top = heads.labels[int(mean.abs().argmax())]
+    assert top == "L0H0" and float(mean.max()) > 5 * float(mean.abs().sort().values[-2])
+    src = gate_attribution(model, clean, objective="cautious", level="head_source",
+                           progress=False)
+    mine = [i for i, lab in enumerate(src.labels) if lab.startswith(f"{top}.src")]
+    at = (model.to_tokens(clean) == model.to_single_token("urgent")).int().argmax(1)
+    assert torch.equal(src.values[mine].argmax(0), at)
