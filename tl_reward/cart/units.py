@@ -441,5 +441,5 @@ def reward_runner(
     def run(fwd_hooks):
         with model.hooks(fwd_hooks=fwd_hooks):
             return model(resid, attention_mask=attention_mask, start_at_layer=first_layer,
-                         pool_index=pool_index)
+                         pool_index=pool_index, tokens=tokens)  # tokens: a gated head's prompt end
     return run
