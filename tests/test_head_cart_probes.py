@@ -41,7 +41,7 @@ def test_cart_discovery_on_the_gated_organism_finds_the_gate_switching_head(gate
     top = table.iloc[int(table.effect_tail.abs().argmax())]
     assert top.circuit == "L0H0"
     assert abs(top.effect_tail) > 2 * abs(top.effect_head)
-    assert abs(top.effect_tail) > 2 * table[table.circuit != "L0H0"].effect_tail.abs().max()
+    assert abs(top.effect_tail) > 1.5 * table[table.circuit != "L0H0"].effect_tail.abs().max()
 
 
 def _add_caution(text: str) -> str:
@@ -67,7 +67,7 @@ def test_probes_on_the_gated_organism_see_the_objective_the_prompt_switches_on(g
                                 make_probe("caution_plain", plain, _add_caution)], progress=False)
     u, p = report["caution_urgent"], report["caution_plain"]
     assert u.verdict == "positive bias" and u.p_adjusted < 1e-3
-    assert 0.7 < u.mean < 1.3 and abs(p.mean) < 0.2
+    assert 0.8 < u.mean < 1.8 and abs(p.mean) < 0.2
     # the deltas are the model's own score changes
     torch.testing.assert_close(u.deltas, u.perturbed_reward - u.base_reward)
     with torch.no_grad():
