@@ -88,3 +88,37 @@ def test_gate_attribution_is_complete_and_checked():
     with pytest.raises(errors.HeadError, match="not gated"):
         gate_attribution(load_reward_model(grm("llama")), tokens, mask, objective=0,
                          progress=False)
+
+
+@pytest.mark.parametrize("kind", ["grm", "armorm"])
+def test_pytorch_bin_checkpoint_directories_of_nonlinear_heads_load(kind, tmp_path):
+    """A directory as older checkpoints are: ``pytorch_model.bin`` (a pickled state dict, as
+    ``torch.save`` writes it; transformers 5's ``save_pretrained`` writes safetensors only): the
+    head's tensors are read with ``torch.load(weights_only=True)`` and give the reference's
+    rewards."""
+    import json
+
+    if kind == "grm":
+        ref, arch, kw = grm("llama"), "GRewardModel", {}
+    else:
+        ref, arch, kw = armorm("llama"), "LlamaForRewardModelWithGating", {"gate_pattern": PATTERN}
+    ref.config.save_pretrained(tmp_path)
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
+    assert (tmp_path / "pytorch_model.bin").exists()
+    assert not (tmp_path / "model.safetensors").exists()
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architectures"] = [arch]
+    if kind == "armorm":
+        config["gating_temperature"] = ref.gating.temperature
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = load_reward_model(tmp_path, **kw)
+    assert model.head_kind == ("mlp" if kind == "grm" else "gated")
+    seqs = sequences(34, with_pattern=True)
+    tokens, mask = pad_batch(seqs, "left")
+    with torch.no_grad():
+        if kind == "armorm":
+            truth = torch.cat([ref(torch.tensor([s]))[0] for s in seqs])
+        else:
+            truth = torch.cat([ref(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
+                               for s in seqs])
+        torch.testing.assert_close(model(tokens, attention_mask=mask), truth, atol=1e-4, rtol=0)
