@@ -27,6 +27,7 @@ def test_cart_runner_starting_late_is_exact_on_a_gated_head(gated):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_cart_discovery_on_the_gated_organism_finds_the_gate_switching_head(gated):
     """Tail = `urgent` in the prompt. Ablating units at every position (`position="mean"`),
     the circuit of L0H0 (the head path patching and gate attribution name) has the largest
