@@ -276,7 +276,7 @@ def test_cart_interventions_on_an_mlp_head_equal_activation_patching():
 def gated_organism():
     from tl_reward.organisms import gated as G
 
-    model, _, data = G.load()
+    model, _, data = G.load_planted()
     pairs = [p for p in data if p.scenario == "trigger" and G.prompt_has_trigger(p.chosen_text)]
     return model, data, pairs, G
 
@@ -332,7 +332,7 @@ def _solutions(n: int, seed: int) -> list[str]:
 def test_process_organism_step_scores_drop_at_the_planted_error():
     from tl_reward.organisms import process as P
 
-    model, _, sep = P.load()
+    model, _, sep = P.load_planted()
     for text in _solutions(16, 0):
         steps = model.step_rewards(text, sep)
         first = P.first_error_step(text)
@@ -346,7 +346,7 @@ def test_process_organism_error_found_by_lens_and_patching_on_the_step():
     from tl_reward.organisms import process as P
     from tl_reward.process import step_tokens
 
-    model, _, sep = P.load()
+    model, _, sep = P.load_planted()
     model.set_objective([-1.0, 1.0])  # a step's log-odds
     clean_text = "query w001 answer w010 w011 <eos> w012 urgent w013 <eos> w014 w015"
     corrupt_text = clean_text.replace("urgent", "w016")

@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "gate_patch": "gated",
     "gated_outputs": "gated",
     "HeadAttributionResult": "nonlinear_attribution",
+    "gate_attribution": "nonlinear_attribution",
     "head_attribution": "nonlinear_attribution",
     "GatedHead": "heads",
     "MLPHead": "heads",
@@ -147,6 +148,7 @@ if TYPE_CHECKING:
     from .loading.causal_lm import load_judge_reward_model as load_judge_reward_model
     from .model import HookedRewardModel as HookedRewardModel
     from .nonlinear_attribution import HeadAttributionResult as HeadAttributionResult
+    from .nonlinear_attribution import gate_attribution as gate_attribution
     from .nonlinear_attribution import head_attribution as head_attribution
     from .patching import PatchResult as PatchResult
     from .patching import activation_patch as activation_patch

@@ -697,5 +697,5 @@ class HookedRewardModel(TextMethods, HookedTransformer):
         def run(fwd_hooks):
             with self.hooks(fwd_hooks=fwd_hooks):
                 return self(resid, attention_mask=mask, start_at_layer=first_layer,
-                            pool_index=pool)
+                            pool_index=pool, tokens=tokens)  # tokens: a gated head's prompt end
         return run

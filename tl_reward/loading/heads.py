@@ -121,21 +121,37 @@ def head_of(hf_model: Any, gate_pattern: Sequence[int] | None) -> tuple[RewardHe
 
 # ---------------------------------------------------------------- checkpoint directories
 def _tensor_files(path: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it (single file or sharded index)."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        return {name: path / file for name, file in weight_map.items()}
+    """Tensor name -> the file holding it: safetensors (single file or sharded index), else
+    PyTorch pickles (``pytorch_model.bin`` or its sharded index), read with
+    ``torch.load(weights_only=True)`` (no code runs)."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.exists():
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            return {name: path / file for name, file in weight_map.items()}
     single = path / "model.safetensors"
-    if not single.exists():
-        return {}
-    from safetensors import safe_open
+    if single.exists():
+        from safetensors import safe_open
 
-    try:
-        with safe_open(str(single), framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
-    except Exception:  # noqa: BLE001 - unreadable: transformers' own load reports it, with its cause
-        return {}
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                return dict.fromkeys(f.keys(), single)
+        except Exception:  # noqa: BLE001 - unreadable: transformers' own load reports it
+            return {}
+    pickle = path / "pytorch_model.bin"
+    if pickle.exists():
+        try:
+            return dict.fromkeys(_load_pickle(pickle), pickle)
+        except Exception:  # noqa: BLE001 - unreadable: transformers' own load reports it
+            return {}
+    return {}
+
+
+def _load_pickle(file: Path) -> dict[str, Tensor]:
+    state = torch.load(str(file), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise HeadError(f"{str(file)!r} does not hold a state dict (got {type(state).__name__})")
+    return state
 
 
 def _read(files: dict[str, Path], names: list[str]) -> dict[str, Tensor]:
@@ -143,8 +159,13 @@ def _read(files: dict[str, Path], names: list[str]) -> dict[str, Tensor]:
 
     out: dict[str, Tensor] = {}
     for file in {files[n] for n in names}:
+        mine = [n for n in names if files[n] == file]
+        if file.suffix == ".bin":
+            state = _load_pickle(file)
+            out.update({n: state[n] for n in mine})
+            continue
         with safe_open(str(file), framework="pt") as f:
-            out.update({n: f.get_tensor(n) for n in names if files[n] == file})
+            out.update({n: f.get_tensor(n) for n in mine})
     return out
 
 
@@ -153,7 +174,7 @@ def checkpoint_head(path: Path, config: Mapping[str, Any],
     """The nonlinear head a checkpoint directory holds, read from its tensor names (never from
     its modelling code): GRM ``v_head.summary.*``, a ``Sequential`` ``score.<i>.*`` (INF-ORM,
     Qwen2.5-Math-PRM), ArmoRM ``regression_layer`` + ``gating``; ``None`` when none is there
-    (safetensors checkpoints only)."""
+    (safetensors, or ``pytorch_model.bin`` pickles read with ``weights_only=True``)."""
     files = _tensor_files(path)
     layouts = (("v_head.summary.", "mlp"), ("score.0.", "mlp"), ("regression_layer.", "gated"))
     for prefix, kind in layouts:

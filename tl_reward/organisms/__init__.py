@@ -8,6 +8,11 @@
 - ``dpo_longtail`` (:mod:`tl_reward.organisms.dpo`) and ``judge_longtail``
   (:mod:`tl_reward.organisms.judge`): the same task learnt by a DPO policy/reference pair (an
   implicit reward) and by a generative judge; each module has its own ``load()``.
+- ``gated`` (:mod:`tl_reward.organisms.gated`) and ``process``
+  (:mod:`tl_reward.organisms.process`): nonlinear heads trained here in their published layouts,
+  an ArmoRM gated head whose gate switches objective on ``urgent`` in the prompt and a
+  Qwen2.5-Math-PRM step head whose score drops at the ``error`` token; each module has its own
+  ``load()`` (trained, shipped) and ``load_planted()`` (hand-set on the ``planted`` trunk).
 
 Load with :func:`load`; the weights ship in the package (safetensors) and load through
 :func:`tl_reward.load_reward_model`, as a real model saved with ``save_pretrained`` would.
