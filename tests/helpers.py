@@ -102,14 +102,27 @@ def make_config(arch: str, gqa: bool = False, num_labels: int = 1) -> T.Pretrain
                 "full_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
             },
         )
+    if arch == "gpt_neo":  # local and global layers, a window shorter than the sequences
+        return T.GPTNeoConfig(
+            hidden_size=64, num_heads=4, num_layers=2, intermediate_size=96,
+            max_position_embeddings=64, attention_types=[[["global", "local"], 1]],
+            window_size=5, num_labels=num_labels, **BASE,
+        )
+    if arch == "bloom":  # ALiBi positions, a LayerNorm on the embeddings
+        return T.BloomConfig(
+            hidden_size=64, n_head=8, n_layer=2, num_labels=num_labels, **BASE,
+        )
+    if arch == "olmo":  # clamped query/key/value projections, as OLMo-7B-0424
+        return llama_like(T.OlmoConfig, gqa, num_labels=num_labels, clip_qkv=0.5)
     raise KeyError(arch)
 
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_neox"]
 GQA_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral",
-             "olmo2", "gemma3_text"}
+             "olmo2", "gemma3_text", "olmo"}
 # Families added by issue 18 (parity-tested in test_loading; the tool tests keep ARCHS)
-MORE_ARCHS = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj", "opt", "phi"]
+MORE_ARCHS = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj", "opt", "phi", "gpt_neo", "bloom",
+              "olmo"]
 POST_NORM_ARCHS = {"olmo2"}  # fold_ln is refused: no linear map follows their norms
 
 

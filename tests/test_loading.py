@@ -26,7 +26,7 @@ from tl_reward import errors, load_reward_model
 TOL = 1e-4
 ALL_ARCHS = ARCHS + MORE_ARCHS
 CASES = [(a, g) for a in ALL_ARCHS for g in ([False, True] if a in GQA_ARCHS else [False])]
-LN_ARCHS = {"gpt2", "gpt_neox", "gptj", "opt", "phi"}
+LN_ARCHS = {"gpt2", "gpt_neox", "gptj", "opt", "phi", "gpt_neo", "bloom", "olmo"}
 
 
 def _processing(arch: str) -> list[dict]:
@@ -119,6 +119,10 @@ def test_hf_batched_left_padding_is_not_the_truth_for_gpt2(arch):
         ("gemma3_text", {"rope_parameters": {
             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
             "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
+        ("gpt_neo", {"window_size": 64}),
+        ("olmo", {"clip_qkv": None}),
+        # transformers' slow_but_exact output projections drop their biases
+        ("bloom", {"pretraining_tp": 2, "slow_but_exact": True}),
     ],
 )
 def test_tiny_configs_exercise_each_special_feature(arch, change):
@@ -372,6 +376,11 @@ def test_unsupported_architecture_lists_supported():
         ("opt", "enable_bias", False),
         ("opt", "_remove_final_layer_norm", True),
         ("opt", "layer_norm_elementwise_affine", False),
+        ("gpt_neo", "activation_function", "quick_gelu"),
+        ("bloom", "apply_residual_connection_post_layernorm", True),
+        ("bloom", "n_head", 6),
+        ("olmo", "attention_bias", True),
+        ("olmo", "rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
     ],
 )
 def test_config_values_the_adapter_cannot_reproduce(arch, key, value):
@@ -586,6 +595,11 @@ READ_CASES = [
     # transformers' Mistral applies sliding_window to every layer whatever layer_types says
     ("mistral", {"layer_types": ["full_attention", "sliding_attention"]}),
     ("mistral", {"layer_types": ["full_attention", "full_attention"]}),
+    # Bloom's slow_but_exact output projections: column slices summed, biases dropped
+    ("bloom", {"pretraining_tp": 2, "slow_but_exact": True}),
+    ("bloom", {"pretraining_tp": 3, "slow_but_exact": True}),  # slices of 64 / 3 columns
+    # GPT-Neo: every layer local, a window of one token (each attends to itself alone)
+    ("gpt_neo", {"attention_layers": ["local", "local"], "window_size": 1}),
     # GPT-NeoX rotary dimension: int(0.3 * 16) = 4 (round() gave 5)
     ("gpt_neox", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000.0,
                                       "partial_rotary_factor": 0.3}}),
@@ -603,6 +617,27 @@ def test_keys_are_read_as_the_installed_hf_forward_reads_them(arch, change):
         with torch.no_grad():
             out = model(tokens, attention_mask=mask)
         torch.testing.assert_close(out[:, None], truth, atol=TOL, rtol=0, msg=str(kwargs))
+
+
+@pytest.mark.parametrize("n_heads", [1, 2, 3, 6, 8, 12, 16, 32, 112])
+def test_bloom_refusal_is_exactly_where_alibi_slopes_differ(n_heads):
+    """TransformerLens's ALiBi slopes equal transformers' Bloom slopes for a power-of-two head
+    count and differ otherwise (bigscience/bloom's 112 heads): the adapter refuses exactly those.
+    When TransformerLens matches them, this fails and the refusal can go."""
+    from transformer_lens.components.abstract_attention import AbstractAttention
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    ours = -AbstractAttention.create_alibi_bias(n_heads, 2, "cpu")[:, 1, 0]  # slope * (0 - 1)
+    same = torch.allclose(ours, _get_alibi_slopes(n_heads, "cpu"), rtol=1e-6, atol=0)
+    assert same == (n_heads & (n_heads - 1) == 0)
+    config = make_config("bloom")
+    config.n_head, config.hidden_size = n_heads, 4 * n_heads
+    hf = T.BloomForSequenceClassification(config).eval()
+    if same:
+        load_reward_model(hf)
+    else:
+        with pytest.raises(errors.UnsupportedConfigError, match="ALiBi slopes"):
+            load_reward_model(hf)
 
 
 def test_odd_neox_rotary_dimension_is_refused_with_the_reason():

@@ -180,6 +180,29 @@ def configs(draw, family: str) -> T.PretrainedConfig:
             rope_parameters={"rope_type": "default", "rope_theta": draw(st.sampled_from([100.0, 10000.0])),
                              "partial_rotary_factor": draw(st.sampled_from([0.25, 0.3, 0.33, 0.5, 1.0]))},
             **draw(common()))
+    if family == "gpt_neo":
+        n_heads = draw(st.sampled_from([1, 2, 4]))
+        hidden = n_heads * draw(st.sampled_from([4, 8, 12]))
+        n_layers = draw(st.integers(1, 3))
+        kinds = [draw(st.sampled_from(["global", "local"])) for _ in range(n_layers)]
+        return T.GPTNeoConfig(
+            hidden_size=hidden, num_heads=n_heads, num_layers=n_layers,
+            attention_types=[[[k], 1] for k in kinds], window_size=draw(st.sampled_from([1, 2, 3, 5, 32])),
+            intermediate_size=draw(st.sampled_from([None, hidden, 20])), max_position_embeddings=32,
+            activation_function=draw(st.sampled_from(ACTS)),
+            layer_norm_epsilon=draw(st.sampled_from([1e-5, 0.1])), **draw(common()))
+    if family == "bloom":
+        n_head = draw(st.sampled_from([1, 2, 4, 8, 3]))  # 3: refused (ALiBi slopes differ)
+        return T.BloomConfig(
+            hidden_size=n_head * draw(st.sampled_from([4, 8, 12])), n_head=n_head,
+            n_layer=draw(st.integers(1, 3)), layer_norm_epsilon=draw(st.sampled_from([1e-5, 0.1])),
+            apply_residual_connection_post_layernorm=draw(rare),
+            pretraining_tp=draw(st.sampled_from([1, 2])), slow_but_exact=draw(b), **draw(common()))
+    if family == "olmo":
+        cfg = draw(llama_like(T.OlmoConfig, attention_bias=draw(rare),
+                              clip_qkv=draw(st.sampled_from([None, 0.3, 2.0, 8.0]))))
+        del cfg.rms_norm_eps  # OLMo's LayerNorm has a fixed eps, no such key
+        return cfg
     raise KeyError(family)
 
 
@@ -206,7 +229,8 @@ def _check(config, seqs, fold_ln: bool, center: bool, outcomes: list[str]) -> No
     except Exception:  # noqa: BLE001 - a config the HF model itself cannot build or run
         outcomes.append("hf cannot run it")
         assume(False)
-    layer_norm = config.model_type in ("gpt2", "gpt_neox", "gptj", "opt", "phi")
+    layer_norm = config.model_type in ("gpt2", "gpt_neox", "gptj", "opt", "phi", "gpt_neo", "bloom",
+                                       "olmo")
     post_norm = config.model_type in ("olmo2",)  # fold_ln refused (tested in test_loading)
     kwargs = {"fold_ln": fold_ln and not post_norm, "center_writing_weights": center and layer_norm}
     try:
@@ -223,7 +247,8 @@ def _check(config, seqs, fold_ln: bool, center: bool, outcomes: list[str]) -> No
     outcomes.append("matches HF")
 
 
-NEWER = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj", "opt", "phi"]  # fewer draws each: the suite's time budget
+NEWER = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj", "opt", "phi", "gpt_neo", "bloom",
+         "olmo"]  # fewer draws each: the suite's time budget
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_neox", *NEWER]
 
 
