@@ -123,6 +123,14 @@ def test_hf_batched_left_padding_is_not_the_truth_for_gpt2(arch):
         ("olmo", {"clip_qkv": None}),
         # transformers' slow_but_exact output projections drop their biases
         ("bloom", {"pretraining_tp": 2, "slow_but_exact": True}),
+        ("olmo3", {"sliding_window": 64}),
+        ("olmo3", {"rope_parameters": {  # YaRN on the full-attention layer acts
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
+        ("olmo3", {"rope_parameters": {  # the sliding layers' own base acts
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                               "original_max_position_embeddings": 16, "attention_factor": 1.2}}}),
     ],
 )
 def test_tiny_configs_exercise_each_special_feature(arch, change):
@@ -381,6 +389,10 @@ def test_unsupported_architecture_lists_supported():
         ("bloom", "n_head", 6),
         ("olmo", "attention_bias", True),
         ("olmo", "rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
+        ("olmo3", "attention_bias", True),
+        ("olmo3", "rope_parameters", {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}),
     ],
 )
 def test_config_values_the_adapter_cannot_reproduce(arch, key, value):
@@ -429,10 +441,11 @@ def test_phi3_longrope_matches_hf_within_the_original_context(gqa):
         load_reward_model(hf, n_ctx=17)
 
 
-def test_fold_ln_refused_for_post_norm_blocks():
-    """OLMo-2 normalises each sublayer's output: no linear map follows its norms to fold into."""
+@pytest.mark.parametrize("arch", sorted(POST_NORM_ARCHS))
+def test_fold_ln_refused_for_post_norm_blocks(arch):
+    """OLMo-2 / OLMo-3 normalise each sublayer's output: no linear map follows their norms."""
     with pytest.raises(errors.UnsupportedConfigError, match="post-norm"):
-        load_reward_model(make_hf_model("olmo2"), fold_ln=True)
+        load_reward_model(make_hf_model(arch), fold_ln=True)
 
 
 def test_gemma3_attention_scores_are_not_capped_as_in_hf():

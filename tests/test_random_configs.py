@@ -203,6 +203,24 @@ def configs(draw, family: str) -> T.PretrainedConfig:
                               clip_qkv=draw(st.sampled_from([None, 0.3, 2.0, 8.0]))))
         del cfg.rms_norm_eps  # OLMo's LayerNorm has a fixed eps, no such key
         return cfg
+    if family == "olmo3":
+        cfg = draw(llama_like(
+            T.Olmo3Config, attention_bias=draw(rare), sliding_window=draw(st.sampled_from([2, 3, 5])),
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default",
+                                      "rope_theta": draw(st.sampled_from([100.0, 10000.0]))},
+                "full_attention": draw(st.sampled_from([
+                    {"rope_type": "default", "rope_theta": 1e4},
+                    {"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0,
+                     "original_max_position_embeddings": 16},
+                    {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0, "beta_fast": 16.0,
+                     "original_max_position_embeddings": 8, "attention_factor": 1.3},
+                    {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}]))}))
+        if not draw(rare):  # TransformerLens's q/k norms need heads * head_dim == hidden_size
+            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        cfg.layer_types = [draw(st.sampled_from(["sliding_attention", "full_attention"]))
+                           for _ in range(cfg.num_hidden_layers)]
+        return cfg
     raise KeyError(family)
 
 
@@ -231,7 +249,7 @@ def _check(config, seqs, fold_ln: bool, center: bool, outcomes: list[str]) -> No
         assume(False)
     layer_norm = config.model_type in ("gpt2", "gpt_neox", "gptj", "opt", "phi", "gpt_neo", "bloom",
                                        "olmo")
-    post_norm = config.model_type in ("olmo2",)  # fold_ln refused (tested in test_loading)
+    post_norm = config.model_type in ("olmo2", "olmo3")  # fold_ln refused (tested in test_loading)
     kwargs = {"fold_ln": fold_ln and not post_norm, "center_writing_weights": center and layer_norm}
     try:
         model = load_reward_model(hf, **kwargs)
@@ -248,7 +266,7 @@ def _check(config, seqs, fold_ln: bool, center: bool, outcomes: list[str]) -> No
 
 
 NEWER = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj", "opt", "phi", "gpt_neo", "bloom",
-         "olmo"]  # fewer draws each: the suite's time budget
+         "olmo", "olmo3"]  # fewer draws each: the suite's time budget
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_neox", *NEWER]
 
 

@@ -20,7 +20,7 @@ CUSTOM_CODE = {"internlm2-7b", "internlm2.5-7b", "phi-1_5-msft", "phi-2-msft"}
 NAMES = [n for n in ALL_NAMES if n not in CUSTOM_CODE]
 LONGROPE = [n for n in NAMES if "longrope" in json.dumps(json.loads(
     (CONFIGS / f"{n}.json").read_text()).get("rope_scaling"))]
-POST_NORM = {"olmo2"}  # fold_ln is refused (no linear map follows the norms)
+POST_NORM = {"olmo2", "olmo3"}  # fold_ln is refused (no linear map follows the norms)
 TOL = 1e-4
 PAD_ID = 1
 

@@ -3,6 +3,7 @@ and value projections) and OLMo-2 (RMSNorm after each sublayer: post-norm, no no
 RMSNorm on the whole query and key projections). Trunk weights go through TransformerLens's own
 converters."""
 
+import math
 from typing import Any
 
 import einops
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 from transformer_lens.pretrained.weight_conversions import (
     convert_olmo2_weights,
+    convert_olmo3_weights,
     convert_olmo_weights,
 )
 
@@ -144,6 +146,63 @@ def convert_olmo2(hf_model: Any, cfg: Any) -> dict[str, Tensor]:
     return state
 
 
+def olmo3_config(hf_config: Any) -> dict[str, Any]:
+    """OLMo-2's block with per-layer sliding windows (``layer_types``) and one RoPE per layer
+    type: the sliding layers' plain, the full-attention layers' plain or YaRN-scaled (as the
+    OLMo-3 releases), each reproduced by TransformerLens's rotary tables."""
+    if getattr(hf_config, "attention_bias", False):
+        raise refuse(
+            "attention_bias", True, "it adds biases to the attention projections, and "
+            "TransformerLens's OLMo-3 converter drops them",
+        )
+    cfg = llama_trunk(hf_config)
+    if cfg["n_heads"] * cfg["d_head"] != cfg["d_model"]:
+        raise refuse(
+            "head_dim", cfg["d_head"], f"num_attention_heads * head_dim = "
+            f"{cfg['n_heads'] * cfg['d_head']} differs from hidden_size = {cfg['d_model']}; "
+            "TransformerLens's OLMo-3 query/key norm has hidden_size weights",
+        )
+    # TransformerLens's OLMo-3 converter writes grouped K/V weights whenever this is set
+    cfg["n_key_value_heads"] = hf_config.num_key_value_heads
+    per_type = dict(getattr(hf_config, "rope_parameters", None) or {})
+    for layer_type, kept in (("sliding_attention", ("default",)),
+                             ("full_attention", ("default", "yarn"))):
+        params = per_type.get(layer_type) or {}
+        rope_type = params.get("rope_type", "default")
+        if rope_type not in kept:
+            raise refuse(
+                f"rope_parameters.{layer_type}.rope_type", rope_type, "it rescales the rotary "
+                f"position frequencies of the {layer_type} layers; TransformerLens reproduces "
+                f"only {' and '.join(repr(k) for k in kept)} RoPE there for OLMo-3",
+            )
+        if layer_type == "sliding_attention":
+            cfg["rotary_base_local"] = params["rope_theta"]
+            continue
+        cfg["rotary_base"] = params["rope_theta"]
+        if rope_type == "yarn":
+            factor = float(params["factor"])
+            attention_factor = params.get("attention_factor")
+            if attention_factor is None:  # transformers' default, get_mscale(factor)
+                attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+            if params.get("mscale") or params.get("mscale_all_dim"):
+                raise refuse(
+                    "rope_parameters.full_attention.mscale", params.get("mscale"), "it changes "
+                    "YaRN's attention factor in a way TransformerLens's YaRN does not compute",
+                )
+            cfg |= {
+                "use_yarn_rope": True, "yarn_global_attn_only": True,
+                "yarn_factor": factor, "yarn_attention_factor": float(attention_factor),
+                "yarn_beta_fast": float(params.get("beta_fast") or 32.0),
+                "yarn_beta_slow": float(params.get("beta_slow") or 1.0),
+                "yarn_original_max_position_embeddings": params.get(
+                    "original_max_position_embeddings", hf_config.max_position_embeddings),
+                "yarn_truncate": params.get("truncate", True),
+            }
+    if "local" not in cfg.get("attn_types", []):  # TransformerLens's local base needs local layers
+        cfg.pop("rotary_base_local")
+    return cfg
+
+
 ADAPTERS = (
     Adapter(
         "olmo", "OlmoForCausalLM", "model", olmo_config, convert_olmo,
@@ -152,5 +211,9 @@ ADAPTERS = (
     Adapter(
         "olmo2", "Olmo2ForCausalLM", "model", olmo2_config, convert_olmo2,
         LLAMA_KEYS,
+    ),
+    Adapter(
+        "olmo3", "Olmo3ForCausalLM", "model", olmo3_config, convert_olmo3_weights,
+        LLAMA_KEYS | {"sliding_window", "layer_types"},
     ),
 )
