@@ -125,15 +125,24 @@ def make_config(arch: str, gqa: bool = False, num_labels: int = 1) -> T.Pretrain
                                    "attention_factor": 1.2},
             },
         )
+    if arch == "gpt_oss":  # sinks, sliding and full layers, YaRN, 4 experts (top 2), biases
+        return llama_like(
+            T.GptOssConfig, gqa, num_labels=num_labels, sliding_window=5, num_local_experts=4,
+            num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"rope_type": "yarn", "rope_theta": 1000.0, "factor": 8.0,
+                             "original_max_position_embeddings": 16, "beta_fast": 32.0,
+                             "beta_slow": 1.0, "truncate": False},
+        )
     raise KeyError(arch)
 
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_neox"]
 GQA_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral",
-             "olmo2", "gemma3_text", "olmo", "olmo3"}
+             "olmo2", "gemma3_text", "olmo", "olmo3",
+             "gpt_oss"}
 # Families added by issue 18 (parity-tested in test_loading; the tool tests keep ARCHS)
 MORE_ARCHS = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj", "opt", "phi", "gpt_neo", "bloom",
-              "olmo", "olmo3"]
+              "olmo", "olmo3", "gpt_oss"]
 POST_NORM_ARCHS = {"olmo2", "olmo3"}  # fold_ln is refused: no linear map follows their norms
 
 

@@ -124,6 +124,13 @@ def test_hf_batched_left_padding_is_not_the_truth_for_gpt2(arch):
         # transformers' slow_but_exact output projections drop their biases
         ("bloom", {"pretraining_tp": 2, "slow_but_exact": True}),
         ("olmo3", {"sliding_window": 64}),
+        ("gpt_oss", {"sliding_window": 64}),
+        ("gpt_oss", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000.0}}),
+        ("gpt_oss", {"num_experts_per_tok": 1}),
+        # the experts' clamp: a value TransformerLens cannot take changes HF's rewards, so the
+        # refusal below is necessary
+        ("gpt_oss", {"swiglu_limit": 0.5}),
+        ("gpt_oss", {"swiglu_alpha": 1.0}),
         ("olmo3", {"rope_parameters": {  # YaRN on the full-attention layer acts
             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
             "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
@@ -390,6 +397,10 @@ def test_unsupported_architecture_lists_supported():
         ("olmo", "attention_bias", True),
         ("olmo", "rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
         ("olmo3", "attention_bias", True),
+        ("gpt_oss", "swiglu_limit", 0.5),
+        ("gpt_oss", "swiglu_alpha", 1.0),
+        ("gpt_oss", "attention_bias", False),
+        ("gpt_oss", "rope_parameters", {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}),
         ("olmo3", "rope_parameters", {
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
             "full_attention": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}),
@@ -597,6 +608,30 @@ def test_transformer_lens_own_fold_is_wrong_for_a_square_mlp():
                                           center_unembed=False, fold_value_biases=False)
         got = plain(tokens)
     assert (got - want).abs().max() > 0.1
+
+
+def test_value_biases_are_not_folded_under_attention_sinks(monkeypatch):
+    """GPT-OSS's sinks take a share of each softmax row, so a value bias reaches the output scaled
+    by the row's sum, not once: TransformerLens 3.9 folds it into b_O anyway (rewards off by
+    about 1 here); tl_reward does not. When this starts failing, TransformerLens skips the fold."""
+    from transformer_lens.weight_processing import ProcessWeights
+
+    hf = make_hf_model("gpt_oss")
+    seqs = ragged_sequences(seed=1)
+    truth = hf_rewards_alone(hf, seqs)
+    tokens, mask = pad_batch(seqs, "right")
+    with torch.no_grad():
+        ours = load_reward_model(hf, fold_ln=True)(tokens, attention_mask=mask)
+    torch.testing.assert_close(ours[:, None], truth, atol=TOL, rtol=0)
+    process = ProcessWeights.process_weights
+
+    def folding_value_biases(*args, **kwargs):
+        return process(*args, **(kwargs | {"fold_value_biases": True}))
+
+    monkeypatch.setattr(ProcessWeights, "process_weights", staticmethod(folding_value_biases))
+    with torch.no_grad():
+        folded = load_reward_model(hf, fold_ln=True)(tokens, attention_mask=mask)
+    assert (folded[:, None] - truth).abs().max() > 0.1
 
 
 # ---------------------------------------------------------------- what the installed HF forward reads

@@ -221,6 +221,22 @@ def configs(draw, family: str) -> T.PretrainedConfig:
         cfg.layer_types = [draw(st.sampled_from(["sliding_attention", "full_attention"]))
                            for _ in range(cfg.num_hidden_layers)]
         return cfg
+    if family == "gpt_oss":
+        n_experts = draw(st.integers(1, 4))
+        rope = draw(st.sampled_from([
+            {"rope_type": "default", "rope_theta": 1e4},
+            {"rope_type": "yarn", "rope_theta": 1.5e5, "factor": 32.0, "beta_fast": 32.0,
+             "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16},
+            {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+             "original_max_position_embeddings": 8}]))
+        cfg = draw(llama_like(
+            T.GptOssConfig, sliding_window=draw(st.sampled_from([2, 3, 5])),
+            num_local_experts=n_experts, num_experts_per_tok=draw(st.integers(1, n_experts)),
+            attention_bias=not draw(rare),
+            swiglu_limit=draw(st.sampled_from([7.0, 7.0, 7.0, 1.0])), rope_parameters=rope))
+        cfg.layer_types = [draw(st.sampled_from(["sliding_attention", "full_attention"]))
+                           for _ in range(cfg.num_hidden_layers)]
+        return cfg
     raise KeyError(family)
 
 
@@ -266,7 +282,7 @@ def _check(config, seqs, fold_ln: bool, center: bool, outcomes: list[str]) -> No
 
 
 NEWER = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj", "opt", "phi", "gpt_neo", "bloom",
-         "olmo", "olmo3"]  # fewer draws each: the suite's time budget
+         "olmo", "olmo3", "gpt_oss"]  # fewer draws each: the suite's time budget
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_neox", *NEWER]
 
 

@@ -49,6 +49,8 @@ def shrink(raw: dict) -> dict:
         cfg["sliding_window"] = 5  # short enough to act on the test sequences
     if raw.get("sliding_window_pattern"):  # one full-attention layer among the sliding ones
         cfg["num_hidden_layers"] = raw["sliding_window_pattern"]
+    if raw.get("layer_types"):  # the released pattern's first layers (GPT-OSS: sliding, full)
+        cfg["layer_types"] = raw["layer_types"][: cfg["num_hidden_layers"]]
     scaling = raw.get("rope_scaling") or {}
     if "long_factor" in scaling:  # LongRoPE's attention factor: from the released context ratio
         cfg["max_position_embeddings"] = raw["max_position_embeddings"]
