@@ -4,7 +4,7 @@ The same cases as tests/test_loading.py's parity battery (tiny random models wit
 weights, MHA and GQA where the family has it, 1 and 3 labels, every processing the family allows,
 left and right padding, the fast scoring path and the full forward), each sequence's HF reward
 computed alone and unpadded; the figure is the largest |tl_reward - HF| over all of them.
-Run: PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_parity.py [--no-write]  (about a minute)
+Run: PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_parity.py [--no-write]
 """
 
 import argparse
