@@ -634,6 +634,17 @@ def test_value_biases_are_not_folded_under_attention_sinks(monkeypatch):
     assert (folded[:, None] - truth).abs().max() > 0.1
 
 
+def test_gpt_oss_weights_that_are_not_plain_matrices_are_refused():
+    """Quantised expert weights (an int8 finetune here) cannot be read as matrices: refused with
+    TransformerLens's reason, as a TLRewardError, not converted into plausible garbage."""
+    hf = make_hf_model("gpt_oss")
+    experts = hf.model.layers[0].mlp.experts
+    experts.gate_up_proj = torch.nn.Parameter(
+        experts.gate_up_proj.detach().to(torch.int8), requires_grad=False)
+    with pytest.raises(errors.UnsupportedConfigError, match="gate_up_proj"):
+        load_reward_model(hf)
+
+
 # ---------------------------------------------------------------- what the installed HF forward reads
 READ_CASES = [
     # transformers' Gemma MLP reads hidden_act, Gemma-2's hidden_activation: each ignores the other

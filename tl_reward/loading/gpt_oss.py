@@ -10,6 +10,7 @@ from typing import Any
 from transformer_lens.components.mlps.gpt_oss_moe import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from transformer_lens.pretrained.weight_conversions import convert_gpt_oss_weights
 
+from ..errors import UnsupportedConfigError
 from ._base import Adapter, refuse, rope_parameters
 from .llama_like import LLAMA_KEYS, llama_trunk
 
@@ -62,9 +63,22 @@ def gpt_oss_config(hf_config: Any) -> dict[str, Any]:
     return cfg
 
 
+def convert_gpt_oss(hf_model: Any, cfg: Any) -> dict[str, Any]:
+    """TransformerLens's GPT-OSS converter; weights it cannot read as plain matrices (the
+    released MXFP4-packed experts, int8 / FP8 finetunes) are refused with its reason."""
+    try:
+        return convert_gpt_oss_weights(hf_model, cfg)
+    except NotImplementedError as err:
+        raise UnsupportedConfigError(
+            f"the GPT-OSS weights cannot be converted: {err} For tl_reward: read the reward "
+            "model with its weights dequantised (for MXFP4, transformers' "
+            "Mxfp4Config(dequantize=True) as quantization_config) and pass the model object."
+        ) from err
+
+
 ADAPTERS = (
     Adapter(
-        "gpt_oss", "GptOssForCausalLM", "model", gpt_oss_config, convert_gpt_oss_weights,
+        "gpt_oss", "GptOssForCausalLM", "model", gpt_oss_config, convert_gpt_oss,
         (LLAMA_KEYS - {"mlp_bias"}) | {"sliding_window", "layer_types", "num_local_experts",
                                        "num_experts_per_tok", "swiglu_alpha", "swiglu_limit"},
         ignored={
