@@ -102,15 +102,48 @@ def make_config(arch: str, gqa: bool = False, num_labels: int = 1) -> T.Pretrain
                 "full_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
             },
         )
+    if arch == "gpt_neo":  # local and global layers, a window shorter than the sequences
+        return T.GPTNeoConfig(
+            hidden_size=64, num_heads=4, num_layers=2, intermediate_size=96,
+            max_position_embeddings=64, attention_types=[[["global", "local"], 1]],
+            window_size=5, num_labels=num_labels, **BASE,
+        )
+    if arch == "bloom":  # ALiBi positions, a LayerNorm on the embeddings
+        return T.BloomConfig(
+            hidden_size=64, n_head=8, n_layer=2, num_labels=num_labels, **BASE,
+        )
+    if arch == "olmo":  # clamped query/key/value projections, as OLMo-7B-0424
+        return llama_like(T.OlmoConfig, gqa, num_labels=num_labels, clip_qkv=0.5)
+    if arch == "olmo3":  # OLMo-2's block, sliding layers, YaRN on the full-attention layers
+        return llama_like(
+            T.Olmo3Config, gqa, num_labels=num_labels, num_hidden_layers=3, sliding_window=5,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                "full_attention": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                                   "original_max_position_embeddings": 16,
+                                   "attention_factor": 1.2},
+            },
+        )
+    if arch == "gpt_oss":  # sinks, sliding and full layers, YaRN, 4 experts (top 2), biases
+        return llama_like(
+            T.GptOssConfig, gqa, num_labels=num_labels, sliding_window=5, num_local_experts=4,
+            num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"rope_type": "yarn", "rope_theta": 1000.0, "factor": 8.0,
+                             "original_max_position_embeddings": 16, "beta_fast": 32.0,
+                             "beta_slow": 1.0, "truncate": False},
+        )
     raise KeyError(arch)
 
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_neox"]
 GQA_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral",
-             "olmo2", "gemma3_text"}
+             "olmo2", "gemma3_text", "olmo", "olmo3",
+             "gpt_oss"}
 # Families added by issue 18 (parity-tested in test_loading; the tool tests keep ARCHS)
-MORE_ARCHS = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj", "opt", "phi"]
-POST_NORM_ARCHS = {"olmo2"}  # fold_ln is refused: no linear map follows their norms
+MORE_ARCHS = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj", "opt", "phi", "gpt_neo", "bloom",
+              "olmo", "olmo3", "gpt_oss"]
+POST_NORM_ARCHS = {"olmo2", "olmo3"}  # fold_ln is refused: no linear map follows their norms
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.25) -> torch.nn.Module:

@@ -26,7 +26,7 @@ from tl_reward import errors, load_reward_model
 TOL = 1e-4
 ALL_ARCHS = ARCHS + MORE_ARCHS
 CASES = [(a, g) for a in ALL_ARCHS for g in ([False, True] if a in GQA_ARCHS else [False])]
-LN_ARCHS = {"gpt2", "gpt_neox", "gptj", "opt", "phi"}
+LN_ARCHS = {"gpt2", "gpt_neox", "gptj", "opt", "phi", "gpt_neo", "bloom", "olmo"}
 
 
 def _processing(arch: str) -> list[dict]:
@@ -119,6 +119,25 @@ def test_hf_batched_left_padding_is_not_the_truth_for_gpt2(arch):
         ("gemma3_text", {"rope_parameters": {
             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
             "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
+        ("gpt_neo", {"window_size": 64}),
+        ("olmo", {"clip_qkv": None}),
+        # transformers' slow_but_exact output projections drop their biases
+        ("bloom", {"pretraining_tp": 2, "slow_but_exact": True}),
+        ("olmo3", {"sliding_window": 64}),
+        ("gpt_oss", {"sliding_window": 64}),
+        ("gpt_oss", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000.0}}),
+        ("gpt_oss", {"num_experts_per_tok": 1}),
+        # the experts' clamp: a value TransformerLens cannot take changes HF's rewards, so the
+        # refusal below is necessary
+        ("gpt_oss", {"swiglu_limit": 0.5}),
+        ("gpt_oss", {"swiglu_alpha": 1.0}),
+        ("olmo3", {"rope_parameters": {  # YaRN on the full-attention layer acts
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
+        ("olmo3", {"rope_parameters": {  # the sliding layers' own base acts
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                               "original_max_position_embeddings": 16, "attention_factor": 1.2}}}),
     ],
 )
 def test_tiny_configs_exercise_each_special_feature(arch, change):
@@ -372,6 +391,19 @@ def test_unsupported_architecture_lists_supported():
         ("opt", "enable_bias", False),
         ("opt", "_remove_final_layer_norm", True),
         ("opt", "layer_norm_elementwise_affine", False),
+        ("gpt_neo", "activation_function", "quick_gelu"),
+        ("bloom", "apply_residual_connection_post_layernorm", True),
+        ("bloom", "n_head", 6),
+        ("olmo", "attention_bias", True),
+        ("olmo", "rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
+        ("olmo3", "attention_bias", True),
+        ("gpt_oss", "swiglu_limit", 0.5),
+        ("gpt_oss", "swiglu_alpha", 1.0),
+        ("gpt_oss", "attention_bias", False),
+        ("gpt_oss", "rope_parameters", {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}),
+        ("olmo3", "rope_parameters", {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}),
     ],
 )
 def test_config_values_the_adapter_cannot_reproduce(arch, key, value):
@@ -420,10 +452,11 @@ def test_phi3_longrope_matches_hf_within_the_original_context(gqa):
         load_reward_model(hf, n_ctx=17)
 
 
-def test_fold_ln_refused_for_post_norm_blocks():
-    """OLMo-2 normalises each sublayer's output: no linear map follows its norms to fold into."""
+@pytest.mark.parametrize("arch", sorted(POST_NORM_ARCHS))
+def test_fold_ln_refused_for_post_norm_blocks(arch):
+    """OLMo-2 / OLMo-3 normalise each sublayer's output: no linear map follows their norms."""
     with pytest.raises(errors.UnsupportedConfigError, match="post-norm"):
-        load_reward_model(make_hf_model("olmo2"), fold_ln=True)
+        load_reward_model(make_hf_model(arch), fold_ln=True)
 
 
 def test_gemma3_attention_scores_are_not_capped_as_in_hf():
@@ -577,6 +610,41 @@ def test_transformer_lens_own_fold_is_wrong_for_a_square_mlp():
     assert (got - want).abs().max() > 0.1
 
 
+def test_value_biases_are_not_folded_under_attention_sinks(monkeypatch):
+    """GPT-OSS's sinks take a share of each softmax row, so a value bias reaches the output scaled
+    by the row's sum, not once: TransformerLens 3.9 folds it into b_O anyway (rewards off by
+    about 1 here); tl_reward does not. When this starts failing, TransformerLens skips the fold."""
+    from transformer_lens.weight_processing import ProcessWeights
+
+    hf = make_hf_model("gpt_oss")
+    seqs = ragged_sequences(seed=1)
+    truth = hf_rewards_alone(hf, seqs)
+    tokens, mask = pad_batch(seqs, "right")
+    with torch.no_grad():
+        ours = load_reward_model(hf, fold_ln=True)(tokens, attention_mask=mask)
+    torch.testing.assert_close(ours[:, None], truth, atol=TOL, rtol=0)
+    process = ProcessWeights.process_weights
+
+    def folding_value_biases(*args, **kwargs):
+        return process(*args, **(kwargs | {"fold_value_biases": True}))
+
+    monkeypatch.setattr(ProcessWeights, "process_weights", staticmethod(folding_value_biases))
+    with torch.no_grad():
+        folded = load_reward_model(hf, fold_ln=True)(tokens, attention_mask=mask)
+    assert (folded[:, None] - truth).abs().max() > 0.1
+
+
+def test_gpt_oss_weights_that_are_not_plain_matrices_are_refused():
+    """Quantised expert weights (an int8 finetune here) cannot be read as matrices: refused with
+    TransformerLens's reason, as a TLRewardError, not converted into plausible garbage."""
+    hf = make_hf_model("gpt_oss")
+    experts = hf.model.layers[0].mlp.experts
+    experts.gate_up_proj = torch.nn.Parameter(
+        experts.gate_up_proj.detach().to(torch.int8), requires_grad=False)
+    with pytest.raises(errors.UnsupportedConfigError, match="gate_up_proj"):
+        load_reward_model(hf)
+
+
 # ---------------------------------------------------------------- what the installed HF forward reads
 READ_CASES = [
     # transformers' Gemma MLP reads hidden_act, Gemma-2's hidden_activation: each ignores the other
@@ -586,6 +654,11 @@ READ_CASES = [
     # transformers' Mistral applies sliding_window to every layer whatever layer_types says
     ("mistral", {"layer_types": ["full_attention", "sliding_attention"]}),
     ("mistral", {"layer_types": ["full_attention", "full_attention"]}),
+    # Bloom's slow_but_exact output projections: column slices summed, biases dropped
+    ("bloom", {"pretraining_tp": 2, "slow_but_exact": True}),
+    ("bloom", {"pretraining_tp": 3, "slow_but_exact": True}),  # slices of 64 / 3 columns
+    # GPT-Neo: every layer local, a window of one token (each attends to itself alone)
+    ("gpt_neo", {"attention_layers": ["local", "local"], "window_size": 1}),
     # GPT-NeoX rotary dimension: int(0.3 * 16) = 4 (round() gave 5)
     ("gpt_neox", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000.0,
                                       "partial_rotary_factor": 0.3}}),
@@ -603,6 +676,27 @@ def test_keys_are_read_as_the_installed_hf_forward_reads_them(arch, change):
         with torch.no_grad():
             out = model(tokens, attention_mask=mask)
         torch.testing.assert_close(out[:, None], truth, atol=TOL, rtol=0, msg=str(kwargs))
+
+
+@pytest.mark.parametrize("n_heads", [1, 2, 3, 6, 8, 12, 16, 32, 112])
+def test_bloom_refusal_is_exactly_where_alibi_slopes_differ(n_heads):
+    """TransformerLens's ALiBi slopes equal transformers' Bloom slopes for a power-of-two head
+    count and differ otherwise (bigscience/bloom's 112 heads): the adapter refuses exactly those.
+    When TransformerLens matches them, this fails and the refusal can go."""
+    from transformer_lens.components.abstract_attention import AbstractAttention
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    ours = -AbstractAttention.create_alibi_bias(n_heads, 2, "cpu")[:, 1, 0]  # slope * (0 - 1)
+    same = torch.allclose(ours, _get_alibi_slopes(n_heads, "cpu"), rtol=1e-6, atol=0)
+    assert same == (n_heads & (n_heads - 1) == 0)
+    config = make_config("bloom")
+    config.n_head, config.hidden_size = n_heads, 4 * n_heads
+    hf = T.BloomForSequenceClassification(config).eval()
+    if same:
+        load_reward_model(hf)
+    else:
+        with pytest.raises(errors.UnsupportedConfigError, match="ALiBi slopes"):
+            load_reward_model(hf)
 
 
 def test_odd_neox_rotary_dimension_is_refused_with_the_reason():

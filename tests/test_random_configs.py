@@ -180,6 +180,63 @@ def configs(draw, family: str) -> T.PretrainedConfig:
             rope_parameters={"rope_type": "default", "rope_theta": draw(st.sampled_from([100.0, 10000.0])),
                              "partial_rotary_factor": draw(st.sampled_from([0.25, 0.3, 0.33, 0.5, 1.0]))},
             **draw(common()))
+    if family == "gpt_neo":
+        n_heads = draw(st.sampled_from([1, 2, 4]))
+        hidden = n_heads * draw(st.sampled_from([4, 8, 12]))
+        n_layers = draw(st.integers(1, 3))
+        kinds = [draw(st.sampled_from(["global", "local"])) for _ in range(n_layers)]
+        return T.GPTNeoConfig(
+            hidden_size=hidden, num_heads=n_heads, num_layers=n_layers,
+            attention_types=[[[k], 1] for k in kinds], window_size=draw(st.sampled_from([1, 2, 3, 5, 32])),
+            intermediate_size=draw(st.sampled_from([None, hidden, 20])), max_position_embeddings=32,
+            activation_function=draw(st.sampled_from(ACTS)),
+            layer_norm_epsilon=draw(st.sampled_from([1e-5, 0.1])), **draw(common()))
+    if family == "bloom":
+        n_head = draw(st.sampled_from([1, 2, 4, 8, 3]))  # 3: refused (ALiBi slopes differ)
+        return T.BloomConfig(
+            hidden_size=n_head * draw(st.sampled_from([4, 8, 12])), n_head=n_head,
+            n_layer=draw(st.integers(1, 3)), layer_norm_epsilon=draw(st.sampled_from([1e-5, 0.1])),
+            apply_residual_connection_post_layernorm=draw(rare),
+            pretraining_tp=draw(st.sampled_from([1, 2])), slow_but_exact=draw(b), **draw(common()))
+    if family == "olmo":
+        cfg = draw(llama_like(T.OlmoConfig, attention_bias=draw(rare),
+                              clip_qkv=draw(st.sampled_from([None, 0.3, 2.0, 8.0]))))
+        del cfg.rms_norm_eps  # OLMo's LayerNorm has a fixed eps, no such key
+        return cfg
+    if family == "olmo3":
+        cfg = draw(llama_like(
+            T.Olmo3Config, attention_bias=draw(rare), sliding_window=draw(st.sampled_from([2, 3, 5])),
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default",
+                                      "rope_theta": draw(st.sampled_from([100.0, 10000.0]))},
+                "full_attention": draw(st.sampled_from([
+                    {"rope_type": "default", "rope_theta": 1e4},
+                    {"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0,
+                     "original_max_position_embeddings": 16},
+                    {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0, "beta_fast": 16.0,
+                     "original_max_position_embeddings": 8, "attention_factor": 1.3},
+                    {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}]))}))
+        if not draw(rare):  # TransformerLens's q/k norms need heads * head_dim == hidden_size
+            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        cfg.layer_types = [draw(st.sampled_from(["sliding_attention", "full_attention"]))
+                           for _ in range(cfg.num_hidden_layers)]
+        return cfg
+    if family == "gpt_oss":
+        n_experts = draw(st.integers(1, 4))
+        rope = draw(st.sampled_from([
+            {"rope_type": "default", "rope_theta": 1e4},
+            {"rope_type": "yarn", "rope_theta": 1.5e5, "factor": 32.0, "beta_fast": 32.0,
+             "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16},
+            {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+             "original_max_position_embeddings": 8}]))
+        cfg = draw(llama_like(
+            T.GptOssConfig, sliding_window=draw(st.sampled_from([2, 3, 5])),
+            num_local_experts=n_experts, num_experts_per_tok=draw(st.integers(1, n_experts)),
+            attention_bias=not draw(rare),
+            swiglu_limit=draw(st.sampled_from([7.0, 7.0, 7.0, 1.0])), rope_parameters=rope))
+        cfg.layer_types = [draw(st.sampled_from(["sliding_attention", "full_attention"]))
+                           for _ in range(cfg.num_hidden_layers)]
+        return cfg
     raise KeyError(family)
 
 
@@ -206,8 +263,9 @@ def _check(config, seqs, fold_ln: bool, center: bool, outcomes: list[str]) -> No
     except Exception:  # noqa: BLE001 - a config the HF model itself cannot build or run
         outcomes.append("hf cannot run it")
         assume(False)
-    layer_norm = config.model_type in ("gpt2", "gpt_neox", "gptj", "opt", "phi")
-    post_norm = config.model_type in ("olmo2",)  # fold_ln refused (tested in test_loading)
+    layer_norm = config.model_type in ("gpt2", "gpt_neox", "gptj", "opt", "phi", "gpt_neo", "bloom",
+                                       "olmo")
+    post_norm = config.model_type in ("olmo2", "olmo3")  # fold_ln refused (tested in test_loading)
     kwargs = {"fold_ln": fold_ln and not post_norm, "center_writing_weights": center and layer_norm}
     try:
         model = load_reward_model(hf, **kwargs)
@@ -223,7 +281,8 @@ def _check(config, seqs, fold_ln: bool, center: bool, outcomes: list[str]) -> No
     outcomes.append("matches HF")
 
 
-NEWER = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj", "opt", "phi"]  # fewer draws each: the suite's time budget
+NEWER = ["phi3", "mixtral", "olmo2", "gemma3_text", "gptj", "opt", "phi", "gpt_neo", "bloom",
+         "olmo", "olmo3", "gpt_oss"]  # fewer draws each: the suite's time budget
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_neox", *NEWER]
 
 

@@ -20,7 +20,7 @@ CUSTOM_CODE = {"internlm2-7b", "internlm2.5-7b", "phi-1_5-msft", "phi-2-msft"}
 NAMES = [n for n in ALL_NAMES if n not in CUSTOM_CODE]
 LONGROPE = [n for n in NAMES if "longrope" in json.dumps(json.loads(
     (CONFIGS / f"{n}.json").read_text()).get("rope_scaling"))]
-POST_NORM = {"olmo2"}  # fold_ln is refused (no linear map follows the norms)
+POST_NORM = {"olmo2", "olmo3"}  # fold_ln is refused (no linear map follows the norms)
 TOL = 1e-4
 PAD_ID = 1
 
@@ -49,6 +49,8 @@ def shrink(raw: dict) -> dict:
         cfg["sliding_window"] = 5  # short enough to act on the test sequences
     if raw.get("sliding_window_pattern"):  # one full-attention layer among the sliding ones
         cfg["num_hidden_layers"] = raw["sliding_window_pattern"]
+    if raw.get("layer_types"):  # the released pattern's first layers (GPT-OSS: sliding, full)
+        cfg["layer_types"] = raw["layer_types"][: cfg["num_hidden_layers"]]
     scaling = raw.get("rope_scaling") or {}
     if "long_factor" in scaling:  # LongRoPE's attention factor: from the released context ratio
         cfg["max_position_embeddings"] = raw["max_position_embeddings"]

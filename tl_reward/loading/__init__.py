@@ -1,6 +1,7 @@
 """Convert HF ``*ForSequenceClassification`` reward models into :class:`HookedRewardModel`.
 
-One small adapter per architecture family (``llama_like``, ``gpt``, ``phi``, ``olmo``) in a
+One small adapter per architecture family (``llama_like``, ``gpt``, ``phi``, ``olmo``,
+``gpt_oss``) in a
 registry keyed by the HF ``model_type``; trunk weights go through TransformerLens's own converters,
 the score head becomes the model's ``unembed``.
 """
@@ -27,7 +28,7 @@ from ..errors import (
 )
 from ..heads import as_reward_head
 from ..model import HookedRewardModel, exact_ambiguous_folds
-from . import gpt, llama_like, olmo, phi
+from . import gpt, gpt_oss, llama_like, olmo, phi
 from ._base import Adapter
 from ._build import assign_state, empty_parameters, place_buffers
 from .heads import checkpoint_head, head_of
@@ -35,7 +36,8 @@ from .heads import checkpoint_head, head_of
 logger = logging.getLogger(__name__)
 
 REGISTRY: dict[str, Adapter] = {
-    a.model_type: a for a in (*llama_like.ADAPTERS, *gpt.ADAPTERS, *phi.ADAPTERS, *olmo.ADAPTERS)
+    a.model_type: a for a in (*llama_like.ADAPTERS, *gpt.ADAPTERS, *phi.ADAPTERS, *olmo.ADAPTERS,
+                               *gpt_oss.ADAPTERS)
 }
 
 # TransformerLens builds [n_ctx, rotary_dim] rotary tables for every attention layer (the loader

@@ -146,7 +146,10 @@ def _process(
         fold_ln=fold_ln,
         center_writing_weights=center,
         center_unembed=False,  # would zero a one-column head: never on a reward head
-        fold_value_biases=fold_ln,
+        # value biases reach the output as sum(pattern) * b_V @ W_O, a constant folded into b_O
+        # only where each pattern row sums to 1: not with attention sinks (GPT-OSS), whose sink
+        # takes a share of each row (TransformerLens 3.9 folds them anyway)
+        fold_value_biases=fold_ln and not getattr(cfg, "use_attention_sinks", False),
         refactor_factored_attn_matrices=False,
     )
     for key in dummies:

@@ -1,12 +1,16 @@
-"""Adapters for GPT-2 (absolute positions, LayerNorm), GPT-NeoX (parallel blocks, partial RoPE) and
-GPT-J (parallel attention and MLP under one LayerNorm, rotary on adjacent pairs) and OPT (learned
-positions, pre-LayerNorm blocks)."""
+"""Adapters for GPT-2 (absolute positions, LayerNorm), GPT-NeoX (parallel blocks, partial RoPE),
+GPT-J (parallel attention and MLP under one LayerNorm, rotary on adjacent pairs), OPT (learned
+positions, pre-LayerNorm blocks), GPT-Neo (GPT-2's block, unscaled attention, local and global
+layers) and Bloom (ALiBi positions, a LayerNorm on the embeddings)."""
 
 from typing import Any
 
+import torch
 from transformer_lens.pretrained.weight_conversions import (
+    convert_bloom_weights,
     convert_gpt2_weights,
     convert_gptj_weights,
+    convert_neo_weights,
     convert_neox_weights,
     convert_opt_weights,
 )
@@ -152,6 +156,88 @@ def opt_config(hf_config: Any) -> dict[str, Any]:
     }
 
 
+def gpt_neo_config(hf_config: Any) -> dict[str, Any]:
+    layers = list(hf_config.attention_layers)
+    unknown = set(layers) - {"global", "local"}
+    if unknown or len(layers) != hf_config.num_layers:
+        raise refuse(
+            "attention_types", hf_config.attention_types, f"it gives the layer kinds {layers} for "
+            f"num_layers={hf_config.num_layers}; only one 'global' or 'local' per layer is "
+            "converted (the HF model cannot run others either)",
+        )
+    cfg = {
+        "d_model": hf_config.hidden_size,
+        "d_head": hf_config.hidden_size // hf_config.num_heads,
+        "n_heads": hf_config.num_heads,
+        "d_mlp": hf_config.intermediate_size or 4 * hf_config.hidden_size,
+        "n_layers": hf_config.num_layers,
+        "n_ctx": hf_config.max_position_embeddings,
+        "eps": hf_config.layer_norm_epsilon,
+        "d_vocab": hf_config.vocab_size,
+        "act_fn": check_activation("activation_function", hf_config.activation_function),
+        "use_attn_scale": False,  # transformers' GPT-Neo does not divide scores by sqrt(d_head)
+        "normalization_type": "LN",
+        "positional_embedding_type": "standard",
+    }
+    if "local" in layers:
+        # transformers' local layers see the window_size keys up to and including the query,
+        # as TransformerLens's local attention does
+        cfg |= {"use_local_attn": True, "window_size": hf_config.window_size,
+                "attn_types": layers}
+    return cfg
+
+
+def bloom_config(hf_config: Any) -> dict[str, Any]:
+    if hf_config.apply_residual_connection_post_layernorm:
+        raise refuse(
+            "apply_residual_connection_post_layernorm", True, "it makes each block add its "
+            "sublayer's output to the normalised input instead of the input itself; "
+            "TransformerLens's blocks add to the unnormalised residual stream",
+        )
+    n_heads = hf_config.n_head
+    if n_heads & (n_heads - 1):
+        raise refuse(
+            "n_head", n_heads, "it is not a power of two, and for such head counts transformers' "
+            "Bloom and TransformerLens give the heads different ALiBi slopes (transformers "
+            "interleaves a second geometric series; TransformerLens spreads one series over all "
+            "heads), so the attention differs",
+        )
+    return {
+        "d_model": hf_config.hidden_size,
+        "d_head": hf_config.hidden_size // n_heads,
+        "n_heads": n_heads,
+        "d_mlp": 4 * hf_config.hidden_size,  # fixed in transformers' Bloom MLP
+        "n_layers": hf_config.n_layer,
+        # ALiBi has no position table and no context limit in the config: this is a cap on the
+        # sequences accepted, which load_reward_model(n_ctx=...) can change
+        "n_ctx": 2048,
+        "eps": hf_config.layer_norm_epsilon,
+        "d_vocab": hf_config.vocab_size,
+        "act_fn": "gelu_fast",  # transformers' bloom_gelu_forward: the same tanh approximation
+        "normalization_type": "LN",
+        "post_embedding_ln": True,
+        "positional_embedding_type": "alibi",
+    }
+
+
+def convert_bloom(hf_model: Any, cfg: Any) -> dict[str, Any]:
+    """TransformerLens's Bloom converter, plus the zero position table TransformerLens builds
+    for an ALiBi model and never reads (written, so that it is not reported missing).
+
+    With ``pretraining_tp > 1`` and ``slow_but_exact``, transformers' Bloom sums its output
+    projections (attention ``dense``, MLP ``dense_4h_to_h``) over column slices with
+    ``F.linear`` and no bias: those biases never reach the output, so they are written as zeros.
+    """
+    state = dict(convert_bloom_weights(hf_model, cfg))
+    state["pos_embed.W_pos"] = torch.zeros(cfg.n_ctx, cfg.d_model, dtype=cfg.dtype)
+    config = hf_model.transformer.config
+    if config.pretraining_tp > 1 and config.slow_but_exact:
+        for i in range(cfg.n_layers):
+            for key in (f"blocks.{i}.attn.b_O", f"blocks.{i}.mlp.b_out"):
+                state[key] = torch.zeros(cfg.d_model, dtype=state[key].dtype)
+    return state
+
+
 ADAPTERS = (
     Adapter(
         "gpt2", "GPT2LMHeadModel", "transformer", gpt2_config, convert_gpt2_weights,
@@ -188,5 +274,19 @@ ADAPTERS = (
         "gptj", "GPTJForCausalLM", "transformer", gptj_config, convert_gptj_weights,
         frozenset({"n_embd", "n_head", "n_inner", "n_layer", "n_positions", "layer_norm_epsilon",
                    "vocab_size", "activation_function", "rotary_dim"}),
+    ),
+    Adapter(
+        "gpt_neo", "GPTNeoForCausalLM", "transformer", gpt_neo_config, convert_neo_weights,
+        frozenset({"hidden_size", "num_heads", "intermediate_size", "num_layers",
+                   "max_position_embeddings", "layer_norm_epsilon", "vocab_size",
+                   "activation_function", "attention_layers", "attention_types", "window_size"}),
+        ignored={"embed_dropout": _DROPOUT_WHY, "resid_dropout": _DROPOUT_WHY,
+                 "_is_quantized": "only the flash-attention path's choice of dtype"},
+    ),
+    Adapter(
+        "bloom", "BloomForCausalLM", "transformer", bloom_config, convert_bloom,
+        frozenset({"hidden_size", "n_head", "n_layer", "layer_norm_epsilon", "vocab_size",
+                   "apply_residual_connection_post_layernorm", "pretraining_tp",
+                   "slow_but_exact"}),
     ),
 )

@@ -100,9 +100,10 @@ def _attention_layout(hf_config: Any, cfg: dict[str, Any], *, per_layer: bool) -
 
 
 def llama_trunk(
-    hf_config: Any, *, act_key: str = "hidden_act", per_layer_windows: bool = True
+    hf_config: Any, *, act_key: str | None = "hidden_act", per_layer_windows: bool = True
 ) -> dict[str, Any]:
-    """HookedTransformerConfig keywords shared by the family."""
+    """HookedTransformerConfig keywords shared by the family (``act_key=None``: the family's
+    MLP has its own activation, and reads no activation key)."""
     n_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
     n_kv = getattr(hf_config, "num_key_value_heads", None) or n_heads
@@ -116,7 +117,7 @@ def llama_trunk(
         "n_ctx": hf_config.max_position_embeddings,
         "eps": hf_config.rms_norm_eps,
         "d_vocab": hf_config.vocab_size,
-        "act_fn": check_activation(act_key, getattr(hf_config, act_key)),
+        "act_fn": "silu" if act_key is None else check_activation(act_key, getattr(hf_config, act_key)),
         "normalization_type": "RMS",
         "positional_embedding_type": "rotary",
         "rotary_dim": head_dim,
