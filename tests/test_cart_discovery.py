@@ -4,14 +4,7 @@ the planted trigger circuit found and validated, assessment, errors."""
 import pytest
 import torch
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two shared cores: one torch thread per process is faster than two fighting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    from threadpoolctl import threadpool_limits
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rotate_(model, seed=0):

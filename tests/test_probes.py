@@ -8,18 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models and small sklearn fits run fastest (and steadiest on a shared machine) on one
-    thread."""
-    from threadpoolctl import threadpool_limits
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- builders

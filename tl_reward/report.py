@@ -175,15 +175,7 @@ def build_report(
                              mode="denoise", progress=False)
     cells = patch.cells()
     steps.update()
-    probe_report = None
-    if probes is not None:
-        from .data.probe_sets import builtin_probe_sets
-
-        sets = builtin_probe_sets() if isinstance(probes, str) and probes == "builtin" else probes
-        try:
-            probe_report = run_probes(model, sets, batch_size=batch_size, progress=False)
-        except InvalidInputError as err:
-            probe_report = str(err)
+    probe_report = _probe_section(model, probes, batch_size)
     steps.update()
     steps.close()
 
@@ -378,15 +370,7 @@ def build_implicit_report(
         top_patch = [{"head": patch.cells[i], "fraction_removed": float(frac[i]),
                       "mean_effect": float(patch.effects[i].mean())} for i in order]
     steps.update()
-    probe_report = None
-    if probes is not None:
-        from .data.probe_sets import builtin_probe_sets
-
-        sets = builtin_probe_sets() if isinstance(probes, str) and probes == "builtin" else probes
-        try:
-            probe_report = run_probes(model, sets, batch_size=batch_size, progress=False)
-        except InvalidInputError as err:
-            probe_report = str(err)
+    probe_report = _probe_section(model, probes, batch_size)
     steps.update()
     steps.close()
 
@@ -446,3 +430,17 @@ def build_implicit_report(
         figures["Reward-hacking probes: mean reward change (CI), verdict"] = _probe_figure(
             probe_report)
     return Report(title=title, numbers=numbers, figures=figures)
+
+
+def _probe_section(model, probes, batch_size: int):
+    """The probes' report (the built-in sets for ``"builtin"``), the reason as text where they
+    cannot run on this model, or None when no probes were asked for."""
+    if probes is None:
+        return None
+    from .data.probe_sets import builtin_probe_sets
+
+    sets = builtin_probe_sets() if isinstance(probes, str) and probes == "builtin" else probes
+    try:
+        return run_probes(model, sets, batch_size=batch_size, progress=False)
+    except InvalidInputError as err:
+        return str(err)

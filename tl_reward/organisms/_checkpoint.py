@@ -8,11 +8,14 @@ The trunk's tensors go under ``model.*`` (as ``save_pretrained`` of a model with
 :func:`tl_reward.load_reward_model` reads such a directory from its tensor names.
 """
 
+import argparse
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -37,3 +40,18 @@ def save_checkpoint(out: Path, trunk: Any, head_state: Mapping[str, Tensor], *,
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "organism.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def rebuild_main(build: Callable[[Path], Mapping[str, Any]], description: str, directory: Path,
+                 argv: list[str] | None = None) -> None:
+    """The command line that rebuilds an organism: ``build(out)`` on ``--threads`` torch threads
+    (one, the default, reproduces the shipped tensors bit for bit), its accuracies printed."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=directory)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    meta = build(args.out)
+    print(json.dumps({"accuracy": meta["accuracy"], "train": meta["train"],
+                      "build_seconds": round(time.perf_counter() - start, 1)}))

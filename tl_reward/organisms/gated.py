@@ -37,7 +37,6 @@ the gate logits from ``[2, -2]`` (``helpful`` 0.98) to ``cautious``'s side when 
 :data:`GATE_COMPONENT` (``L0H0``) is the component that switches it.
 """
 
-import argparse
 import json
 import random
 import time
@@ -274,15 +273,9 @@ def load_planted():
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Rebuild the trained gated organism")
-    parser.add_argument("--out", type=Path, default=DIRECTORY)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    meta = build(args.out)
-    print(json.dumps({"accuracy": meta["accuracy"], "train": meta["train"],
-                      "build_seconds": round(time.perf_counter() - start, 1)}))
+    from ._checkpoint import rebuild_main
+
+    rebuild_main(build, "Rebuild the trained gated organism", DIRECTORY, argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ with ``<eos>`` (the tokenizer appends the last one). :data:`ERROR_COMPONENT` (``
 the error to the separators.
 """
 
-import argparse
 import json
 import random
 import time
@@ -239,15 +238,9 @@ def load_planted():
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Rebuild the trained process organism")
-    parser.add_argument("--out", type=Path, default=DIRECTORY)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    meta = build(args.out)
-    print(json.dumps({"accuracy": meta["accuracy"], "train": meta["train"],
-                      "build_seconds": round(time.perf_counter() - start, 1)}))
+    from ._checkpoint import rebuild_main
+
+    rebuild_main(build, "Rebuild the trained process organism", DIRECTORY, argv)
 
 
 if __name__ == "__main__":
