@@ -57,38 +57,46 @@ def convert_olmo(hf_model: Any, cfg: Any) -> dict[str, Tensor]:
     the grouped layout of TransformerLens's other converters (``_W_K``, ``_W_V``, zero biases)."""
     if cfg.n_key_value_heads is None:
         return convert_olmo_weights(hf_model, cfg)
-    n_kv, trunk = cfg.n_key_value_heads, hf_model.model
-
-    def zeros(*shape: int) -> Tensor:
-        return torch.zeros(*shape, dtype=cfg.dtype)
-
+    trunk = hf_model.model
     state: dict[str, Tensor] = {"embed.W_E": trunk.embed_tokens.weight}
     for i, layer in enumerate(trunk.layers):
-        p, attn, mlp = f"blocks.{i}.", layer.self_attn, layer.mlp
-        state |= {
-            p + "attn.W_Q": _heads(attn.q_proj.weight, cfg.n_heads),
-            p + "attn._W_K": _heads(attn.k_proj.weight, n_kv),
-            p + "attn._W_V": _heads(attn.v_proj.weight, n_kv),
-            p + "attn.b_Q": zeros(cfg.n_heads, cfg.d_head),
-            p + "attn._b_K": zeros(n_kv, cfg.d_head),
-            p + "attn._b_V": zeros(n_kv, cfg.d_head),
-            p + "attn.W_O": einops.rearrange(attn.o_proj.weight, "m (n h) -> n h m", n=cfg.n_heads),
-            p + "attn.b_O": zeros(cfg.d_model),
-            p + "mlp.W_in": mlp.up_proj.weight.T,
-            p + "mlp.W_gate": mlp.gate_proj.weight.T,
-            p + "mlp.b_in": zeros(cfg.d_mlp),
-            p + "mlp.W_out": mlp.down_proj.weight.T,
-            p + "mlp.b_out": zeros(cfg.d_model),
-        }
+        p = f"blocks.{i}."
+        state |= _grouped_layer(layer, p, cfg)
         for ln in ("ln1", "ln2"):  # OLMo's LayerNorms have no weights: the identity ones
             state |= {p + f"{ln}.w": torch.ones(cfg.d_model, dtype=cfg.dtype),
-                      p + f"{ln}.b": zeros(cfg.d_model)}
-    state |= {"ln_final.w": torch.ones(cfg.d_model, dtype=cfg.dtype), "ln_final.b": zeros(cfg.d_model)}
+                      p + f"{ln}.b": _zeros(cfg, cfg.d_model)}
+    state |= {"ln_final.w": torch.ones(cfg.d_model, dtype=cfg.dtype),
+              "ln_final.b": _zeros(cfg, cfg.d_model)}
     return state
 
 
 def _heads(w: Tensor, n: int) -> Tensor:
     return einops.rearrange(w, "(n h) m -> n m h", n=n)
+
+
+def _zeros(cfg: Any, *shape: int) -> Tensor:
+    return torch.zeros(*shape, dtype=cfg.dtype)
+
+
+def _grouped_layer(layer: Any, p: str, cfg: Any) -> dict[str, Tensor]:
+    """One bias-free OLMo(-2/-3) layer's attention and gated MLP in TransformerLens's grouped
+    key/value layout (``_W_K``, ``_W_V``, zero biases), under the key prefix ``p``."""
+    n_kv, attn, mlp = cfg.n_key_value_heads, layer.self_attn, layer.mlp
+    return {
+        p + "attn.W_Q": _heads(attn.q_proj.weight, cfg.n_heads),
+        p + "attn._W_K": _heads(attn.k_proj.weight, n_kv),
+        p + "attn._W_V": _heads(attn.v_proj.weight, n_kv),
+        p + "attn.b_Q": _zeros(cfg, cfg.n_heads, cfg.d_head),
+        p + "attn._b_K": _zeros(cfg, n_kv, cfg.d_head),
+        p + "attn._b_V": _zeros(cfg, n_kv, cfg.d_head),
+        p + "attn.W_O": einops.rearrange(attn.o_proj.weight, "m (n h) -> n h m", n=cfg.n_heads),
+        p + "attn.b_O": _zeros(cfg, cfg.d_model),
+        p + "mlp.W_in": mlp.up_proj.weight.T,
+        p + "mlp.W_gate": mlp.gate_proj.weight.T,
+        p + "mlp.b_in": _zeros(cfg, cfg.d_mlp),
+        p + "mlp.W_out": mlp.down_proj.weight.T,
+        p + "mlp.b_out": _zeros(cfg, cfg.d_model),
+    }
 
 
 def olmo2_config(hf_config: Any) -> dict[str, Any]:
@@ -114,33 +122,16 @@ def convert_olmo2(hf_model: Any, cfg: Any) -> dict[str, Tensor]:
     TransformerLens's other converters (``_W_K``, ``_W_V``, zero ``_b_K``, ``_b_V``)."""
     if cfg.n_key_value_heads is None:
         return convert_olmo2_weights(hf_model, cfg)
-    n_kv, trunk = cfg.n_key_value_heads, hf_model.model
-
-    def zeros(*shape: int) -> Tensor:
-        return torch.zeros(*shape, dtype=cfg.dtype)
-
+    trunk = hf_model.model
     state: dict[str, Tensor] = {"embed.W_E": trunk.embed_tokens.weight}
     for i, layer in enumerate(trunk.layers):
-        p, attn, mlp = f"blocks.{i}.", layer.self_attn, layer.mlp
-        state |= {
-            p + "attn.W_Q": _heads(attn.q_proj.weight, cfg.n_heads),
-            p + "attn._W_K": _heads(attn.k_proj.weight, n_kv),
-            p + "attn._W_V": _heads(attn.v_proj.weight, n_kv),
-            p + "attn.b_Q": zeros(cfg.n_heads, cfg.d_head),
-            p + "attn._b_K": zeros(n_kv, cfg.d_head),
-            p + "attn._b_V": zeros(n_kv, cfg.d_head),
-            p + "attn.q_norm.w": attn.q_norm.weight,
-            p + "attn.k_norm.w": attn.k_norm.weight,
-            p + "attn.W_O": einops.rearrange(attn.o_proj.weight, "m (n h) -> n h m", n=cfg.n_heads),
-            p + "attn.b_O": zeros(cfg.d_model),
+        p = f"blocks.{i}."
+        state |= _grouped_layer(layer, p, cfg) | {
+            p + "attn.q_norm.w": layer.self_attn.q_norm.weight,
+            p + "attn.k_norm.w": layer.self_attn.k_norm.weight,
             # post-norm: TransformerLens's ln1 / ln2 are OLMo-2's norms after each sublayer
             p + "ln1.w": layer.post_attention_layernorm.weight,
             p + "ln2.w": layer.post_feedforward_layernorm.weight,
-            p + "mlp.W_in": mlp.up_proj.weight.T,
-            p + "mlp.W_gate": mlp.gate_proj.weight.T,
-            p + "mlp.b_in": zeros(cfg.d_mlp),
-            p + "mlp.W_out": mlp.down_proj.weight.T,
-            p + "mlp.b_out": zeros(cfg.d_model),
         }
     state["ln_final.w"] = trunk.norm.weight
     return state
