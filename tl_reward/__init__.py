@@ -37,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     "GatedHead": "heads",
     "MLPHead": "heads",
     "StepRewards": "process",
+    "StepPatchResult": "step_analysis",
+    "step_patch": "step_analysis",
     "distortion_index": "hacking",
     "effort_distortion": "hacking",
     "probe_cascade": "hacking",
@@ -162,6 +164,8 @@ if TYPE_CHECKING:
     from .sae import sae_pair_attribution as sae_pair_attribution
     from .sae import sae_reward_attribution as sae_reward_attribution
     from .sae import train_sae as train_sae
+    from .step_analysis import StepPatchResult as StepPatchResult
+    from .step_analysis import step_patch as step_patch
     from .text_reward import RewardInputs as RewardInputs
     from .text_reward import TextReward as TextReward
     from .texts import PairScores as PairScores

@@ -46,10 +46,7 @@ class StepRewards:
 
     def aggregate(self, how: str = "min") -> Float[Tensor, ""]:
         """The solution's reward: ``min``, ``last``, ``product`` or ``mean`` of its steps."""
-        if how not in AGGREGATES:
-            raise InvalidInputError(f"aggregate {how!r} is not one of {list(AGGREGATES)}")
-        r = self.rewards
-        return {"min": r.min, "last": lambda: r[-1], "product": r.prod, "mean": r.mean}[how]()
+        return aggregate_steps(self.rewards, how)
 
     def to_dataframe(self):
         import pandas as pd
@@ -80,9 +77,41 @@ def _separators(tokens: Tensor, separator: int) -> Tensor:
     return positions
 
 
+def step_score(model: HookedRewardModel, score: str | None) -> str:
+    """The step score to read, checked against the head: ``score`` or its default
+    (``"probability"`` for a head with two outputs and no objective, ``"reward"`` otherwise)."""
+    two_outputs = model.n_rewards == 2 and model.objective_weights is None
+    score = score or ("probability" if two_outputs else "reward")
+    if score not in STEP_SCORES:
+        raise InvalidInputError(f"score {score!r} is not one of {list(STEP_SCORES)}")
+    if score == "probability" and not two_outputs:
+        raise ObjectiveError(
+            f"score='probability' needs a head with two outputs (negative, positive) and no "
+            f"objective; this one has {model.n_rewards}. Use score='reward'."
+        )
+    if score == "reward" and not model.is_scalar:
+        raise ObjectiveError(
+            f"this head has {model.n_rewards} outputs {list(model.label_names)}: use "
+            "score='probability' (two outputs) or choose one with model.set_objective(...)"
+        )
+    return score
+
+
+def aggregate_steps(values: Tensor, how: str, dim: int = -1) -> Tensor:
+    """A solution's reward from its step scores along ``dim``: ``min``, ``last``, ``product`` or
+    ``mean``."""
+    if how not in AGGREGATES:
+        raise InvalidInputError(f"aggregate {how!r} is not one of {list(AGGREGATES)}")
+    if how == "min":
+        return values.amin(dim)
+    if how == "last":
+        return values.select(dim, -1)
+    return values.prod(dim) if how == "product" else values.mean(dim)
+
+
 def step_tokens(
     model: HookedRewardModel, text: Text | Int[Tensor, "pos"], separator: int
-) -> tuple[Int[Tensor, "step pos"], Int[Tensor, "step pos"]]:
+) -> tuple[Int[Tensor, "step cut_pos"], Int[Tensor, "step cut_pos"]]:
     """``(tokens, attention_mask)``: row ``i`` is the text up to and including step ``i``'s
     separator, right-padded, so that its scoring token is that separator (see the module
     docstring)."""
@@ -109,20 +138,7 @@ def step_rewards(
     ids ``[pos]``. ``separator``: the step-separator token id (Qwen2.5-Math-PRM: the id of
     ``<extra_0>``). ``score``: ``"probability"`` or ``"reward"`` (see the module docstring).
     """
-    two_outputs = model.n_rewards == 2 and model.objective_weights is None
-    score = score or ("probability" if two_outputs else "reward")
-    if score not in STEP_SCORES:
-        raise InvalidInputError(f"score {score!r} is not one of {list(STEP_SCORES)}")
-    if score == "probability" and not two_outputs:
-        raise ObjectiveError(
-            f"score='probability' needs a head with two outputs (negative, positive) and no "
-            f"objective; this one has {model.n_rewards}. Use score='reward'."
-        )
-    if score == "reward" and not model.is_scalar:
-        raise ObjectiveError(
-            f"this head has {model.n_rewards} outputs {list(model.label_names)}: use "
-            "score='probability' (two outputs) or choose one with model.set_objective(...)"
-        )
+    score = step_score(model, score)
     tokens = _ids(model, text)
     positions = _separators(tokens, separator)
     with torch.no_grad():
