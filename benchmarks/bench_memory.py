@@ -126,9 +126,9 @@ def measure(model, tool: str, n: int, base: int, patch_last_layer: bool = False)
     elif tool == "patch_head":
         tr.activation_patch(model, a, b, hook="z", per="head", progress=False,
                             layers=[model.cfg.n_layers - 1] if patch_last_layer else None)
-    elif tool == "patch_position":  # every position of the first layer's residual stream
-        tr.activation_patch(model, a, b, hook="resid_pre", per="layer_pos", layers=[0],
-                            progress=False)
+    elif tool == "patch_position":  # every position of the first (last) layer's residual stream
+        tr.activation_patch(model, a, b, hook="resid_pre", per="layer_pos", progress=False,
+                            layers=[model.cfg.n_layers - 1 if patch_last_layer else 0])
     elif tool == "sae_attribution":
         from sae_lens import StandardSAE, StandardSAEConfig
 
@@ -141,7 +141,8 @@ def measure(model, tool: str, n: int, base: int, patch_last_layer: bool = False)
     else:
         raise KeyError(tool)
     seconds = time.perf_counter() - start
-    patched = 1 if patch_last_layer and tool in ("patch_layer", "patch_head") else None
+    patched = (1 if tool == "patch_position" or (patch_last_layer and tool in ("patch_layer", "patch_head"))
+               else None)
     floor = weights + floor_activations(tool, model.cfg, n, patched)
     peak_bytes = peak() - base
     return {"tool": tool, "n": n, "weights": weights, "floor": floor, "peak": peak_bytes,
@@ -158,7 +159,8 @@ def main() -> None:
     parser.add_argument("--budget-gib", type=float, default=None,
                         help="tl_reward.set_memory_budget for the run (default: the library's)")
     parser.add_argument("--patch-last-layer", action="store_true",
-                        help="patch_layer / patch_head on the last layer only (their floor too)")
+                        help="patch_layer / patch_head / patch_position on the last layer only "
+                             "(their floor too)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.tiny:
