@@ -39,7 +39,7 @@ from bench_forward import SCALES, build
 from scipy.stats import spearmanr
 
 from tl_reward import activation_patch, activation_patch_grids, load_reward_model
-from tl_reward.patching import _layer_flops, _scoring_block_flops, matmul_rate
+from tl_reward.causal.patching import _layer_flops, _scoring_block_flops, matmul_rate
 
 VOCAB = 8192
 DEVICE = "cpu"  # --device
@@ -304,9 +304,9 @@ def compare_reward_lens(hf, model, clean, corrupt, table: Table, n_ours: int, n_
 def compare_atp(model, clean, corrupt, table: Table, n_ours: int, n_peer: int,
                 notes: list[str], head_result=None) -> None:
     try:
-        from tl_reward.atp import attribution_patch
+        from tl_reward.causal.atp import attribution_patch
     except ImportError as exc:
-        msg = f"AtP section skipped (tl_reward.atp not importable: {exc})"
+        msg = f"AtP section skipped (tl_reward.causal.atp not importable: {exc})"
         print(msg)
         notes.append(msg)
         return

@@ -41,7 +41,7 @@ from helpers import (  # noqa: E402
 from test_dtypes import PRECISIONS, precision_errors, precision_inputs  # noqa: E402
 
 from tl_reward import activation_patch, activation_patch_grids, load_reward_model  # noqa: E402
-from tl_reward.atp import attribution_patch  # noqa: E402
+from tl_reward.causal.atp import attribution_patch  # noqa: E402
 
 PARITY_TOL, PATCH_TOL = 1e-4, 1e-5
 PATCH_ARCHS = [("llama", True), ("qwen3", True), ("gemma2", True), ("gpt2", False),

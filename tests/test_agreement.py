@@ -17,7 +17,7 @@ from tl_reward import (
     load_reward_model,
     pair_reward_attribution,
 )
-from tl_reward.patching import PatchStats
+from tl_reward.causal.patching import PatchStats
 
 
 def _attribution(values, labels):

@@ -9,7 +9,7 @@ from scipy.stats import spearmanr
 
 from tl_reward import activation_patch, attribution_patch, errors, load_reward_model
 from tl_reward import memory_budget as set_memory_budget_for_test
-from tl_reward.patching import HOOKS, PERS
+from tl_reward.causal.patching import HOOKS, PERS
 
 HOOKS_ALL = ("z", "v", "mlp_post", "attn_out", "mlp_out", "resid_post")
 

@@ -54,7 +54,7 @@ def rotated(organism):
 def test_a_rotated_copy_is_the_same_model_in_the_shared_frame(organism, rotated):
     from scipy import stats
 
-    from tl_reward.compare import compare_reward_models
+    from tl_reward.observational.compare import compare_reward_models
 
     model, data, _, texts = organism
     torch.testing.assert_close(model.score(texts[:16], progress=False),
@@ -81,7 +81,7 @@ def test_different_widths_compare_through_the_frame_only(organism):
     import transformers as T
 
     from tl_reward import load_reward_model
-    from tl_reward.compare import compare_reward_models
+    from tl_reward.observational.compare import compare_reward_models
     from tl_reward.training import TrainConfig, train_reward_model
 
     model, data, task, texts = organism
@@ -109,7 +109,7 @@ def test_different_widths_compare_through_the_frame_only(organism):
 def test_linear_cka_and_the_random_cosine_law():
     from scipy import stats
 
-    from tl_reward.compare import linear_cka, random_cosine_p_value
+    from tl_reward.observational.compare import linear_cka, random_cosine_p_value
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(50, 8, generator=gen, dtype=torch.float64)
@@ -166,7 +166,7 @@ def two_objectives():
 def test_reward_term_conflict_on_a_planted_two_objective_head(two_objectives, organism):
     from scipy import stats
 
-    from tl_reward.compare import reward_term_conflict
+    from tl_reward.observational.compare import reward_term_conflict
 
     _, data, _, _ = organism
     pairs = data[:80]
@@ -192,8 +192,8 @@ def test_reward_term_conflict_on_a_planted_two_objective_head(two_objectives, or
 
 
 def test_reward_term_conflict_across_models(organism, rotated):
-    from tl_reward.compare import reward_term_conflict
     from tl_reward.errors import InvalidInputError
+    from tl_reward.observational.compare import reward_term_conflict
 
     model, data, _, texts = organism
     pairs = data[:40]
@@ -225,7 +225,7 @@ def test_concept_vectors_find_the_planted_trigger_feature(organism, trigger_conc
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    from tl_reward.concepts import _diff_means_classifier, _states, concept_vector
+    from tl_reward.observational.concepts import _diff_means_classifier, _states, concept_vector
 
     model, _, _, _ = organism
     pos, neg = trigger_concept
@@ -247,7 +247,7 @@ def test_concept_vectors_find_the_planted_trigger_feature(organism, trigger_conc
 
 
 def test_a_concept_of_random_labels_is_not_separable(organism):
-    from tl_reward.concepts import concept_vector
+    from tl_reward.observational.concepts import concept_vector
 
     model, _, task, _ = organism
     texts = [p.rejected_text for p in task.sample(120, seed=12, alpha=1.0)]
@@ -262,8 +262,8 @@ def test_a_concept_of_random_labels_is_not_separable(organism):
 def test_steering_along_the_trigger_concept_raises_the_reward(organism, trigger_concept):
     from scipy import stats
 
-    from tl_reward.concepts import concept_dose_response, concept_vector
     from tl_reward.errors import InvalidInputError
+    from tl_reward.observational.concepts import concept_dose_response, concept_vector
 
     model, _, _, _ = organism
     pos, neg = trigger_concept

@@ -22,7 +22,7 @@ def test_probe_scaler_is_fitted_inside_each_fold(planted):
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold
 
-    from tl_reward.concepts import _states, concept_vector
+    from tl_reward.observational.concepts import _states, concept_vector
 
     model, task = planted
     texts = [p.rejected_text for p in task.sample(80, seed=21, alpha=1.0)]

@@ -9,7 +9,7 @@ from helpers import pad_batch
 from test_heads import PATTERN, armorm, grm, sequences
 
 from tl_reward import direct_reward_attribution, errors, load_reward_model
-from tl_reward.nonlinear_attribution import gate_attribution, head_attribution
+from tl_reward.observational.nonlinear_attribution import gate_attribution, head_attribution
 
 
 def _by_layer(result, layer: int, prefix: str, bias: str):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tl_reward import activation_patch, head_attribution, path_patch, reward_lens
-from tl_reward.gated import gated_outputs
+from tl_reward.causal.gated import gated_outputs
 
 
 # ------------------------------------------------------------------ gated
@@ -76,7 +76,7 @@ def test_trained_gated_organism_switch_found_by_patching_lens_and_ablation(gated
     assert float(others.abs().max()) < 1e-3
     assert torch.equal(norm[1, :-1].abs().argmax(0), gate_at)  # before the scoring token
     # the gate as a component: the clean gate in the corrupt run moves the score the same way
-    from tl_reward.gated import gate_patch
+    from tl_reward.causal.gated import gate_patch
 
     gap = gated_outputs(model, clean).score - gated_outputs(model, corrupt).score
     assert bool((gate_patch(model, corrupt, clean) * gap > 0).all())
@@ -212,7 +212,7 @@ def test_rebuilding_a_head_organism_reproduces_the_shipped_weights(name, tmp_pat
 def test_trained_gated_organism_gate_attributed_to_the_urgent_token_and_its_head(gated):
     """Which input switched `cautious` on: the gate weight's integrated gradients put it on the
     head path patching names, and that head's share on the `urgent` token it attends to."""
-    from tl_reward.nonlinear_attribution import gate_attribution
+    from tl_reward.observational.nonlinear_attribution import gate_attribution
 
     model, _, G = gated
     clean, _ = _minimal_pairs(G, model)

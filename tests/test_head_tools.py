@@ -18,8 +18,8 @@ from tl_reward import (
     path_patch,
     reward_lens,
 )
-from tl_reward.gated import gate_patch, gated_outputs
-from tl_reward.nonlinear_attribution import head_attribution
+from tl_reward.causal.gated import gate_patch, gated_outputs
+from tl_reward.observational.nonlinear_attribution import head_attribution
 
 
 def _ref_head(ref, pooled, prompt=None):
@@ -209,7 +209,7 @@ def test_tools_that_read_the_linear_head_refuse_a_nonlinear_one():
     tokens, mask = pad_batch(sequences(14), "right")
     with pytest.raises(errors.LinearHeadRequiredError, match="head_attribution"):
         direct_reward_attribution(model, tokens, mask, progress=False)
-    from tl_reward.tuned_lens import TunedRewardLens
+    from tl_reward.observational.tuned_lens import TunedRewardLens
 
     with pytest.raises(errors.LinearHeadRequiredError):
         TunedRewardLens(model, ("0_pre", "final_post"))

@@ -181,7 +181,7 @@ def test_step_views_give_each_steps_reward_to_every_tool():
     from head_references import PRMReference
 
     from tl_reward import reward_lens
-    from tl_reward.nonlinear_attribution import head_attribution
+    from tl_reward.observational.nonlinear_attribution import head_attribution
     from tl_reward.process import step_tokens
 
     sep = 4

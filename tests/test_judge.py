@@ -210,7 +210,7 @@ def test_expected_score_judge_matches_hf_and_integrated_gradients_add_up(arch, s
     (Gemma-2's final softcap included); a nonlinear head, so integrated gradients decompose it
     (completeness within 1e-4) and direct attribution refuses."""
     from tl_reward import errors, head_attribution, load_judge_reward_model
-    from tl_reward.attribution import direct_reward_attribution
+    from tl_reward.observational.attribution import direct_reward_attribution
 
     hf = causal_lm(arch)
     if softcap:

@@ -13,7 +13,7 @@ from tl_reward import (
     pair_reward_lens,
     reward_lens,
 )
-from tl_reward.lens import LensResult, PairLensResult
+from tl_reward.observational.lens import LensResult, PairLensResult
 
 TOL = 1e-4
 CASES = [(a, g) for a in ARCHS for g in ([False, True] if a in GQA_ARCHS else [False])]

@@ -114,7 +114,7 @@ def test_rows_of_several_layers_in_one_forward_equal_hooked_runs(arch, pairs):
     """A patch between blocks lets the rows of every layer share one forward, each joining at the
     block after its patch (4 layers: rows join at three blocks); every cell against the patch
     made by a hook in a full forward of that pair alone."""
-    from tl_reward.patching import HOOKS
+    from tl_reward.causal.patching import HOOKS
 
     model = _four_layers(arch)
     g = torch.Generator().manual_seed(7)
@@ -152,7 +152,7 @@ def test_rows_of_several_layers_in_one_forward_equal_hooked_runs(arch, pairs):
 
 
 def test_forward_partition_covers_every_row_once_and_trades_waste_for_forwards():
-    from tl_reward.patching import _chunks
+    from tl_reward.causal.patching import _chunks
 
     starts = torch.randint(0, 20, (300,), generator=torch.Generator().manual_seed(0)).sort().values
     counts = torch.unique(starts, return_counts=True)[1]
@@ -270,7 +270,7 @@ def test_result_views():
 
 
 def test_matmul_rate_of_a_device_this_machine_lacks():
-    from tl_reward.patching import matmul_rate
+    from tl_reward.causal.patching import matmul_rate
 
     with pytest.raises(errors.DeviceError, match="bogus"):
         matmul_rate("bogus")
@@ -279,7 +279,7 @@ def test_matmul_rate_of_a_device_this_machine_lacks():
 def test_stats_compare_the_rate_with_the_matmul_rate_where_it_ran(monkeypatch):
     """Every causal tool's stats carry the model's device and dtype (float64 here, not the
     default), and compare the achieved FLOP rate with the matmul rate measured there, once."""
-    import tl_reward.patching as P
+    import tl_reward.causal.patching as P
     from tl_reward import attribution_patch, path_patch
 
     model = load_reward_model(make_hf_model("llama"), dtype=torch.float64)
@@ -481,7 +481,7 @@ def test_shared_prompts_equal_transformer_lens_and_skip_the_prefix(arch, hook, p
 def test_shared_prefix_respects_padding_and_alignment():
     """Equal padding and equal tokens at equal positions are shared; the same tokens at
     shifted positions (row 1) are not, nor is anything after the padding differs."""
-    from tl_reward.patching import _position_map, _run, _shared_prefix
+    from tl_reward.causal.patching import _position_map, _run, _shared_prefix
 
     model = load_reward_model(make_hf_model("gpt2"))
     a, a_m = pad_batch([[0, 0, 5, 6, 7, 8], [5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 9, 10]], "right")

@@ -594,7 +594,7 @@ def test_divergence_aware_patching(planted, task):
     from sklearn.covariance import LedoitWolf
 
     from tl_reward import activation_patch
-    from tl_reward.divergence import divergence_aware_patch
+    from tl_reward.causal.divergence import divergence_aware_patch
 
     model, data = planted
     pairs = data.by_scenario("quality")[:24]
@@ -607,7 +607,7 @@ def test_divergence_aware_patching(planted, task):
     assert labels == res.labels
     torch.testing.assert_close(res.effects, values.float(), atol=1e-5, rtol=1e-5)
     # the distance is scipy's Mahalanobis distance under the Ledoit-Wolf covariance
-    from tl_reward.divergence import _pooled_resid
+    from tl_reward.causal.divergence import _pooled_resid
 
     toks, mask = model.pad(model.tokenize(reference))
     states = _pooled_resid(model, toks, mask, [0, 1], 32)
@@ -639,7 +639,7 @@ def test_divergence_aware_patching(planted, task):
 
 
 def test_divergence_needs_enough_reference(planted):
-    from tl_reward.divergence import divergence_aware_patch
+    from tl_reward.causal.divergence import divergence_aware_patch
     from tl_reward.errors import InvalidInputError
 
     model, data = planted

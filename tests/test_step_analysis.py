@@ -1,5 +1,5 @@
 """Patching a process reward with a step's score or a solution's aggregate as the metric
-(tl_reward.step_analysis), against whole solutions patched with plain TransformerLens hooks."""
+(tl_reward.causal.step_analysis), against whole solutions patched with plain TransformerLens hooks."""
 
 import pytest
 import torch
@@ -7,8 +7,8 @@ from helpers import make_hf_model
 from test_heads import grm
 
 from tl_reward import errors, load_reward_model
+from tl_reward.causal.step_analysis import _solutions, step_patch
 from tl_reward.process import aggregate_steps
-from tl_reward.step_analysis import _solutions, step_patch
 
 METRICS = ["min", "last", "product", "mean", 1]
 
@@ -159,3 +159,46 @@ def test_bad_arguments_are_refused_with_the_fix():
         step_patch(model, sol, sol, separator=6, progress=False)
     with pytest.raises(errors.ObjectiveError, match="two outputs"):
         step_patch(model, sol, sol, separator=5, score="probability", progress=False)
+
+
+def _whole_solution_atp(model, clean, corrupt, sep, metric, hook="hook_resid_pre"):
+    """AtP by hand on the whole corrupt solution: the metric's gradient with respect to each
+    layer's activation, times (clean - corrupt) activation, summed over d_model: ``[layer, pos]``."""
+    names = [f"blocks.{l}.{hook}" for l in range(model.cfg.n_layers)]
+    _, cache = model.run_with_cache(clean[None], names_filter=lambda n: n in names)
+    leaves, acts = {}, {}
+
+    def leaf(act, hook):  # a zero added to the activation: its gradient is the activation's
+        leaves[hook.name] = torch.zeros_like(act, requires_grad=True)
+        acts[hook.name] = act.detach()
+        return act + leaves[hook.name]
+
+    with torch.enable_grad():
+        out = model.run_with_hooks(corrupt[None], return_type="per_position",
+                                   fwd_hooks=[(n, leaf) for n in names])[0]
+        scores = out[corrupt == sep].softmax(-1)[:, 1]
+        _metric(scores, metric).backward()
+    return torch.stack([((cache[n][0] - acts[n][0]) * leaves[n].grad[0]).sum(-1)
+                        for n in names])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_step_atp_is_the_metrics_gradient_on_whole_solutions(prm, metric):
+    from tl_reward.causal.step_analysis import step_attribution_patch
+
+    model, sep, clean, corrupt = prm
+    res = step_attribution_patch(model, clean, corrupt, separator=sep, metric=metric,
+                                 hooks=("resid_pre", "z"), progress=False)
+    est = res.estimates["resid_pre"]  # [layer, pos, solution]
+    for s, (c, k) in enumerate(zip(clean, corrupt, strict=True)):
+        want = _whole_solution_atp(model, c, k, sep, metric)
+        n = min(want.shape[1], est.shape[1])
+        torch.testing.assert_close(est[:, :n, s], want[:, :n], atol=1e-6, rtol=1e-4)
+        assert float(want[:, n:].abs().sum()) == 0.0  # after the last separator
+        torch.testing.assert_close(
+            res.clean_reward[s], _metric(_scores(model, c[None], sep, "probability"), metric))
+    # the grid of step_patch's shape, normalised by the metric's gap
+    grid = res.as_patch_result("resid_pre", "layer_pos")
+    exact = step_patch(model, clean, corrupt, separator=sep, metric=metric, progress=False)
+    assert grid.effects.shape == exact.solutions.effects.shape
+    assert grid.axis_labels == exact.solutions.axis_labels

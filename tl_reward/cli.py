@@ -436,7 +436,7 @@ def lens(
     """Reward lens of the pairs: mean chosen, rejected and margin after each layer."""
     import pandas as pd
 
-    from .lens import pair_reward_lens
+    from .observational.lens import pair_reward_lens
 
     out = _table_out(out)
     src = Source(model, judge_template, judge_read, yes, no, beta, reference)
@@ -487,7 +487,7 @@ def patch(
     For a DPO implicit reward: the reference's activations patched into the policy (one layer's
     hook, or one head's z), on the chosen responses: which components carry what DPO changed."""
 
-    from .patching import activation_patch
+    from .causal.patching import activation_patch
 
     out = _table_out(out)
     src = Source(model, judge_template, judge_read, yes, no, beta, reference)

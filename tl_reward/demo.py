@@ -16,9 +16,9 @@ import pandas as pd
 import torch
 import transformers
 
-from .attribution import pair_reward_attribution
-from .lens import pair_reward_lens
-from .patching import activation_patch
+from .causal.patching import activation_patch
+from .observational.attribution import pair_reward_attribution
+from .observational.lens import pair_reward_lens
 
 TITLE = "tl_reward demo: the `longtail` organism (2-layer Llama reward model, plain ERM)"
 

@@ -541,7 +541,7 @@ def localise_probe(
         max_units: at most this many pairs, one per content (a seeded sample when there are
             more contents).
     """
-    from .attribution import pair_reward_attribution
+    from .observational.attribution import pair_reward_attribution
 
     choose("level", level, LOCAL_GRIDS)
     methods = list(methods)
@@ -573,7 +573,7 @@ def localise_probe(
         found["attribution"] = (attribution.values.detach().cpu().float(), list(attribution.labels))
     grids = LOCAL_GRIDS[level]
     if "patching" in methods:
-        from .patching import activation_patch_grids
+        from .causal.patching import activation_patch_grids
 
         vals, labs = [], []
         for res in activation_patch_grids(model, pert_t, base_t, grids, mode="denoise",
@@ -584,7 +584,7 @@ def localise_probe(
             labs += lab
         found["patching"] = (torch.cat(vals), labs)
     if "atp" in methods:
-        from .atp import attribution_patch
+        from .causal.atp import attribution_patch
 
         atp = attribution_patch(model, pert_t, base_t, clean_mask=pert_m, corrupt_mask=base_m,
                                 hooks=tuple(h for h, _ in grids), mode="denoise",

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .attribution import pair_reward_attribution
+from .causal.patching import activation_patch
 from .data.pairs import PreferenceDataset
 from .errors import InvalidInputError, ObjectiveError
-from .lens import pair_reward_lens
 from .model import HookedRewardModel
-from .patching import activation_patch
+from .observational.attribution import pair_reward_attribution
+from .observational.lens import pair_reward_lens
 from .probes import run_probes
 
 

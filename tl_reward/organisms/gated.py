@@ -178,7 +178,7 @@ def head_state(head: GatedHead) -> dict[str, torch.Tensor]:
 def evaluate(model: Any, n: int = N_EVAL, seed: int = EVAL_SEED) -> dict[str, float]:
     """Measured on held-out pairs: pair accuracy, gate accuracy (top objective == ``urgent`` in
     the prompt), and the objectives' mean absolute error against the gold counts."""
-    from ..gated import gated_outputs
+    from ..causal.gated import gated_outputs
 
     pairs = sample_pairs(n, seed)
     texts = [t for pair in pairs for t in pair]

@@ -206,7 +206,7 @@ def reward_readout(
 ) -> Float[Tensor, "batch d_model"]:
     """Per-sequence direction ``u`` with ``reward = final_residual . u + bias`` at the scoring
     token: the effective reward direction (final norm's weight folded in, centred for LayerNorm)
-    over the final norm's cached scale, as :mod:`tl_reward.attribution` reads the residual."""
+    over the final norm's cached scale, as :mod:`tl_reward.observational.attribution` reads the residual."""
     w = read_out(model)[0][:, 0]
     if centers(model):
         w = w - w.mean()

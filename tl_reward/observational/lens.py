@@ -10,11 +10,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ._memory import rows_that_fit
-from ._readout import as_tokens, batches, choose, pooled_run, read_out, readout_dtype
-from .errors import InvalidInputError
-from .heads import head_in_dtype
-from .model import HookedRewardModel, Text
+from .._memory import rows_that_fit
+from .._readout import as_tokens, batches, choose, pooled_run, read_out, readout_dtype
+from ..errors import InvalidInputError
+from ..heads import head_in_dtype
+from ..model import HookedRewardModel, Text
 
 LENS_HOOKS = ("resid_post", "resid_mid")
 LENS_NORMS = ("cached", "recomputed")

@@ -12,10 +12,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ._device import readout_dtype
-from ._readout import as_tokens
-from .errors import HeadError, InvalidInputError
-from .model import HookedRewardModel, Text
+from .._device import readout_dtype
+from .._readout import as_tokens
+from ..errors import HeadError, InvalidInputError
+from ..model import HookedRewardModel, Text
 
 _NAMES = ("reward_head.hook_objectives", "reward_head.hook_gate")
 

@@ -13,10 +13,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ._memory import rows_that_fit
-from ._readout import as_tokens, batches, centers, choose, pooled_run, read_out
-from .errors import InvalidInputError
-from .model import HookedRewardModel, Text
+from .._memory import rows_that_fit
+from .._readout import as_tokens, batches, centers, choose, pooled_run, read_out
+from ..errors import InvalidInputError
+from ..model import HookedRewardModel, Text
 
 LEVELS = ("component", "head", "neuron", "head_source")
 

@@ -41,11 +41,11 @@ from torch import Tensor
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-from ._device import checked_device
-from ._memory import rows_that_fit
-from ._readout import as_tokens, choose, readout_dtype
-from .errors import InvalidInputError
-from .model import HookedRewardModel, Text
+from .._device import checked_device
+from .._memory import rows_that_fit
+from .._readout import as_tokens, choose, readout_dtype
+from ..errors import InvalidInputError
+from ..model import HookedRewardModel, Text
 
 # name -> (hook inside a block, kind of activation)
 HOOKS: dict[str, tuple[str, str]] = {

@@ -35,12 +35,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ._memory import rows_that_fit
-from ._readout import as_tokens, batches, centers, choose, pooled_run, readout_dtype
+from .._memory import rows_that_fit
+from .._readout import as_tokens, batches, centers, choose, pooled_run, readout_dtype
+from ..errors import ObjectiveError
+from ..heads import head_in_dtype
+from ..model import HookedRewardModel, Text
 from .attribution import AttributionResult
-from .errors import ObjectiveError
-from .heads import head_in_dtype
-from .model import HookedRewardModel, Text
 
 HEAD_METHODS = ("integrated_gradients", "gradient")
 HEAD_LEVELS = ("component", "head", "neuron", "head_source")
@@ -337,7 +337,7 @@ def gate_attribution(
     splits each head's share by the source position it attends to from the end of the prompt:
     which prompt tokens the heads moved into the gate's input (direct paths; a token reached
     through an earlier layer's head shows at the position that head wrote to)."""
-    from .errors import HeadError
+    from ..errors import HeadError
 
     head = model.reward_head
     if head.kind != "gated":

@@ -34,10 +34,10 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
-from ._readout import centers, choose, read_out
-from ._stats import bootstrap_ci
-from .errors import InvalidInputError, ObjectiveError
-from .model import HookedRewardModel, Text
+from .._readout import centers, choose, read_out
+from .._stats import bootstrap_ci
+from ..errors import InvalidInputError, ObjectiveError
+from ..model import HookedRewardModel, Text
 
 DIRECTIONS = ("mean_diff", "probe")
 

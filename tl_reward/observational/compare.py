@@ -29,9 +29,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ._readout import choose
-from .errors import InvalidInputError, ObjectiveError
-from .model import HookedRewardModel, Text
+from .._readout import choose
+from ..errors import InvalidInputError, ObjectiveError
+from ..model import HookedRewardModel, Text
 
 
 # ------------------------------------------------------------------------------ shared frame
@@ -324,7 +324,7 @@ def compare_reward_models(
         ci = test.proportion_ci(confidence_level=confidence_level, method="exact")
         agreement, agreement_ci = same / n_pairs, (float(ci.low), float(ci.high))
         m_rho = float(stats.spearmanr(ma, mb).statistic)
-        from ._stats import correlation_statistic
+        from .._stats import correlation_statistic
 
         if np.ptp(ma) > 0 and np.ptp(mb) > 0:
             boot = stats.bootstrap((ma, mb), correlation_statistic("spearman"), paired=True,

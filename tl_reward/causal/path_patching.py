@@ -17,9 +17,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ._readout import as_tokens, choose, readout_dtype
-from .errors import InvalidInputError
-from .model import HookedRewardModel, Text
+from .._readout import as_tokens, choose, readout_dtype
+from ..errors import InvalidInputError
+from ..model import HookedRewardModel, Text
 from .patching import (
     PatchResult,
     PatchStats,

@@ -21,10 +21,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ._readout import choose
-from .attribution import AttributionResult, pair_reward_attribution
-from .errors import InvalidInputError
-from .model import HookedRewardModel, Text
+from .._readout import choose
+from ..errors import InvalidInputError
+from ..model import HookedRewardModel, Text
+from ..observational.attribution import AttributionResult, pair_reward_attribution
 from .patching import PatchResult, activation_patch_grids
 
 # attribution level -> the (hook, per) patch grids whose flat labels it shares
@@ -253,7 +253,7 @@ def compare_attribution_and_patching(
     denoising chosen (clean) into rejected (corrupt) over the matching grid (``head``: ``z`` per
     head; ``component``: ``attn_out`` and ``mlp_out`` per layer; ``neuron``: ``mlp_post`` per
     neuron), exactly (``estimator="exact"``, :func:`activation_patch_grids`) or by attribution
-    patching (``estimator="atp"``, :func:`tl_reward.atp.attribution_patch`). Other keyword
+    patching (``estimator="atp"``, :func:`tl_reward.causal.atp.attribution_patch`). Other keyword
     arguments go to :func:`agreement_report`.
     """
     choose("level", level, LEVEL_PATCHES)

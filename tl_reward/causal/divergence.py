@@ -33,9 +33,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
-from ._readout import as_tokens, choose
-from .errors import InvalidInputError
-from .model import HookedRewardModel, Text
+from .._readout import as_tokens, choose
+from ..errors import InvalidInputError
+from ..model import HookedRewardModel, Text
 from .patching import HOOKS, _aligned, _pair_tokens, _position_map, _run
 
 DIVERGENCE_HOOKS = {"z": "head", "attn_out": "layer", "mlp_out": "layer", "mlp_post": "neuron"}

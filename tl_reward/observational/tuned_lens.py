@@ -14,11 +14,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from ._memory import rows_that_fit
-from ._readout import as_tokens, batches, pooled_run, readout_dtype
-from .errors import InvalidInputError
+from .._memory import rows_that_fit
+from .._readout import as_tokens, batches, pooled_run, readout_dtype
+from ..errors import InvalidInputError
+from ..model import HookedRewardModel, Text
 from .lens import LensResult, _head, _head_bias
-from .model import HookedRewardModel, Text
 
 
 @dataclass(frozen=True)

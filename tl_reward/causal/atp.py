@@ -17,7 +17,7 @@ Conventions are those of :func:`tl_reward.activation_patch`: ``mode="denoise"`` 
 writes clean into corrupt and takes the gradient on the corrupt run, ``mode="noise"`` writes
 corrupt into clean with the gradient on the clean run; sequences of different lengths are
 aligned from the scoring token (``positions="align_end"``) by the same position map, and
-:meth:`AtPResult.as_patch_result` gives a :class:`~tl_reward.patching.PatchResult` with the same
+:meth:`AtPResult.as_patch_result` gives a :class:`~tl_reward.causal.patching.PatchResult` with the same
 axes, labels and NaN cells as the exact grid, so the two compare cell by cell.
 
 The estimate is exact where the reward is linear in the patched activation (no nonlinearity
@@ -35,10 +35,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ._memory import checkpointed_blocks, needs_checkpointing, rows_that_fit
-from ._readout import as_tokens, choose, readout_dtype
-from .errors import InvalidInputError
-from .model import HookedRewardModel, Text
+from .._memory import checkpointed_blocks, needs_checkpointing, rows_that_fit
+from .._readout import as_tokens, choose, readout_dtype
+from ..errors import InvalidInputError
+from ..model import HookedRewardModel, Text
 from .patching import (
     HOOKS,
     PERS,
