@@ -89,6 +89,7 @@ def test_the_error_position_at_layer_0_restores_the_whole_aggregate(prm):
     model, sep, clean, corrupt = prm
     res = step_patch(model, clean, corrupt, separator=sep, metric="min", layers=[0],
                      progress=False)
+    assert model.objective_weights is None  # the log-odds objective the engine read is undone
     for s, (c, k) in enumerate(zip(clean, corrupt, strict=True)):
         assert float(res.solutions.clean_reward[s]) > 0.5 > float(res.solutions.corrupt_reward[s])
         where = int((c != k).nonzero())

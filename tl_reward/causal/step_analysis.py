@@ -30,6 +30,7 @@ sigmoid; ``score="reward"`` the scalar head output.
 """
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,21 @@ def _cuts(model: HookedRewardModel, solutions: list[Solution], separator: int):
         owner += [s] * len(cut_lengths)
         lengths.append(len(solution))
     return ids, torch.tensor(owner), lengths
+
+
+@contextmanager
+def _engine_reads(model: HookedRewardModel, score: str):
+    """The scalar the patching engines read: the step's log-odds ``logit_1 - logit_0`` for
+    ``score="probability"`` (its sigmoid is the probability; the objective is restored after),
+    the model's scalar reward otherwise."""
+    if score != "probability":
+        yield
+        return
+    model.set_objective([-1.0, 1.0])
+    try:
+        yield
+    finally:
+        model.set_objective(None)
 
 
 def _check_metric(metric: str | int) -> None:
@@ -207,17 +223,12 @@ def step_patch(
             clean_t.shape[0], -1)
 
     log_odds = score == "probability"
-    if log_odds:
-        model.set_objective([-1.0, 1.0])
-    try:
+    with _engine_reads(model, score):
         res = activation_patch(
             model, clean_t, corrupt_t, hook=hook, per=per, mode=mode, clean_mask=clean_m,
             corrupt_mask=corrupt_m, positions=positions, reference=reference,
             reference_mask=reference_mask, layers=layers, max_rows=max_rows, progress=progress,
         )
-    finally:
-        if log_odds:
-            model.set_objective(None)
 
     def as_score(x: Tensor) -> Tensor:
         return x.sigmoid() if log_odds else x
@@ -331,17 +342,12 @@ def step_attribution_patch(
     corrupt_t, corrupt_m = model.pad(corrupt_ids)
     positions = torch.arange(clean_t.shape[1], device=clean_t.device).expand(clean_t.shape[0], -1)
     log_odds = score == "probability"
-    if log_odds:
-        model.set_objective([-1.0, 1.0])
-    try:
+    with _engine_reads(model, score):
         res = attribution_patch(
             model, clean_t, corrupt_t, clean_mask=clean_m, corrupt_mask=corrupt_m, hooks=hooks,
             mode=mode, positions=positions, layers=layers, batch_size=batch_size,
             progress=progress,
         )
-    finally:
-        if log_odds:
-            model.set_objective(None)
     owner = owner.to(res.clean_reward.device)
     target = res.corrupt_reward if mode == "denoise" else res.clean_reward
     step_target = target.sigmoid() if log_odds else target
