@@ -39,7 +39,8 @@ from bench_forward import SCALES, build
 from scipy.stats import spearmanr
 
 from tl_reward import activation_patch, activation_patch_grids, load_reward_model
-from tl_reward.causal.patching import _layer_flops, _scoring_block_flops, matmul_rate
+from tl_reward.causal._runs import layer_flops, scoring_block_flops
+from tl_reward.causal.patching import matmul_rate
 
 VOCAB = 8192
 DEVICE = "cpu"  # --device
@@ -73,9 +74,9 @@ def forward_flops(model, n_rows: int, n_pos: int, scoring_only: bool = False) ->
     and values everywhere, the rest of the block at the scoring token)."""
     cfg = model.cfg
     if not scoring_only:
-        return n_rows * cfg.n_layers * _layer_flops(model, n_pos, n_pos)
-    return n_rows * ((cfg.n_layers - 1) * _layer_flops(model, n_pos, n_pos)
-                     + _scoring_block_flops(model, n_pos, n_pos))
+        return n_rows * cfg.n_layers * layer_flops(model, n_pos, n_pos)
+    return n_rows * ((cfg.n_layers - 1) * layer_flops(model, n_pos, n_pos)
+                     + scoring_block_flops(model, n_pos, n_pos))
 
 
 SHARED_PROMPT = 0  # --shared-prompt: the source run starts after it
@@ -86,7 +87,7 @@ def our_flops(model, results, n_pos: int) -> float:
     run (which starts after a shared prompt), which the grids of one call share."""
     results = results if isinstance(results, list) else [results]
     n_pairs = results[0].effects.shape[-1]
-    source = n_pairs * model.cfg.n_layers * _layer_flops(model, n_pos - SHARED_PROMPT, n_pos)
+    source = n_pairs * model.cfg.n_layers * layer_flops(model, n_pos - SHARED_PROMPT, n_pos)
     return (sum(r.stats.flops for r in results) + forward_flops(model, n_pairs, n_pos)
             + source)
 
@@ -449,8 +450,8 @@ def main() -> None:
         rate, ceiling_rows = batching_ceiling(hf, model, args.pos)
         # tl_reward's two cached runs run their last block at every position (the cache hooks
         # observe it); an exact method could run it at the scoring token alone
-        waste = sum(args.pairs * (_layer_flops(model, n_new, args.pos)
-                                  - _scoring_block_flops(model, n_new, args.pos))
+        waste = sum(args.pairs * (layer_flops(model, n_new, args.pos)
+                                  - scoring_block_flops(model, n_new, args.pos))
                     for n_new in (args.pos, args.pos - args.shared_prompt))
         bounds = [(grid, peer_s, (flops - waste)) for grid, _, _, flops, _, _, target,
                   (peer_s, _) in table.rows if target == 5 and flops]

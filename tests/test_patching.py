@@ -481,19 +481,19 @@ def test_shared_prompts_equal_transformer_lens_and_skip_the_prefix(arch, hook, p
 def test_shared_prefix_respects_padding_and_alignment():
     """Equal padding and equal tokens at equal positions are shared; the same tokens at
     shifted positions (row 1) are not, nor is anything after the padding differs."""
-    from tl_reward.causal.patching import _position_map, _run, _shared_prefix
+    from tl_reward.causal._runs import cached_run, position_map, shared_prefix
 
     model = load_reward_model(make_hf_model("gpt2"))
     a, a_m = pad_batch([[0, 0, 5, 6, 7, 8], [5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 9, 10]], "right")
     b, b_m = pad_batch([[0, 0, 5, 6, 9, 9], [6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 9, 10]], "right")
     a_m[0, :2] = 0  # row 0: both left-padded by 2, then 5 6 shared
     b_m[0, :2] = 0
-    ta, tb = _run(model, a, a_m, set()), _run(model, b, b_m, set())
-    shared = _shared_prefix(ta, tb, _position_map(ta, tb, "align_end"))
+    ta, tb = cached_run(model, a, a_m, set()), cached_run(model, b, b_m, set())
+    shared = shared_prefix(ta, tb, position_map(ta, tb, "align_end"))
     assert shared.tolist() == [4, 0, 6]
     b_m[0, 1] = 1  # padded differently from position 1 on: only position 0 is shared
-    tb = _run(model, b, b_m, set())
-    assert int(_shared_prefix(ta, tb, _position_map(ta, tb, "align_end"))[0]) == 1
+    tb = cached_run(model, b, b_m, set())
+    assert int(shared_prefix(ta, tb, position_map(ta, tb, "align_end"))[0]) == 1
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt_neox"])

@@ -39,16 +39,8 @@ from .._memory import checkpointed_blocks, needs_checkpointing, rows_that_fit
 from .._readout import as_tokens, choose, readout_dtype
 from ..errors import InvalidInputError
 from ..model import HookedRewardModel, Text
-from .patching import (
-    HOOKS,
-    PERS,
-    PatchResult,
-    PatchStats,
-    _aligned,
-    _layer_flops,
-    _position_map,
-    _Run,
-)
+from ._runs import HOOKS, PERS, Run, aligned, layer_flops, position_map
+from .patching import PatchResult, PatchStats
 
 ATP_HOOKS = tuple(h for h in HOOKS if h != "pattern")
 ATP_MODES = ("denoise", "noise")
@@ -264,9 +256,9 @@ def attribution_patch(
     pos_map, pooled, source_r, target_r = (torch.cat([c[k] for c in chunks]) for k in range(1, 5))
     clean_r, corrupt_r = (source_r, target_r) if mode == "denoise" else (target_r, source_r)
     flops = n_pairs * cfg.n_layers * (
-        _layer_flops(model, s_tokens.shape[1], s_tokens.shape[1])
+        layer_flops(model, s_tokens.shape[1], s_tokens.shape[1])
         # forward + backward (about twice a forward), and the recomputing forward
-        + (3 + checkpoint) * _layer_flops(model, n_t, n_t)
+        + (3 + checkpoint) * layer_flops(model, n_t, n_t)
     )
     stats = PatchStats(n_forwards=(2 + checkpoint) * len(chunks), n_rows=2 * n_pairs, flops=float(flops),
                        seconds=time.perf_counter() - started, device=str(pooled.device),
@@ -296,7 +288,7 @@ def _atp_rows(model, names, layers, s_tokens, s_mask, t_tokens, t_mask, position
         target = _forward(model, t_tokens, t_mask, names, grad=True)
         acts = list(target.cache)
         grads = torch.autograd.grad(target.reward.sum(), [target.cache[n] for n in acts])
-    pos_map = _position_map(target, source, positions)
+    pos_map = position_map(target, source, positions)
     n_pairs, n_t = target.tokens.shape
     dt = readout_dtype(model)
     estimates: dict[str, Tensor] = {}
@@ -305,7 +297,7 @@ def _atp_rows(model, names, layers, s_tokens, s_mask, t_tokens, t_mask, position
             hook, layer = names[name]
             kind = HOOKS[hook][1]
             act = target.cache[name].detach().to(dt)
-            diff = _aligned(source.cache[name], pos_map, kind).to(dt) - act
+            diff = aligned(source.cache[name], pos_map, kind).to(dt) - act
             diff = diff * (pos_map >= 0).reshape(n_pairs, n_t, *([1] * (act.ndim - 2)))
             term = diff * grad.to(dt)  # [pair, pos, (unit,) (d,)]
             if kind in ("head", "resid"):  # over d_head / d_model
@@ -319,7 +311,7 @@ def _atp_rows(model, names, layers, s_tokens, s_mask, t_tokens, t_mask, position
 
 
 def _forward(model: HookedRewardModel, tokens: Tensor, mask: Tensor | None,
-             names: dict[str, tuple[str, int]], grad: bool) -> _Run:
+             names: dict[str, tuple[str, int]], grad: bool) -> Run:
     """One run caching ``names``; with ``grad`` the cached tensors stay in the autograd graph.
 
     An activation that does not require grad (frozen parameters upstream) is replaced in the
@@ -344,4 +336,4 @@ def _forward(model: HookedRewardModel, tokens: Tensor, mask: Tensor | None,
             "attribution patching measures a scalar reward; choose an objective with "
             "model.set_objective(...)"
         )
-    return _Run(tokens, mask, pooled, reward, cache)
+    return Run(tokens, mask, pooled, reward, cache)

@@ -36,7 +36,7 @@ from transformer_lens.utilities import get_act_name
 from .._readout import as_tokens, choose
 from ..errors import InvalidInputError
 from ..model import HookedRewardModel, Text
-from .patching import HOOKS, _aligned, _pair_tokens, _position_map, _run
+from ._runs import HOOKS, aligned, cached_run, pair_tokens, position_map
 
 DIVERGENCE_HOOKS = {"z": "head", "attn_out": "layer", "mlp_out": "layer", "mlp_post": "neuron"}
 DIVERGENCE_MODES = ("denoise", "noise", "zero", "mean")
@@ -121,7 +121,7 @@ def _pooled_resid(model: HookedRewardModel, tokens: Tensor, mask: Tensor | None,
     for start in range(0, tokens.shape[0], batch_size):
         rows = slice(start, start + batch_size)
         m = None if mask is None else mask[rows]
-        run = _run(model, tokens[rows], m, names)
+        run = cached_run(model, tokens[rows], m, names)
         idx = torch.arange(run.tokens.shape[0])
         for l in layers:
             act = run.cache[get_act_name("resid_post", l)][idx, run.pooled]
@@ -175,7 +175,7 @@ def divergence_aware_patch(
                                 "model.set_objective(...)")
     cfg = model.cfg
     layers = list(range(cfg.n_layers))
-    clean_t, clean_m, corrupt_t, corrupt_m = _pair_tokens(model, clean, corrupt, clean_mask,
+    clean_t, clean_m, corrupt_t, corrupt_m = pair_tokens(model, clean, corrupt, clean_mask,
                                                           corrupt_mask, mode)
     ref_t, ref_m = as_tokens(model, reference, reference_mask)
     n_ref = ref_t.shape[0]
@@ -204,12 +204,12 @@ def divergence_aware_patch(
     names |= {get_act_name("resid_post", l) for l in layers}
     target_is_clean = mode != "denoise"
     t_tokens, t_mask = (clean_t, clean_m) if target_is_clean else (corrupt_t, corrupt_m)
-    target = _run(model, t_tokens, t_mask, names)
+    target = cached_run(model, t_tokens, t_mask, names)
     source = None
     if mode in ("denoise", "noise"):
         s_tokens, s_mask = (corrupt_t, corrupt_m) if target_is_clean else (clean_t, clean_m)
-        source = _run(model, s_tokens, s_mask, names)
-    pos_map = _position_map(target, source, "align_end")
+        source = cached_run(model, s_tokens, s_mask, names)
+    pos_map = position_map(target, source, "align_end")
     n_pairs = t_tokens.shape[0]
     idx = torch.arange(n_pairs, device=t_tokens.device)
     target_distance = np.stack([
@@ -217,7 +217,7 @@ def divergence_aware_patch(
             target.cache[get_act_name("resid_post", l)][idx, target.pooled].detach().cpu().double().numpy()))
         for l in layers])
     if mode == "mean":
-        ref_run = _run(model, ref_t, ref_m, {f"blocks.{l}.{hook_name}" for l in layers})
+        ref_run = cached_run(model, ref_t, ref_m, {f"blocks.{l}.{hook_name}" for l in layers})
         real = (ref_m.bool() if ref_m is not None else torch.ones(ref_t.shape, dtype=torch.bool,
                                                                   device=ref_t.device))
 
@@ -231,7 +231,7 @@ def divergence_aware_patch(
         name = f"blocks.{l}.{hook_name}"
         act_t = target.cache[name]
         if mode in ("denoise", "noise"):
-            repl = _aligned(source.cache[name], pos_map, kind)
+            repl = aligned(source.cache[name], pos_map, kind)
         elif mode == "zero":
             repl = torch.zeros_like(act_t)
         else:

@@ -38,36 +38,28 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from .._device import checked_device
 from .._memory import rows_that_fit
 from .._readout import as_tokens, choose, readout_dtype
 from ..errors import InvalidInputError
 from ..model import HookedRewardModel, Text
-
-# name -> (hook inside a block, kind of activation)
-HOOKS: dict[str, tuple[str, str]] = {
-    "resid_pre": ("hook_resid_pre", "resid"),
-    "resid_mid": ("hook_resid_mid", "resid"),
-    "resid_post": ("hook_resid_post", "resid"),
-    "attn_out": ("hook_attn_out", "resid"),
-    "mlp_out": ("hook_mlp_out", "resid"),
-    "z": ("attn.hook_z", "head"),
-    "q": ("attn.hook_q", "head"),
-    "k": ("attn.hook_k", "head"),
-    "v": ("attn.hook_v", "head"),
-    "pattern": ("attn.hook_pattern", "pattern"),
-    "mlp_post": ("mlp.hook_post", "neuron"),
-}
-PERS: dict[str, tuple[str, ...]] = {
-    "resid": ("layer", "layer_pos"),
-    "head": ("layer", "layer_pos", "head", "head_pos"),
-    "pattern": ("head", "head_pos"),
-    "neuron": ("layer", "layer_pos", "neuron"),
-}
-MODES = ("denoise", "noise", "zero", "mean")
+from ._runs import (
+    HOOKS,
+    MODES,
+    PERS,
+    Run,
+    aligned,
+    cached_run,
+    common_prefix,
+    kv_prefix,
+    layer_flops,
+    pair_tokens,
+    position_map,
+    run_after,
+    scoring_block_flops,
+    shared_prefix,
+)
 
 
 def matmul_rate(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
@@ -224,163 +216,7 @@ def _cell_names(result: PatchResult) -> tuple[str, ...]:
     return tuple(names)
 
 
-# ---------------------------------------------------------------------------------- runs
-@dataclass
-class _Run:
-    tokens: Tensor
-    mask: Tensor | None
-    pooled: Tensor
-    reward: Tensor
-    cache: dict[str, Tensor]
-
-
-def _run(model: HookedRewardModel, tokens, mask, names) -> _Run:
-    pooled = model.pooled_index(tokens, mask)
-    with torch.no_grad():
-        reward, cache = model.run_with_cache(
-            tokens, attention_mask=mask, names_filter=lambda n: n in names, pool_index=pooled,
-            return_cache_object=False,
-        )
-    if reward.ndim != 1:
-        raise InvalidInputError(
-            "patching measures a scalar reward; choose an objective with model.set_objective(...)"
-        )
-    return _Run(tokens, mask, pooled, reward, cache)
-
-
-def _common_prefix(model, target: _Run, tokens: Tensor, mask: Tensor | None, positions) -> int:
-    """How many leading positions every pair's other run shares with the target run (and may
-    take from it), short of every scoring token."""
-    if tokens.shape != target.tokens.shape:
-        return 0
-    other = _Run(tokens, mask, model.pooled_index(tokens, mask), target.reward, {})
-    shared = _shared_prefix(target, other, _position_map(target, other, positions))
-    return int(torch.minimum(shared, torch.minimum(target.pooled, other.pooled)).min())
-
-
-def _run_after(model, tokens, mask, names, target: _Run, start: int) -> _Run:
-    """:func:`_run` of a sequence whose first ``start`` positions are the target run's: those
-    positions' activations are the target's (same tokens, same positions, causal attention), the
-    rest runs on the target's keys and values."""
-    pooled = model.pooled_index(tokens, mask)
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
-    kv = _kv_prefix(model, target, 0, rows, start)
-    new_mask = mask[:, start:] if mask is not None else torch.ones_like(tokens[:, start:])
-    with torch.no_grad():
-        reward, cache = model.run_with_cache(
-            tokens[:, start:], attention_mask=new_mask, past_kv_cache=kv, pool_index=pooled - start,
-            names_filter=lambda n: n in names, return_cache_object=False,
-        )
-    full = {n: torch.cat([target.cache[n][:, :, :start] if n.endswith("hook_pattern")
-                          else target.cache[n][:, :start], act],
-                         2 if n.endswith("hook_pattern") else 1)
-            for n, act in cache.items()}
-    return _Run(tokens, mask, pooled, reward, full)
-
-
-def _post_qk_norm_keys(model: HookedRewardModel, layer: int, k: Tensor) -> Tensor:
-    """Keys as TransformerLens's key-value cache stores them (after Qwen3's k-norm, pre-rotary)."""
-    attn = model.blocks[layer].attn
-    if model.cfg.use_qk_norm:
-        return attn._apply_qk_norm(k, attn.k_norm)
-    return k
-
-
-def _kv_prefix(model, target: _Run, layer: int, rows: Tensor, start: int):
-    """A frozen key-value cache holding the target run's first ``start`` positions of ``rows``."""
-    cfg = model.cfg
-    entries = []
-    for l in range(cfg.n_layers):
-        if l < layer:  # blocks before the start layer are not run
-            k = v = torch.empty(0)
-        else:
-            k = _post_qk_norm_keys(model, l, target.cache[f"blocks.{l}.attn.hook_k"][rows, :start])
-            v = target.cache[f"blocks.{l}.attn.hook_v"][rows, :start]
-        entries.append(TransformerLensKeyValueCacheEntry(past_keys=k, past_values=v, frozen=True))
-    prev = (target.mask[rows, :start] if target.mask is not None
-            else torch.ones(len(rows), start, dtype=torch.long, device=target.tokens.device))
-    return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=prev, frozen=True)
-
-
-def _layer_flops(model: HookedRewardModel, n_new: int, n_kv: int) -> float:
-    """Matmul FLOPs of one block for one row with ``n_new`` new positions attending ``n_kv``."""
-    cfg = model.cfg
-    n_kv_heads = cfg.n_key_value_heads or cfg.n_heads
-    attn_params = cfg.d_model * cfg.d_head * (2 * cfg.n_heads + 2 * n_kv_heads)
-    mlp_params = cfg.d_model * cfg.d_mlp * (3 if cfg.gated_mlp else 2)
-    dense = 2 * n_new * (attn_params + mlp_params)
-    attention = 4 * n_new * n_kv * cfg.d_head * cfg.n_heads
-    return float(dense + attention)
-
-
-def _scoring_block_flops(model: HookedRewardModel, n_new: int, n_kv: int) -> float:
-    """Matmul FLOPs of the last block run at one row's scoring token alone: keys and values of
-    the row's other ``n_new - 1`` new positions, the rest at the scoring token attending ``n_kv``."""
-    cfg = model.cfg
-    n_kv_heads = cfg.n_key_value_heads or cfg.n_heads
-    kv = 2 * (n_new - 1) * cfg.d_model * cfg.d_head * 2 * n_kv_heads
-    return float(kv + _layer_flops(model, 1, n_kv))
-
-
-# ---------------------------------------------------------------------------------- alignment
-def _position_map(target: _Run, source: _Run | None, positions) -> Tensor:
-    """``[pair, target_pos]`` -> source position, or -1 where the target position has no source."""
-    n_pairs, n_t = target.tokens.shape
-    real_t = (target.mask.bool() if target.mask is not None
-              else torch.ones(n_pairs, n_t, dtype=torch.bool, device=target.tokens.device))
-    pos = torch.arange(n_t, device=target.tokens.device).expand(n_pairs, n_t)
-    if isinstance(positions, str) and positions != "align_end":
-        raise InvalidInputError(
-            f"positions={positions!r}: use 'align_end' (the scoring tokens line up) or a "
-            "[pair, target_pos] tensor of source positions (-1 where a target position has none)"
-        )
-    if source is None:  # zero / mean ablation: every real target position
-        return torch.where(real_t, pos, -1)
-    n_s = source.tokens.shape[1]
-    if isinstance(positions, str):
-        src = pos + (source.pooled - target.pooled)[:, None]
-    else:
-        src = torch.as_tensor(positions, device=target.tokens.device).long()
-        if src.shape != (n_pairs, n_t):
-            raise InvalidInputError(
-                f"positions map must be [pair, target_pos] = {(n_pairs, n_t)}, got {tuple(src.shape)}"
-            )
-        if int(src.max()) >= n_s:
-            raise InvalidInputError(f"positions map points past the source length {n_s}")
-    ok = real_t & (src >= 0) & (src < n_s)
-    src = src.clamp(0, n_s - 1)
-    if source.mask is not None:
-        ok &= source.mask.bool().gather(1, src)
-    return torch.where(ok, src, -1)
-
-
-def _aligned(act: Tensor, pos_map: Tensor, kind: str) -> Tensor:
-    """Source activation gathered at the mapped positions (zeros where there is none)."""
-    idx = pos_map.clamp(min=0)
-    if kind == "pattern":  # [pair, head, q, k]: only identical layouts are supported
-        return act
-    expand = idx.reshape(*idx.shape, *([1] * (act.ndim - 2))).expand(*idx.shape, *act.shape[2:])
-    out = act.gather(1, expand)
-    keep = (pos_map >= 0).reshape(*idx.shape, *([1] * (act.ndim - 2)))
-    return torch.where(keep, out, torch.zeros((), dtype=act.dtype, device=act.device))
-
-
 # ---------------------------------------------------------------------------------- main entry
-def _pair_tokens(model, clean, corrupt, clean_mask, corrupt_mask, mode: str):
-    """Token ids and masks of the clean and (optional) corrupt runs, checked to pair up."""
-    clean_t, clean_m = as_tokens(model, clean, clean_mask)
-    if corrupt is None:
-        if mode in ("denoise", "noise"):
-            raise InvalidInputError(f"mode={mode!r} needs corrupt inputs")
-        return clean_t, clean_m, None, None
-    corrupt_t, corrupt_m = as_tokens(model, corrupt, corrupt_mask)
-    if corrupt_t.shape[0] != clean_t.shape[0]:
-        raise InvalidInputError(
-            f"{clean_t.shape[0]} clean but {corrupt_t.shape[0]} corrupt sequences; pairs must match"
-        )
-    return clean_t, clean_m, corrupt_t, corrupt_m
-
-
 def activation_patch(
     model: HookedRewardModel,
     clean: Int[Tensor, "pair pos"] | Sequence[Text],
@@ -494,7 +330,7 @@ def activation_patch_grids(
     if bad or not layers:
         raise InvalidInputError(f"layers {bad or layers} are not in 0..{cfg.n_layers - 1}")
 
-    clean_t, clean_m, corrupt_t, corrupt_m = _pair_tokens(model, clean, corrupt, clean_mask,
+    clean_t, clean_m, corrupt_t, corrupt_m = pair_tokens(model, clean, corrupt, clean_mask,
                                                           corrupt_mask, mode)
     # the memory budget: a patched forward's rows run at up to the full length
     n_pos = max(t.shape[1] for t in (clean_t, corrupt_t) if t is not None)
@@ -512,16 +348,16 @@ def activation_patch_grids(
     base_names |= {f"blocks.{l}.attn.hook_{x}" for l in range(cfg.n_layers) for x in "kv"}
     target_is_clean = mode != "denoise"
     t_tokens, t_mask = (clean_t, clean_m) if target_is_clean else (corrupt_t, corrupt_m)
-    target = _run(model, t_tokens, t_mask, base_names | act_names)
+    target = cached_run(model, t_tokens, t_mask, base_names | act_names)
     other = None
     if corrupt_t is not None:
         o_tokens, o_mask = (corrupt_t, corrupt_m) if target_is_clean else (clean_t, clean_m)
-        start = _common_prefix(model, target, o_tokens, o_mask, positions) if use_kv_cache else 0
-        other = (_run_after(model, o_tokens, o_mask, act_names, target, start) if start > 0
-                 else _run(model, o_tokens, o_mask, act_names))
+        start = common_prefix(model, target, o_tokens, o_mask, positions) if use_kv_cache else 0
+        other = (run_after(model, o_tokens, o_mask, act_names, target, start) if start > 0
+                 else cached_run(model, o_tokens, o_mask, act_names))
     clean_run, corrupt_run = (target, other) if target_is_clean else (other, target)
     source = other if mode in ("denoise", "noise") else None
-    pos_map = _position_map(target, source, positions)
+    pos_map = position_map(target, source, positions)
     if "pattern" in kinds and source is not None and (
         source.tokens.shape != target.tokens.shape or bool((source.pooled != target.pooled).any())
         or bool((pos_map != torch.arange(pos_map.shape[1], device=pos_map.device)).any())
@@ -532,7 +368,7 @@ def activation_patch_grids(
         )
     if mode == "mean":
         ref_t, ref_m = as_tokens(model, reference, reference_mask)
-        source = _run(model, ref_t, ref_m, act_names)  # averaged in _replacements
+        source = cached_run(model, ref_t, ref_m, act_names)  # averaged in _replacements
 
     dt = readout_dtype(model)
     clean_r = clean_run.reward.to(dt)
@@ -555,7 +391,7 @@ def activation_patch_grids(
     return results
 
 
-def _patch_grid(model, target: _Run, source: _Run | None, mode: str, hook: str, per: str,
+def _patch_grid(model, target: Run, source: Run | None, mode: str, hook: str, per: str,
                 layers: list[int], pos_map: Tensor, positions, max_rows: int,
                 use_kv_cache: bool, progress: bool, started: float):
     """Effects ``[layer, *unit, *pos, pair]`` of one grid, its axes, labels and stats."""
@@ -600,7 +436,7 @@ def _patch_grid(model, target: _Run, source: _Run | None, mode: str, hook: str, 
                       relative=isinstance(positions, str))  # the same cells in every layer
     if use_kv_cache:
         # a patch can only change positions from the first one where the runs differ on
-        shared = _shared_prefix(target, source if mode in ("denoise", "noise") else None,
+        shared = shared_prefix(target, source if mode in ("denoise", "noise") else None,
                                 pos_map)[rows.pair]
         start_of = torch.maximum(rows.pos, shared) if with_pos else shared
         unchanged = (rows.pos < shared) if with_pos else (shared > target.pooled[rows.pair])
@@ -665,27 +501,6 @@ class _Rows:
                 _Rows(*part(~keep), *(self.zero_unit[:0],) * 3))
 
 
-def _shared_prefix(target: _Run, source: _Run | None, pos_map: Tensor) -> Int[Tensor, "pair"]:
-    """Per pair, how many leading target positions the source run has identically: same
-    tokens at the same positions (padding in both where either pads), so under causal attention
-    every activation there is the same function of the same inputs and patching changes nothing.
-    Preference pairs sharing their prompt share it."""
-    n_pairs, n_t = target.tokens.shape
-    if source is None:
-        return torch.zeros(n_pairs, dtype=torch.long, device=target.tokens.device)
-    n = min(n_t, source.tokens.shape[1])
-
-    def real(run):
-        m = run.mask[:, :n] if run.mask is not None else torch.ones_like(run.tokens[:, :n])
-        return m.bool()
-
-    t_real, s_real = real(target), real(source)
-    pos = torch.arange(n, device=pos_map.device)
-    same_token = (target.tokens[:, :n] == source.tokens[:, :n]) & (pos_map[:, :n] == pos)
-    same = (t_real == s_real) & (~t_real | same_token)
-    return same.long().cumprod(1).sum(1)
-
-
 def _grid_rows(pooled, pos_map, rel_t, n_units: int, with_pos: bool, relative: bool) -> _Rows:
     n_pairs, n_t = pos_map.shape
     n_rel = len(rel_t)
@@ -711,7 +526,7 @@ def _replacements(mode, hook_name, kind, layers, source, target,
     ``mean``: ``source`` is the reference run, averaged over its real tokens."""
     names = [f"blocks.{l}.{hook_name}" for l in layers]
     if mode in ("denoise", "noise"):
-        return {l: _aligned(source.cache[n], pos_map, kind) for l, n in zip(layers, names, strict=True)}
+        return {l: aligned(source.cache[n], pos_map, kind) for l, n in zip(layers, names, strict=True)}
     if mode == "zero":
         return {l: torch.zeros_like(target.cache[n]) for l, n in zip(layers, names, strict=True)}
     real = (source.mask.bool() if source.mask is not None
@@ -769,7 +584,7 @@ def _chunks(starts: Tensor, n_t: int, max_rows: int, overhead: int) -> list[Tens
 
 
 @torch.no_grad()
-def _patched_forward(model, target: _Run, repls: list[Tensor], layers: list[int], hook_name: str,
+def _patched_forward(model, target: Run, repls: list[Tensor], layers: list[int], hook_name: str,
                      kind: str, start: int, pairs: Tensor, units: Tensor | None,
                      poss: Tensor | None, pos_map: Tensor
                      ) -> tuple[Float[Tensor, "layer batch"], float, int]:
@@ -853,7 +668,7 @@ def _patch_fn(repl: Tensor, kind: str, start: int, end: int, pairs: Tensor, unit
     return patch
 
 
-def _patched_block_output(model, target: _Run, layer: int, hook_name: str, shortcut: str, patch,
+def _patched_block_output(model, target: Run, layer: int, hook_name: str, shortcut: str, patch,
                           pairs: Tensor, start: int, end: int) -> tuple[Tensor, float]:
     """Block ``layer``'s patched output at positions ``start:end`` (the last block's at each
     row's scoring token alone: ``[rows, 1, d_model]``), from the cached run, and its FLOPs."""
@@ -929,7 +744,7 @@ def _shortcut(model: HookedRewardModel, hook_name: str) -> str | None:
     return None
 
 
-def _run_blocks(model, target: _Run, layer: int, resid: Tensor, pairs: Tensor, start: int,
+def _run_blocks(model, target: Run, layer: int, resid: Tensor, pairs: Tensor, start: int,
                 end: int, hooks: list, joins: Sequence[tuple[int, Tensor]] = ()
                 ) -> tuple[Tensor, float]:
     """Rewards from block ``layer``'s input at positions ``start:end`` (earlier positions from
@@ -954,7 +769,7 @@ def _run_blocks(model, target: _Run, layer: int, resid: Tensor, pairs: Tensor, s
         return target.mask[r, :end] if target.mask is not None else None
 
     def kv_of(block: int, r: Tensor):
-        return _kv_prefix(model, target, block, r, start) if start > 0 else None
+        return kv_prefix(model, target, block, r, start) if start > 0 else None
 
     with torch.no_grad():
         k = layer
@@ -967,7 +782,7 @@ def _run_blocks(model, target: _Run, layer: int, resid: Tensor, pairs: Tensor, s
                                             else {"pool_index": target.pooled[rows] - start,
                                                   "tokens": target.tokens[rows, start:end]
                                                   if gate_tokens else None}))
-                flops += len(rows) * (stop - k) * _layer_flops(model, n_new, end)
+                flops += len(rows) * (stop - k) * layer_flops(model, n_new, end)
                 k = stop
             joining = [r for b, r in joins if b == stop]
             joins = [(b, r) for b, r in joins if b != stop]  # each joins once
@@ -978,7 +793,7 @@ def _run_blocks(model, target: _Run, layer: int, resid: Tensor, pairs: Tensor, s
             return x, flops
         past = None
         if start > 0:
-            prefix = _kv_prefix(model, target, last, rows, start)[last]
+            prefix = kv_prefix(model, target, last, rows, start)[last]
             past = (prefix.past_keys, prefix.past_values)
         out = model._last_block_at_scoring_tokens(x, mask_of(rows), target.pooled[rows], past)
-    return out, flops + len(rows) * _scoring_block_flops(model, n_new, end)
+    return out, flops + len(rows) * scoring_block_flops(model, n_new, end)

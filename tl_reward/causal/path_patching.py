@@ -20,14 +20,8 @@ from torch import Tensor
 from .._readout import as_tokens, choose, readout_dtype
 from ..errors import InvalidInputError
 from ..model import HookedRewardModel, Text
-from .patching import (
-    PatchResult,
-    PatchStats,
-    _aligned,
-    _layer_flops,
-    _position_map,
-    _run,
-)
+from ._runs import aligned, cached_run, layer_flops, position_map
+from .patching import PatchResult, PatchStats
 
 _RECEIVER = re.compile(r"^(reward|L(\d+)H(\d+)\.([qkv])|L(\d+)\.mlp)$")
 
@@ -77,11 +71,11 @@ def _sender_deltas(model, clean, corrupt, pos_map, senders: str, layers: list[in
         block = model.blocks[layer]
         if senders == "mlps":
             name = f"blocks.{layer}.hook_mlp_out"
-            diff = _aligned(clean.cache[name], pos_map, "resid") - corrupt.cache[name]
+            diff = aligned(clean.cache[name], pos_map, "resid") - corrupt.cache[name]
             deltas.append(torch.where(valid, diff, 0.0)[None])
             continue
         name = f"blocks.{layer}.attn.hook_z"
-        z_clean = _aligned(clean.cache[name], pos_map, "head")
+        z_clean = aligned(clean.cache[name], pos_map, "head")
         z_corrupt = corrupt.cache[name]
         W_O = block.attn.W_O  # [head, d_head, d_model]
         per_head = torch.einsum("bphd,hdm->hbpm", z_clean - z_corrupt, W_O)
@@ -138,9 +132,9 @@ def path_patch(
     names = {f"blocks.{l}.{sender_hook}" for l in layers}
     corrupt_names = names | {f"blocks.{r_layer}.hook_resid_pre" if r_layer < cfg.n_layers
                              else f"blocks.{cfg.n_layers - 1}.hook_resid_post"}
-    corrupt_run = _run(model, corrupt_t, corrupt_m, corrupt_names)
-    clean_run = _run(model, clean_t, clean_m, names)
-    pos_map = _position_map(corrupt_run, clean_run, positions)
+    corrupt_run = cached_run(model, corrupt_t, corrupt_m, corrupt_names)
+    clean_run = cached_run(model, clean_t, clean_m, names)
+    pos_map = position_map(corrupt_run, clean_run, positions)
     with torch.no_grad():
         deltas = _sender_deltas(model, clean_run, corrupt_run, pos_map, senders, layers)
     n_senders, n_pairs, n_t = deltas.shape[:3]
@@ -196,7 +190,7 @@ def path_patch(
         effects[: len(layers)] = effects_known
         axes, labels = ("layer",), (tuple(str(l) for l in range(cfg.n_layers)),)
     gap = clean_r - corrupt_r
-    flops = n_senders * n_pairs * (cfg.n_layers - r_layer) * _layer_flops(model, n_t, n_t)
+    flops = n_senders * n_pairs * (cfg.n_layers - r_layer) * layer_flops(model, n_t, n_t)
     return PatchResult(
         effects=effects, normalized=effects / gap, clean_reward=clean_r,
         corrupt_reward=corrupt_r, axes=axes, axis_labels=labels,
