@@ -517,7 +517,8 @@ def test_ragged_batches_equal_each_pair_alone_on_the_full_forward(arch):
         with torch.no_grad():
             ref = tlp.get_act_patch_attn_head_out_all_pos(model, r, clean_cache, lambda out: out[0])
             base = model(r)[0]
-        torch.testing.assert_close(ours.effects[..., i], ref - base, atol=1e-5, rtol=0)
+        # float32 rounding of rewards of size ~4 (the last block runs at the scoring token alone)
+        torch.testing.assert_close(ours.effects[..., i], ref - base, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "gpt_neox"])

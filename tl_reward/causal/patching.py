@@ -609,8 +609,10 @@ def _patched_forward(model, target: Run, repls: list[Tensor], layers: list[int],
         (layer,), (repl,) = layers, repls
         patch = _patch_fn(repl, kind, start, end, pairs, units, poss, pos_map)
         resid = target.cache[f"blocks.{layer}.hook_resid_pre"][pairs, start:end]
-        out, flops = _run_blocks(model, target, layer, resid, pairs, start, end,
-                                 [(f"blocks.{layer}.{hook_name}", patch)])
+        hooks = [(f"blocks.{layer}.{hook_name}", patch)]
+        if hook_name == "hook_resid_pre":  # the block's input: patch the cached residual itself
+            resid, hooks = patch(resid, None), []
+        out, flops = _run_blocks(model, target, layer, resid, pairs, start, end, hooks)
         return out[None], flops, 1
     outs: dict[int, Tensor] = {}
     joins: list[tuple[int, int, Tensor]] = []  # (index in layers, next block, its input)
@@ -757,8 +759,8 @@ def _run_blocks(model, target: Run, layer: int, resid: Tensor, pairs: Tensor, st
     last = cfg.n_layers - 1
     n_new = end - start
     # the last block at the scoring tokens alone when the run starts below it (hooks are in
-    # the block it starts at)
-    split = (layer < last and n_new > 1 and model._scoring_path_supported()
+    # the block it starts at), or starts at it without hooks (a patch of its input)
+    split = ((layer < last or not hooks) and n_new > 1 and model._scoring_path_supported()
              and not model.reward_head.reads_prompt_end)
     x, rows = resid, pairs
     flops = 0.0
