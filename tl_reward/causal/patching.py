@@ -197,6 +197,15 @@ class PatchResult:
                          labels={"x": self.axes[-1], "y": "layer" if len(rows) and values.ndim == 2 else "", "color": what})
 
 
+def normalized_effects(effects: Tensor, clean: Tensor, corrupt: Tensor | None, mode: str) -> Tensor:
+    """:attr:`PatchResult.normalized`: the share of the clean - corrupt gap an effect restores
+    (``denoise``) or destroys (other modes); NaN without a corrupt run."""
+    if corrupt is None:
+        return torch.full_like(effects, float("nan"))
+    sign = 1.0 if mode == "denoise" else -1.0
+    return sign * effects / (clean - corrupt)
+
+
 def _cell_names(result: PatchResult) -> tuple[str, ...]:
     import itertools
 
@@ -379,13 +388,9 @@ def activation_patch_grids(
                                                    pos_map, positions, max_rows, use_kv_cache,
                                                    progress, started)
         started = time.perf_counter()  # the shared runs count in the first grid's seconds
-        if corrupt_r is None:
-            normalized = torch.full_like(effects, float("nan"))
-        else:
-            sign = 1.0 if mode == "denoise" else -1.0
-            normalized = sign * effects / (clean_r - corrupt_r)
         results.append(PatchResult(
-            effects=effects, normalized=normalized, clean_reward=clean_r, corrupt_reward=corrupt_r,
+            effects=effects, normalized=normalized_effects(effects, clean_r, corrupt_r, mode),
+            clean_reward=clean_r, corrupt_reward=corrupt_r,
             axes=axes, axis_labels=labels, hook=hook, per=per, mode=mode, stats=stats,
         ))
     return results

@@ -37,11 +37,13 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from .._readout import choose
 from ..errors import InvalidInputError
 from ..model import HookedRewardModel, Text
 from ..process import AGGREGATES, aggregate_steps, step_score, step_tokens
+from ._runs import HOOKS, PERS
 from .atp import AtPResult, attribution_patch
-from .patching import PatchResult, activation_patch
+from .patching import PatchResult, activation_patch, normalized_effects
 
 Solution = Text | Int[Tensor, "_pos"]  # one solution; solutions of a list differ in length
 
@@ -123,13 +125,66 @@ def _engine_reads(model: HookedRewardModel, score: str):
         model.set_objective(None)
 
 
-def _check_metric(metric: str | int) -> None:
+@dataclass(frozen=True)
+class _StepPairs:
+    """Each step's cut of the clean (and corrupt) solutions, right-padded, one row per step."""
+
+    clean: tuple[Tensor, Tensor]
+    corrupt: tuple[Tensor, Tensor] | None
+    owner: Int[Tensor, "step"]  # the solution of each row
+    separator: Int[Tensor, "step"]  # each row's separator position
+    lengths: list[int]  # each clean solution's length in tokens
+    same_layout: bool  # clean and corrupt separators at the same positions
+
+    def absolute_positions(self) -> Tensor:
+        """The identity position map: grid positions are the solution's token indices."""
+        tokens = self.clean[0]
+        return torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+
+
+def _step_pairs(model: HookedRewardModel, clean, corrupt, separator: int,
+                metric: str | int) -> _StepPairs:
+    """The checked inputs of :func:`step_patch` and :func:`step_attribution_patch`."""
     if isinstance(metric, bool) or not isinstance(metric, (str, int)) or (
         isinstance(metric, str) and metric not in AGGREGATES
     ):
         raise InvalidInputError(
             f"metric {metric!r} is not an aggregate {list(AGGREGATES)} or a step index (an int)"
         )
+    clean_s = _solutions(clean, "clean")
+    corrupt_s = None if corrupt is None else _solutions(corrupt, "corrupt")
+    if corrupt_s is not None and len(corrupt_s) != len(clean_s):
+        raise InvalidInputError(
+            f"{len(clean_s)} clean but {len(corrupt_s)} corrupt solutions; they must pair up"
+        )
+    clean_ids, owner, lengths = _cuts(model, clean_s, separator)
+    if isinstance(metric, int):
+        for s, n in enumerate(torch.bincount(owner).tolist()):
+            if not -n <= metric < n:
+                raise InvalidInputError(
+                    f"metric step {metric} does not exist in solution {s}, which has {n} steps"
+                )
+    corrupt_pad, same_layout = None, True
+    if corrupt_s is not None:
+        corrupt_ids, corrupt_owner, _ = _cuts(model, corrupt_s, separator)
+        if not torch.equal(corrupt_owner, owner):
+            raise InvalidInputError(
+                "clean and corrupt solutions have different numbers of steps (separators "
+                f"{separator}): step i of each must pair up"
+            )
+        corrupt_pad = model.pad(corrupt_ids)
+        same_layout = [len(a) for a in clean_ids] == [len(b) for b in corrupt_ids]
+    return _StepPairs(clean=model.pad(clean_ids), corrupt=corrupt_pad, owner=owner,
+                      separator=torch.tensor([len(ids) - 1 for ids in clean_ids]),
+                      lengths=lengths, same_layout=same_layout)
+
+
+def _needs_same_layout(what: str) -> InvalidInputError:
+    return InvalidInputError(
+        f"{what} patches absolute positions, which needs each clean and corrupt solution's "
+        "separators at the same positions; these differ. Use step_patch with per='layer' or "
+        "'head', or corrupt solutions of the same layout (one token replaced)"
+    )
 
 
 def _metric(values: Tensor, owner: Tensor, metric: str | int) -> Tensor:
@@ -137,23 +192,9 @@ def _metric(values: Tensor, owner: Tensor, metric: str | int) -> Tensor:
     out = []
     for s in range(int(owner.max()) + 1):
         steps = values[..., (owner == s).nonzero().flatten().to(values.device)]
-        if isinstance(metric, str):
-            out.append(aggregate_steps(steps, metric))
-        elif not -steps.shape[-1] <= metric < steps.shape[-1]:
-            raise InvalidInputError(
-                f"metric step {metric} does not exist in solution {s}, which has "
-                f"{steps.shape[-1]} steps"
-            )
-        else:
-            out.append(steps[..., metric])
+        out.append(aggregate_steps(steps, metric) if isinstance(metric, str)
+                   else steps[..., metric])
     return torch.stack(out, -1)
-
-
-def _normalized(effects: Tensor, clean: Tensor, corrupt: Tensor | None, mode: str) -> Tensor:
-    if corrupt is None:
-        return torch.full_like(effects, float("nan"))
-    sign = 1.0 if mode == "denoise" else -1.0
-    return sign * effects / (clean - corrupt)
 
 
 def step_patch(
@@ -190,37 +231,16 @@ def step_patch(
         hook, per, mode, reference, reference_mask, layers, max_rows, progress: as in
             :func:`tl_reward.activation_patch`.
     """
-    _check_metric(metric)
+    choose("hook", hook, HOOKS)
+    choose("per", per, PERS[HOOKS[hook][1]])
     score = step_score(model, score)
-    clean_s = _solutions(clean, "clean")
-    corrupt_s = None if corrupt is None else _solutions(corrupt, "corrupt")
-    if corrupt_s is not None and len(corrupt_s) != len(clean_s):
-        raise InvalidInputError(
-            f"{len(clean_s)} clean but {len(corrupt_s)} corrupt solutions; they must pair up"
-        )
-    clean_ids, owner, lengths = _cuts(model, clean_s, separator)
-    clean_t, clean_m = model.pad(clean_ids)
-    corrupt_t = corrupt_m = None
-    positions: str | Tensor = "align_end"
-    if corrupt_s is not None:
-        corrupt_ids, corrupt_owner, _ = _cuts(model, corrupt_s, separator)
-        if not torch.equal(corrupt_owner, owner):
-            raise InvalidInputError(
-                "clean and corrupt solutions have different numbers of steps (separators "
-                f"{separator}): step i of each must pair up"
-            )
-        corrupt_t, corrupt_m = model.pad(corrupt_ids)
-        if per.endswith("pos") and mode in ("denoise", "noise") and (
-            [len(a) for a in clean_ids] != [len(b) for b in corrupt_ids]
-        ):
-            raise InvalidInputError(
-                f"per={per!r} patches absolute positions, which needs each clean and corrupt "
-                "solution's separators at the same positions; these differ. Use per='layer' or "
-                "'head', or corrupt solutions of the same layout (one token replaced)"
-            )
-    if per.endswith("pos"):  # absolute positions: the same position in every step's cut
-        positions = torch.arange(clean_t.shape[1], device=clean_t.device).expand(
-            clean_t.shape[0], -1)
+    pairs = _step_pairs(model, clean, corrupt, separator, metric)
+    (clean_t, clean_m), (corrupt_t, corrupt_m) = pairs.clean, pairs.corrupt or (None, None)
+    with_pos = per.endswith("pos")
+    if with_pos and mode in ("denoise", "noise") and not pairs.same_layout:
+        raise _needs_same_layout(f"per={per!r}")
+    # absolute positions: the same position in every step's cut
+    positions = pairs.absolute_positions() if with_pos else "align_end"
 
     log_odds = score == "probability"
     with _engine_reads(model, score):
@@ -240,11 +260,11 @@ def step_patch(
     step_corrupt = None if res.corrupt_reward is None else as_score(res.corrupt_reward)
     step_effects = (patched - as_score(target)).masked_fill(unrun, float("nan"))
     steps = PatchResult(
-        effects=step_effects, normalized=_normalized(step_effects, step_clean, step_corrupt, mode),
+        effects=step_effects, normalized=normalized_effects(step_effects, step_clean, step_corrupt, mode),
         clean_reward=step_clean, corrupt_reward=step_corrupt, axes=res.axes,
         axis_labels=res.axis_labels, hook=res.hook, per=res.per, mode=mode, stats=res.stats,
     )
-    owner = owner.to(patched.device)
+    owner = pairs.owner.to(patched.device)
     m_clean = _metric(step_clean, owner, metric)
     m_corrupt = None if step_corrupt is None else _metric(step_corrupt, owner, metric)
     m_target = m_corrupt if mode == "denoise" else m_clean
@@ -252,19 +272,18 @@ def step_patch(
     if "pos" in res.axes:  # a position past a solution's end does not exist for it (NaN)
         axis = res.axes.index("pos")
         pos = torch.tensor([int(p) for p in res.axis_labels[axis]], device=effects.device)
-        length = torch.tensor(lengths, device=effects.device)
+        length = torch.tensor(pairs.lengths, device=effects.device)
         past = pos[:, None] >= length  # [pos, solution]
         shape = [1] * effects.ndim
         shape[axis], shape[-1] = past.shape
         effects = effects.masked_fill(past.reshape(shape), float("nan"))
     solutions = PatchResult(
-        effects=effects, normalized=_normalized(effects, m_clean, m_corrupt, mode),
+        effects=effects, normalized=normalized_effects(effects, m_clean, m_corrupt, mode),
         clean_reward=m_clean, corrupt_reward=m_corrupt, axes=res.axes,
         axis_labels=res.axis_labels, hook=res.hook, per=res.per, mode=mode, stats=res.stats,
     )
-    separators = torch.tensor([len(ids) - 1 for ids in clean_ids])
-    return StepPatchResult(solutions=solutions, steps=steps, solution=owner.cpu(),
-                           separator=separators, metric=metric, score=score)
+    return StepPatchResult(solutions=solutions, steps=steps, solution=pairs.owner,
+                           separator=pairs.separator, metric=metric, score=score)
 
 
 def _weights(values: Tensor, owner: Tensor, metric: str | int) -> Tensor:
@@ -280,14 +299,9 @@ def _weights(values: Tensor, owner: Tensor, metric: str | int) -> Tensor:
             g = torch.full_like(v, 1.0 / len(v))
         elif metric == "product":
             g = torch.stack([torch.cat([v[:i], v[i + 1:]]).prod() for i in range(len(v))])
-        else:
-            index = -1 if metric == "last" else metric
-            if not -len(v) <= index < len(v):
-                raise InvalidInputError(
-                    f"metric step {index} does not exist in solution {s}, which has {len(v)} steps"
-                )
+        else:  # "last" or a step index (checked by _step_pairs)
             g = torch.zeros_like(v)
-            g[index] = 1.0
+            g[-1 if metric == "last" else metric] = 1.0
         w[cols] = g
     return w
 
@@ -320,27 +334,12 @@ def step_attribution_patch(
         clean, corrupt, separator, metric, score: as in :func:`step_patch`.
         hooks, mode, layers, batch_size, progress: as in :func:`tl_reward.attribution_patch`.
     """
-    _check_metric(metric)
     score = step_score(model, score)
-    clean_s = _solutions(clean, "clean")
-    corrupt_s = _solutions(corrupt, "corrupt")
-    if len(corrupt_s) != len(clean_s):
-        raise InvalidInputError(
-            f"{len(clean_s)} clean but {len(corrupt_s)} corrupt solutions; they must pair up"
-        )
-    clean_ids, owner, _ = _cuts(model, clean_s, separator)
-    corrupt_ids, corrupt_owner, _ = _cuts(model, corrupt_s, separator)
-    if not torch.equal(corrupt_owner, owner) or (
-        [len(a) for a in clean_ids] != [len(b) for b in corrupt_ids]
-    ):
-        raise InvalidInputError(
-            "attribution patching of step scores needs each clean and corrupt solution's "
-            f"separators ({separator}) at the same positions; these differ (use step_patch with "
-            "per='layer' or 'head' for solutions of different layouts)"
-        )
-    clean_t, clean_m = model.pad(clean_ids)
-    corrupt_t, corrupt_m = model.pad(corrupt_ids)
-    positions = torch.arange(clean_t.shape[1], device=clean_t.device).expand(clean_t.shape[0], -1)
+    pairs = _step_pairs(model, clean, corrupt, separator, metric)
+    if not pairs.same_layout:
+        raise _needs_same_layout("attribution patching of step scores")
+    (clean_t, clean_m), (corrupt_t, corrupt_m) = pairs.clean, pairs.corrupt
+    positions = pairs.absolute_positions()
     log_odds = score == "probability"
     with _engine_reads(model, score):
         res = attribution_patch(
@@ -348,7 +347,7 @@ def step_attribution_patch(
             mode=mode, positions=positions, layers=layers, batch_size=batch_size,
             progress=progress,
         )
-    owner = owner.to(res.clean_reward.device)
+    owner = pairs.owner.to(res.clean_reward.device)
     target = res.corrupt_reward if mode == "denoise" else res.clean_reward
     step_target = target.sigmoid() if log_odds else target
     # d metric / d step log-odds (or reward): the metric's weight times the score's derivative
